@@ -1,0 +1,145 @@
+//! The HTTP port every service serves: `/metrics`, `/health/live`, `/health/ready`, `/health`,
+//! and the self-probe a container healthcheck runs without curl.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::{ComponentStatus, Health};
+
+#[derive(Clone)]
+struct AppState {
+    health: Health,
+    metrics: PrometheusHandle,
+}
+
+/// The router of the probe port.
+pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/health", get(health_json))
+        .with_state(AppState { health, metrics })
+}
+
+/// Serves the probe port on `listener` until `shutdown` fires.
+pub fn spawn(
+    listener: TcpListener,
+    health: Health,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let app = router(health, metrics);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "HTTP probe server failed");
+        }
+    })
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    state.metrics.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn live() -> Response {
+    (
+        StatusCode::OK,
+        axum::Json(serde_json::json!({"status": "UP"})),
+    )
+        .into_response()
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let report = state.health.report();
+    let code = if report.status == ComponentStatus::Down {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (
+        code,
+        axum::Json(serde_json::json!({"status": report.status})),
+    )
+        .into_response()
+}
+
+async fn health_json(State(state): State<AppState>) -> Response {
+    let report = state.health.report();
+    let code = if report.status == ComponentStatus::Down {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, axum::Json(report)).into_response()
+}
+
+/// GETs `path` from `addr` with a plain HTTP/1.0 request and returns the status code.
+///
+/// This is the container healthcheck: the image needs no curl.
+pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    let request = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let text = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(text.as_bytes()).await?;
+        let mut head = vec![0u8; 64];
+        let n = stream.read(&mut head).await?;
+        let line = String::from_utf8_lossy(&head[..n]);
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse::<u16>().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {line:?}")))
+    };
+    tokio::time::timeout(timeout, request)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "probe timed out"))?
+}
+
+/// Runs the self-probe against `/health/ready` on the service's own port; the process exit code
+/// is 0 when ready, 1 otherwise.
+pub fn probe_ready_exit_code(http_addr: SocketAddr) -> std::process::ExitCode {
+    // A wildcard bind address is probed on loopback.
+    let target = if http_addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), http_addr.port())
+    } else {
+        http_addr
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(_) => return std::process::ExitCode::FAILURE,
+    };
+    match runtime.block_on(probe(target, "/health/ready", Duration::from_secs(3))) {
+        Ok(200) => std::process::ExitCode::SUCCESS,
+        Ok(code) => {
+            eprintln!("not ready: HTTP {code}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("not ready: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The record rules of SPEC §1, one case per invalid class.
+
+use super::*;
+use serde_json::json;
+
+/// Vectors computed with Python's `hashlib`, independently of the `md5` crate.
+const VECTORS: [(&str, u8, &str); 5] = [
+    ("2026-11-22T04:00:00.123Z", 93, "59"),
+    ("2026-11-22T04:00:00.123Z", 0, "13"),
+    ("1999-12-31T23:59:59.999Z", 100, "b2"),
+    ("2026-01-01T00:00:00.000Z", 42, "23"),
+    ("2030-06-15T12:30:45.500Z", 91, "e8"),
+];
+
+fn valid() -> Value {
+    json!({
+        "id": "0193a5c2-7c1e-7d2a-8b3c-4d5e6f708192",
+        "source": "gen-1",
+        "seq": 7,
+        "timestamp": "2026-11-22T04:00:00.123Z",
+        "value": 93,
+        "hash": "59",
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    })
+}
+
+fn with(field: &str, value: Value) -> Value {
+    let mut record = valid();
+    record[field] = value;
+    record
+}
+
+fn without(field: &str) -> Value {
+    let mut record = valid();
+    record.as_object_mut().expect("object").remove(field);
+    record
+}
+
+#[test]
+fn the_hash_is_the_last_two_hex_chars_of_the_md5_of_timestamp_pipe_value() {
+    for (timestamp, value, hash) in VECTORS {
+        assert_eq!(record_hash(timestamp, value), hash, "{timestamp}|{value}");
+    }
+}
+
+#[test]
+fn a_valid_record_round_trips_unchanged() {
+    let record = Record::from_value(&valid()).expect("valid");
+    assert_eq!(record.seq, 7);
+    assert_eq!(record.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    let again: Value = serde_json::from_str(&record.to_json()).expect("json");
+    assert_eq!(again, valid());
+}
+
+#[test]
+fn traceparent_is_optional() {
+    let record = Record::from_value(&without("traceparent")).expect("valid");
+    assert_eq!(record.traceparent, None);
+    assert!(!record.to_json().contains("traceparent"));
+}
+
+#[test]
+fn a_new_record_is_valid_and_carries_the_hash_of_its_own_timestamp() {
+    let at = parse_timestamp("2026-11-22T04:00:00.123Z").expect("ts");
+    let record = Record::new("gen-1", 1, at, 93, Some(new_traceparent()));
+    assert_eq!(record.hash, "59");
+    let parsed = Record::from_json(&record.to_json()).expect("valid");
+    assert_eq!(parsed, record);
+}
+
+#[test]
+fn every_invalid_class_is_rejected_with_a_reason_naming_the_field() {
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("not an object", json!([1]), "record"),
+        ("a string", json!("hello"), "record"),
+        ("missing id", without("id"), "id"),
+        ("missing source", without("source"), "source"),
+        ("missing seq", without("seq"), "seq"),
+        ("missing timestamp", without("timestamp"), "timestamp"),
+        ("missing value", without("value"), "value"),
+        ("missing hash", without("hash"), "hash"),
+        ("unknown field", with("extra", json!(1)), "unknown"),
+        ("id not a string", with("id", json!(5)), "id"),
+        ("id not a uuid", with("id", json!("not-a-uuid")), "id"),
+        (
+            "id uppercase",
+            with("id", json!("0193A5C2-7C1E-7D2A-8B3C-4D5E6F708192")),
+            "id",
+        ),
+        (
+            "id without hyphens",
+            with("id", json!("0193a5c27c1e7d2a8b3c4d5e6f708192")),
+            "id",
+        ),
+        ("source empty", with("source", json!("")), "source"),
+        (
+            "source too long",
+            with("source", json!("a".repeat(65))),
+            "source",
+        ),
+        ("source bad char", with("source", json!("gen 1")), "source"),
+        ("source not a string", with("source", json!(null)), "source"),
+        ("seq zero", with("seq", json!(0)), "seq"),
+        ("seq negative", with("seq", json!(-3)), "seq"),
+        ("seq fractional", with("seq", json!(1.5)), "seq"),
+        ("seq a string", with("seq", json!("7")), "seq"),
+        (
+            "seq too large for bigint",
+            with("seq", json!(u64::MAX)),
+            "seq",
+        ),
+        (
+            "timestamp no millis",
+            with("timestamp", json!("2026-11-22T04:00:00Z")),
+            "timestamp",
+        ),
+        (
+            "timestamp offset",
+            with("timestamp", json!("2026-11-22T04:00:00.123+00:00")),
+            "timestamp",
+        ),
+        (
+            "timestamp micros",
+            with("timestamp", json!("2026-11-22T04:00:00.123456Z")),
+            "timestamp",
+        ),
+        (
+            "timestamp impossible date",
+            with("timestamp", json!("2026-02-30T04:00:00.123Z")),
+            "timestamp",
+        ),
+        (
+            "timestamp garbage",
+            with("timestamp", json!("yesterday")),
+            "timestamp",
+        ),
+        (
+            "timestamp a number",
+            with("timestamp", json!(1_700_000_000)),
+            "timestamp",
+        ),
+        ("value above 100", with("value", json!(101)), "value"),
+        ("value negative", with("value", json!(-1)), "value"),
+        ("value huge", with("value", json!(100_000)), "value"),
+        ("value fractional", with("value", json!(93.0)), "value"),
+        ("value a string", with("value", json!("93")), "value"),
+        ("hash mismatch", with("hash", json!("58")), "hash"),
+        ("hash uppercase", with("hash", json!("5A")), "hash"),
+        ("hash too long", with("hash", json!("059")), "hash"),
+        ("hash not hex", with("hash", json!("zz")), "hash"),
+        ("hash a number", with("hash", json!(59)), "hash"),
+        (
+            "traceparent malformed",
+            with("traceparent", json!("00-abc-def-01")),
+            "traceparent",
+        ),
+        (
+            "traceparent zero trace id",
+            with(
+                "traceparent",
+                json!(format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32))),
+            ),
+            "traceparent",
+        ),
+        (
+            "traceparent not a string",
+            with("traceparent", json!(1)),
+            "traceparent",
+        ),
+    ];
+    for (name, input, field) in cases {
+        let err = Record::from_value(&input).expect_err(name);
+        assert_eq!(err.field(), field, "{name}: {err}");
+        let text = err.to_string();
+        if field != "record" && field != "unknown" {
+            assert!(text.contains(&format!("`{field}`")), "{name}: {text}");
+        }
+    }
+}
+
+#[test]
+fn a_value_whose_hash_matches_another_value_is_still_checked_against_its_own() {
+    // The hash of value 0 at the same timestamp is "13"; value 93 with "13" must fail.
+    let err = Record::from_value(&with("hash", json!("13"))).expect_err("mismatch");
+    assert!(err.to_string().contains("expected \"59\""), "{err}");
+}
+
+#[test]
+fn invalid_json_text_is_a_record_error() {
+    let err = Record::from_json("{not json").expect_err("invalid");
+    assert_eq!(err.field(), "record");
+}
+
+#[test]
+fn routing_edges_follow_value_greater_than_ninety() {
+    let at = parse_timestamp("2026-11-22T04:00:00.123Z").expect("ts");
+    for (value, to_broker) in [(0, false), (90, false), (91, true), (100, true)] {
+        assert_eq!(
+            Record::new("g", 1, at, value, None).routes_to_broker(),
+            to_broker,
+            "{value}"
+        );
+    }
+}
+
+#[test]
+fn timestamps_are_formatted_with_milliseconds_and_z() {
+    let at = parse_timestamp("2026-11-22T04:00:00.120Z").expect("ts");
+    assert_eq!(format_timestamp(at), "2026-11-22T04:00:00.120Z");
+}

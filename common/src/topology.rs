@@ -1,0 +1,230 @@
+//! The RabbitMQ topology of SPEC §4, from one definition, and the message properties every
+//! publisher uses.
+//!
+//! Names derive from a prefix (`flowmesh` in production) so tests can declare a fresh, isolated
+//! copy of the whole topology per test.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, ExchangeKind};
+
+use crate::record::Record;
+
+/// The production prefix.
+pub const DEFAULT_PREFIX: &str = "flowmesh";
+/// Default `x-delivery-limit` of the writer queues.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
+/// The writers, each with its own queue.
+pub const CONSUMERS: [&str; 2] = ["pg-writer", "mongo-writer"];
+
+/// AMQP header carrying the record's `source`.
+pub const HEADER_SOURCE: &str = "source";
+/// AMQP header carrying the record's `seq`.
+pub const HEADER_SEQ: &str = "seq";
+/// AMQP header carrying the W3C `traceparent`.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// Content type of every record message.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// One queue of the topology.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDef {
+    /// Full queue name.
+    pub name: String,
+    /// The consumer it feeds (`pg-writer`, `mongo-writer`), or none for the dead-letter queue.
+    pub consumer: Option<&'static str>,
+    /// Quorum queue with delivery limit and dead-lettering (the writer queues).
+    pub quorum: bool,
+    /// Only one consumer at a time (order matters for nesting).
+    pub single_active_consumer: bool,
+}
+
+/// Every exchange and queue flowmesh uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// Fanout exchange the filter publishes records to.
+    pub exchange: String,
+    /// Fanout dead-letter exchange.
+    pub dead_letter_exchange: String,
+    /// Durable queue bound to the dead-letter exchange.
+    pub dead_letter_queue: QueueDef,
+    /// One quorum queue per writer, bound to the records exchange.
+    pub writer_queues: Vec<QueueDef>,
+    /// `x-delivery-limit` of the writer queues.
+    pub delivery_limit: u32,
+}
+
+impl Topology {
+    /// The topology under `prefix` (`flowmesh` → `flowmesh.records`, …).
+    pub fn new(prefix: &str, delivery_limit: u32) -> Self {
+        let exchange = format!("{prefix}.records");
+        let writer_queues = CONSUMERS
+            .iter()
+            .map(|consumer| QueueDef {
+                name: format!("{exchange}.{consumer}"),
+                consumer: Some(consumer),
+                quorum: true,
+                single_active_consumer: *consumer == "mongo-writer",
+            })
+            .collect();
+        Self {
+            exchange,
+            dead_letter_exchange: format!("{prefix}.dlx"),
+            dead_letter_queue: QueueDef {
+                name: format!("{prefix}.dead-letter"),
+                consumer: None,
+                quorum: false,
+                single_active_consumer: false,
+            },
+            writer_queues,
+            delivery_limit,
+        }
+    }
+
+    /// The queue a writer consumes.
+    pub fn queue_for(&self, consumer: &str) -> Option<&QueueDef> {
+        self.writer_queues
+            .iter()
+            .find(|queue| queue.consumer == Some(consumer))
+    }
+
+    /// The declared arguments of a queue.
+    pub fn queue_arguments(&self, queue: &QueueDef) -> FieldTable {
+        let mut args = FieldTable::default();
+        if queue.quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.dead_letter_exchange.as_str().into()),
+            );
+        }
+        if queue.single_active_consumer {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        args
+    }
+
+    /// Declares everything, idempotently. Safe to run from every service at every start.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        for exchange in [&self.exchange, &self.dead_letter_exchange] {
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Fanout,
+                    durable,
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let queue_options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let bindings = self
+            .writer_queues
+            .iter()
+            .map(|queue| (queue, &self.exchange))
+            .chain(std::iter::once((
+                &self.dead_letter_queue,
+                &self.dead_letter_exchange,
+            )));
+        for (queue, exchange) in bindings {
+            channel
+                .queue_declare(
+                    queue.name.as_str().into(),
+                    queue_options,
+                    self.queue_arguments(queue),
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    queue.name.as_str().into(),
+                    exchange.as_str().into(),
+                    ShortString::from(""),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes everything (tests clean up their private topologies with it).
+    pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        for queue in self
+            .writer_queues
+            .iter()
+            .chain(std::iter::once(&self.dead_letter_queue))
+        {
+            channel
+                .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for exchange in [&self.exchange, &self.dead_letter_exchange] {
+            channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The properties of a record message: JSON, persistent, `message_id` = record id, and the
+/// `source`, `seq` and `traceparent` headers.
+pub fn record_properties(record: &Record) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        HEADER_SOURCE.into(),
+        AMQPValue::LongString(LongString::from(record.source.as_str())),
+    );
+    headers.insert(HEADER_SEQ.into(), AMQPValue::LongLongInt(record.seq as i64));
+    if let Some(traceparent) = &record.traceparent {
+        headers.insert(
+            HEADER_TRACEPARENT.into(),
+            AMQPValue::LongString(LongString::from(traceparent.as_str())),
+        );
+    }
+    BasicProperties::default()
+        .with_content_type(CONTENT_TYPE_JSON.into())
+        .with_delivery_mode(2)
+        .with_message_id(record.id.as_str().into())
+        .with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn production_names_are_those_of_the_spec() {
+        let topology = Topology::new(DEFAULT_PREFIX, DEFAULT_DELIVERY_LIMIT);
+        assert_eq!(topology.exchange, "flowmesh.records");
+        assert_eq!(topology.dead_letter_exchange, "flowmesh.dlx");
+        assert_eq!(topology.dead_letter_queue.name, "flowmesh.dead-letter");
+        let pg = topology.queue_for("pg-writer").expect("pg queue");
+        let mongo = topology.queue_for("mongo-writer").expect("mongo queue");
+        assert_eq!(pg.name, "flowmesh.records.pg-writer");
+        assert_eq!(mongo.name, "flowmesh.records.mongo-writer");
+        assert!(!pg.single_active_consumer);
+        assert!(mongo.single_active_consumer);
+        let args = topology.queue_arguments(mongo);
+        let get = |key: &str| args.inner().get(key).cloned();
+        assert_eq!(get("x-delivery-limit"), Some(AMQPValue::LongLongInt(5)));
+        assert_eq!(
+            get("x-single-active-consumer"),
+            Some(AMQPValue::Boolean(true))
+        );
+    }
+}
