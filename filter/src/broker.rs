@@ -1,0 +1,338 @@
+//! The RabbitMQ sink: pipelined publishes with publisher confirms, and a supervisor that
+//! reconnects with backoff and jitter.
+//!
+//! Many publishes are in flight at once (up to `max_unconfirmed`); each job (one frame's broker
+//! records) is answered when all its confirms are in. Only a positive confirm without a return
+//! is an ack: a nack, a returned (unroutable) message or a lost connection nacks the record back
+//! to the client, which sends it again. Nothing is ever acked on hope.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use flowmesh_common::breaker::Breaker;
+use flowmesh_common::health::{Component, ComponentStatus};
+use flowmesh_common::metrics as m;
+use flowmesh_common::record::Record;
+use flowmesh_common::retry;
+use flowmesh_common::telemetry::redact_url;
+use flowmesh_common::topology::{Topology, record_properties};
+use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, join_all};
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Event};
+use tokio::sync::mpsc;
+
+use crate::reply::{Destination, Replier};
+
+/// Jobs queued for the publisher at most.
+const QUEUE_JOBS: usize = 256;
+/// Longest a connection attempt (TCP, AMQP handshake, topology) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the sink reaches RabbitMQ.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// AMQP URL (may hold a password: never logged unredacted).
+    pub url: String,
+    /// Exchanges and queues, declared at every (re)connect.
+    pub topology: Topology,
+    /// Published records awaiting a confirm at most.
+    pub max_unconfirmed: usize,
+}
+
+/// Records bound for RabbitMQ and the connection to answer.
+#[derive(Debug)]
+pub struct BrokerJob {
+    /// The records, in arrival order.
+    pub records: Vec<Record>,
+    /// Who to answer.
+    pub replier: Replier,
+}
+
+/// Handle to the running publisher. Cheap to clone; the publisher drains and stops when every
+/// handle is gone.
+#[derive(Debug, Clone)]
+pub struct BrokerSink {
+    sender: mpsc::Sender<BrokerJob>,
+    breaker: Breaker,
+    connected: Arc<AtomicBool>,
+}
+
+impl BrokerSink {
+    /// Starts the publisher and its connection supervisor.
+    pub fn start(config: BrokerConfig, breaker: Breaker) -> (Self, tokio::task::JoinHandle<()>) {
+        let (sender, receiver) = mpsc::channel(QUEUE_JOBS);
+        let connected = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(
+            Publisher {
+                config,
+                breaker: breaker.clone(),
+                connected: connected.clone(),
+            }
+            .run(receiver),
+        );
+        (
+            Self {
+                sender,
+                breaker,
+                connected,
+            },
+            task,
+        )
+    }
+
+    /// The breaker guarding RabbitMQ.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// True while an AMQP connection with a confirming channel is up.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Queues a job, waiting for room (backpressure). Fails only when the publisher stopped.
+    pub async fn submit(&self, job: BrokerJob) -> Result<(), BrokerJob> {
+        self.sender.send(job).await.map_err(|err| err.0)
+    }
+
+    /// Health: DOWN while disconnected or while the breaker is open.
+    pub fn component(&self) -> Component {
+        let breaker = self.breaker.component();
+        let connected = self.is_connected();
+        let status = if connected { breaker.status } else { ComponentStatus::Down };
+        Component::new(status)
+            .with_details(serde_json::json!({ "connected": connected }))
+            .with_details(serde_json::Value::Object(breaker.details))
+    }
+}
+
+/// An established connection and its confirming channel.
+struct Link {
+    connection: Connection,
+    channel: Channel,
+    /// Fires when lapin reports a connection error.
+    failed: mpsc::UnboundedReceiver<lapin::Error>,
+}
+
+type Confirmed = (Vec<u64>, Replier, Instant, Vec<Result<Confirmation, String>>);
+
+struct Publisher {
+    config: BrokerConfig,
+    breaker: Breaker,
+    connected: Arc<AtomicBool>,
+}
+
+impl Publisher {
+    async fn run(self, mut receiver: mpsc::Receiver<BrokerJob>) {
+        let mut link: Option<Link> = None;
+        let mut connecting: Option<BoxFuture<'static, Result<Link, String>>> = Some(Box::pin(connect(self.config.clone())));
+        let mut backoff = retry::reconnect().build();
+        let mut next_attempt: Option<tokio::time::Instant> = None;
+        let mut pending: FuturesUnordered<BoxFuture<'static, Confirmed>> = FuturesUnordered::new();
+        let mut unconfirmed = 0usize;
+        let mut input_open = true;
+
+        while input_open || !pending.is_empty() {
+            let room = unconfirmed < self.config.max_unconfirmed;
+            tokio::select! {
+                result = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
+                    connecting = None;
+                    match result {
+                        Ok(new_link) => {
+                            tracing::info!(url = %redact_url(&self.config.url), "connected to RabbitMQ");
+                            link = Some(new_link);
+                            backoff = retry::reconnect().build();
+                            self.set_connected(true);
+                        }
+                        Err(err) => {
+                            let wait = backoff.next().unwrap_or(Duration::from_secs(10));
+                            tracing::warn!(url = %redact_url(&self.config.url), error = %err, retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ");
+                            next_attempt = Some(tokio::time::Instant::now() + wait);
+                        }
+                    }
+                }
+                _ = sleep_until(next_attempt), if link.is_none() && connecting.is_none() => {
+                    next_attempt = None;
+                    metrics::counter!(m::RECONNECTS, "link" => "amqp").increment(1);
+                    connecting = Some(Box::pin(connect(self.config.clone())));
+                }
+                err = async { link.as_mut().expect("guarded").failed.recv().await }, if link.is_some() => {
+                    let reason = err.map(|e| e.to_string()).unwrap_or_else(|| "connection closed".into());
+                    self.drop_link(&mut link, &reason);
+                    next_attempt = Some(tokio::time::Instant::now() + backoff.next().unwrap_or_default());
+                }
+                Some((seqs, replier, started, results)) = pending.next(), if !pending.is_empty() => {
+                    unconfirmed -= seqs.len();
+                    metrics::gauge!(m::FILTER_PUBLISH_IN_FLIGHT).set(unconfirmed as f64);
+                    metrics::histogram!(m::FILTER_PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
+                    self.settle(seqs, replier, results);
+                }
+                job = receiver.recv(), if input_open && room => {
+                    let Some(job) = job else {
+                        input_open = false;
+                        continue;
+                    };
+                    let count = job.records.len();
+                    match link.as_ref() {
+                        None => {
+                            self.breaker.record(false);
+                            let seqs = job.records.iter().map(|r| r.seq).collect();
+                            job.replier.nack(seqs, Destination::Broker, "RabbitMQ unavailable", self.breaker.retry_after());
+                        }
+                        Some(current) => match publish(current, &self.config.topology, job).await {
+                            Ok(confirming) => {
+                                unconfirmed += count;
+                                metrics::gauge!(m::FILTER_PUBLISH_IN_FLIGHT).set(unconfirmed as f64);
+                                pending.push(confirming);
+                            }
+                            Err((job, err)) => {
+                                self.breaker.record(false);
+                                let seqs = job.records.iter().map(|r| r.seq).collect();
+                                job.replier.nack(seqs, Destination::Broker, format!("publish failed: {err}"), self.breaker.retry_after());
+                                self.drop_link(&mut link, &err);
+                                next_attempt = Some(tokio::time::Instant::now() + backoff.next().unwrap_or_default());
+                            }
+                        },
+                    }
+                }
+            }
+        }
+        if let Some(link) = link.take() {
+            let _ = link.connection.close(200, "filter shutting down".into()).await;
+        }
+        self.set_connected(false);
+        tracing::info!("RabbitMQ publisher drained and closed");
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::SeqCst);
+        metrics::gauge!(m::CONNECTION_UP, "link" => "amqp").set(if up { 1.0 } else { 0.0 });
+    }
+
+    fn drop_link(&self, link: &mut Option<Link>, reason: &str) {
+        if let Some(old) = link.take() {
+            tracing::warn!(error = reason, "RabbitMQ connection lost; unconfirmed records will be nacked");
+            self.set_connected(false);
+            self.breaker.trip();
+            tokio::spawn(async move {
+                let _ = old.connection.close(320, "reconnecting".into()).await;
+            });
+        }
+    }
+
+    /// Acks the records RabbitMQ confirmed and nacks the rest.
+    fn settle(&self, seqs: Vec<u64>, replier: Replier, results: Vec<Result<Confirmation, String>>) {
+        let mut acked = Vec::with_capacity(seqs.len());
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        for (seq, result) in seqs.into_iter().zip(results) {
+            let problem = match result {
+                Ok(Confirmation::Ack(None)) => None,
+                Ok(Confirmation::Ack(Some(returned))) => Some(format!(
+                    "returned unroutable: {} {}",
+                    returned.reply_code, returned.reply_text
+                )),
+                Ok(Confirmation::Nack(_)) => Some("nacked by RabbitMQ".to_owned()),
+                Ok(Confirmation::NotRequested) => Some("channel not in confirm mode".to_owned()),
+                Err(err) => Some(err),
+            };
+            match problem {
+                None => acked.push(seq),
+                Some(problem) => {
+                    failed.push(seq);
+                    first_error.get_or_insert(problem);
+                }
+            }
+        }
+        self.breaker.record(failed.is_empty());
+        replier.ack(acked, Destination::Broker);
+        if let Some(reason) = first_error {
+            tracing::warn!(records = failed.len(), reason = %reason, "publishes not confirmed; nacked");
+            replier.nack(failed, Destination::Broker, reason, self.breaker.retry_after());
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Opens a connection and a confirming channel and declares the topology.
+async fn connect(config: BrokerConfig) -> Result<Link, String> {
+    let attempt = async {
+        let properties = ConnectionProperties::default().with_connection_name("flowmesh-filter".into());
+        let connection = Connection::connect(&config.url, properties).await?;
+        let (failed_tx, failed) = mpsc::unbounded_channel();
+        let mut events = connection.events_listener();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if let Event::Error(err) = event {
+                    let _ = failed_tx.send(err);
+                    break;
+                }
+            }
+        });
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        config.topology.declare(&channel).await?;
+        Ok::<_, lapin::Error>(Link {
+            connection,
+            channel,
+            failed,
+        })
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(link)) => Ok(link),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("timed out after {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+/// Publishes every record of a job; the returned future resolves when all are confirmed.
+async fn publish(
+    link: &Link,
+    topology: &Topology,
+    job: BrokerJob,
+) -> Result<BoxFuture<'static, Confirmed>, (BrokerJob, String)> {
+    let started = Instant::now();
+    let mut confirms = Vec::with_capacity(job.records.len());
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    for record in &job.records {
+        let published = link
+            .channel
+            .basic_publish(
+                topology.exchange.as_str().into(),
+                "".into(),
+                options,
+                record.to_json().as_bytes(),
+                record_properties(record),
+            )
+            .await;
+        match published {
+            Ok(confirm) => confirms.push(confirm),
+            // Records published before the failure still get their confirms (or errors);
+            // simplest correct answer is to nack the whole job: duplicates are harmless.
+            Err(err) => return Err((job, err.to_string())),
+        }
+    }
+    let seqs: Vec<u64> = job.records.iter().map(|r| r.seq).collect();
+    let replier = job.replier;
+    Ok(Box::pin(async move {
+        let results = join_all(confirms)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect();
+        (seqs, replier, started, results)
+    }))
+}

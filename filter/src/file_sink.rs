@@ -1,0 +1,378 @@
+//! The JSON Lines file sink: buffered, group-committed, rotated by size and age, with a stated
+//! durability mode. Used for routed records (`records.jsonl`) and for dead letters
+//! (`dead-letter.jsonl`).
+//!
+//! A commit writes every line queued since the last one, flushes, and (in `fsync` mode) syncs the
+//! file; only then are its records acked. A failed commit is cut back to the last good length,
+//! so a record is never half in the file, and its records are nacked.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use flowmesh_common::breaker::Breaker;
+use flowmesh_common::metrics as m;
+use tokio::sync::mpsc;
+
+use crate::config::Durability;
+use crate::reply::{Destination, Replier, Reply};
+
+/// Lines per group commit at most.
+const MAX_COMMIT_LINES: usize = 20_000;
+/// Jobs queued for the writer at most (each job is one frame's worth of lines).
+const QUEUE_JOBS: usize = 1024;
+/// How often an idle sink checks whether its file has grown too old.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Where and how a file sink writes.
+#[derive(Debug, Clone)]
+pub struct FileSinkConfig {
+    /// Directory of the active and rotated files.
+    pub dir: PathBuf,
+    /// File name stem: the active file is `{stem}.jsonl`.
+    pub stem: &'static str,
+    /// Rotate when the active file reaches this size.
+    pub max_bytes: u64,
+    /// Rotate when the active file is this old.
+    pub max_age: Duration,
+    /// When a commit counts as stored.
+    pub durability: Durability,
+}
+
+impl FileSinkConfig {
+    /// Path of the active file.
+    pub fn active_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.jsonl", self.stem))
+    }
+}
+
+/// What to do once a job's lines are committed (or failed to be).
+#[derive(Debug)]
+pub enum Completion {
+    /// Routed records: ack on success, nack on failure.
+    Records {
+        /// Their seqs, in line order.
+        seqs: Vec<u64>,
+        /// The connection to answer.
+        replier: Replier,
+    },
+    /// Invalid records: reject once dead-lettered; if that failed, nack those with a seq so
+    /// they come back and are dead-lettered later.
+    Rejects {
+        /// Seq (if any) and reason of each line.
+        rejects: Vec<(Option<u64>, String)>,
+        /// The connection to answer.
+        replier: Replier,
+    },
+}
+
+/// Lines to append and what to do after.
+#[derive(Debug)]
+pub struct FileJob {
+    /// One JSON document per line, without newlines.
+    pub lines: Vec<String>,
+    /// The answer to give.
+    pub completion: Completion,
+}
+
+/// A handle to a running file sink. Cheap to clone; the sink stops when every handle is gone.
+#[derive(Debug, Clone)]
+pub struct FileSink {
+    sender: mpsc::Sender<FileJob>,
+    breaker: Breaker,
+}
+
+impl FileSink {
+    /// Starts the sink's writer task.
+    pub fn start(config: FileSinkConfig, breaker: Breaker) -> (Self, tokio::task::JoinHandle<()>) {
+        let (sender, receiver) = mpsc::channel(QUEUE_JOBS);
+        let task = tokio::spawn(run(config, receiver, breaker.clone()));
+        (Self { sender, breaker }, task)
+    }
+
+    /// The breaker guarding this sink.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// Queues a job, waiting for room (backpressure). Only fails when the sink has stopped.
+    pub async fn submit(&self, job: FileJob) -> Result<(), FileJob> {
+        self.sender.send(job).await.map_err(|err| err.0)
+    }
+}
+
+async fn run(config: FileSinkConfig, mut receiver: mpsc::Receiver<FileJob>, breaker: Breaker) {
+    let mut writer = Some(Writer::new(config.clone()));
+    loop {
+        let first = tokio::select! {
+            job = receiver.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+            _ = tokio::time::sleep(IDLE_CHECK) => {
+                writer = run_blocking(writer.take().unwrap_or_else(|| Writer::new(config.clone())), |w| {
+                    if let Err(err) = w.rotate_if_due() {
+                        tracing::warn!(file = w.config.stem, error = %err, "rotation failed");
+                    }
+                })
+                .await
+                .map(|(w, ())| w);
+                continue;
+            }
+        };
+        let mut jobs = vec![first];
+        let mut count = jobs[0].lines.len();
+        while count < MAX_COMMIT_LINES {
+            match receiver.try_recv() {
+                Ok(job) => {
+                    count += job.lines.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut lines = Vec::with_capacity(count);
+        let mut completions = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            lines.extend(job.lines);
+            completions.push(job.completion);
+        }
+        let stem = config.stem;
+        let started = Instant::now();
+        let (back, result) = match run_blocking(writer.take().unwrap_or_else(|| Writer::new(config.clone())), move |w| w.commit(&lines)).await {
+            Some((w, result)) => (Some(w), result),
+            None => (None, Err(io::Error::other("file writer lost"))),
+        };
+        writer = back;
+        metrics::histogram!(m::FILTER_FILE_COMMIT_SECONDS, "file" => stem).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::FILTER_FILE_COMMIT_RECORDS, "file" => stem).record(count as f64);
+        breaker.record(result.is_ok());
+        if let Err(err) = &result {
+            tracing::error!(file = stem, error = %err, records = count, "file commit failed; records nacked");
+        }
+        for completion in completions {
+            complete(completion, &result, breaker.retry_after());
+        }
+    }
+    tracing::info!(file = config.stem, "file sink closed");
+}
+
+/// Runs blocking file work on the blocking pool and hands the writer back with the result.
+/// `None` only if the work panicked, which loses the writer (the next commit reopens the file).
+async fn run_blocking<F, T>(mut writer: Writer, work: F) -> Option<(Writer, T)>
+where
+    F: FnOnce(&mut Writer) -> T + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let out = work(&mut writer);
+        (writer, out)
+    })
+    .await
+    .ok()
+}
+
+fn complete(completion: Completion, result: &io::Result<()>, retry_after: Duration) {
+    match (completion, result) {
+        (Completion::Records { seqs, replier }, Ok(())) => replier.ack(seqs, Destination::File),
+        (Completion::Records { seqs, replier }, Err(err)) => {
+            replier.nack(seqs, Destination::File, format!("file sink failed: {err}"), retry_after)
+        }
+        (Completion::Rejects { rejects, replier }, Ok(())) => {
+            for (seq, error) in rejects {
+                replier.send(Reply::Reject { seq, error });
+            }
+        }
+        (Completion::Rejects { rejects, replier }, Err(err)) => {
+            for (seq, error) in rejects {
+                match seq {
+                    Some(seq) => replier.send(Reply::Nack {
+                        seqs: vec![seq],
+                        destination: Destination::File,
+                        reason: format!("dead-letter file failed: {err}"),
+                        retry_after,
+                    }),
+                    // Not a record at all: nothing can be re-sent, so the reject stands.
+                    None => replier.send(Reply::Reject { seq: None, error }),
+                }
+            }
+        }
+    }
+}
+
+/// The blocking side: owns the open file.
+struct Writer {
+    config: FileSinkConfig,
+    file: Option<BufWriter<File>>,
+    /// Length of the active file after the last successful commit.
+    committed_len: Option<u64>,
+    opened_at: Instant,
+}
+
+impl Writer {
+    fn new(config: FileSinkConfig) -> Self {
+        Self {
+            config,
+            file: None,
+            committed_len: None,
+            opened_at: Instant::now(),
+        }
+    }
+
+    fn commit(&mut self, lines: &[String]) -> io::Result<()> {
+        let result = self.try_commit(lines);
+        if result.is_err() {
+            self.abandon();
+        }
+        result
+    }
+
+    fn try_commit(&mut self, lines: &[String]) -> io::Result<()> {
+        self.rotate_if_due()?;
+        let durability = self.config.durability;
+        let file = self.open()?;
+        let mut written = 0u64;
+        for line in lines {
+            file.write_all(line.as_bytes())?;
+            file.write_all(b"\n")?;
+            written += line.len() as u64 + 1;
+        }
+        file.flush()?;
+        if durability == Durability::Fsync {
+            file.get_ref().sync_data()?;
+        }
+        self.committed_len = Some(self.committed_len.unwrap_or(0) + written);
+        Ok(())
+    }
+
+    /// Drops the buffered bytes of a failed commit and cuts the file back to its last good length.
+    fn abandon(&mut self) {
+        if let Some(file) = self.file.take() {
+            let (file, _unwritten) = file.into_parts();
+            if let Some(len) = self.committed_len {
+                let _ = file.set_len(len);
+            }
+        }
+    }
+
+    fn open(&mut self) -> io::Result<&mut BufWriter<File>> {
+        if self.file.is_none() {
+            fs::create_dir_all(&self.config.dir)?;
+            let path = self.config.active_path();
+            let mut file = OpenOptions::new().create(true).read(true).append(true).open(&path)?;
+            let len = repair(&mut file, self.committed_len)?;
+            if self.committed_len.is_none() {
+                self.opened_at = Instant::now();
+            }
+            self.committed_len = Some(len);
+            self.file = Some(BufWriter::with_capacity(256 * 1024, file));
+        }
+        // Just set above when it was None.
+        self.file.as_mut().ok_or_else(|| io::Error::other("file not open"))
+    }
+
+    fn rotate_if_due(&mut self) -> io::Result<()> {
+        let len = match self.committed_len {
+            Some(len) => len,
+            None => match fs::metadata(self.config.active_path()) {
+                Ok(meta) => meta.len(),
+                Err(_) => return Ok(()),
+            },
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let reason = if len >= self.config.max_bytes {
+            "size"
+        } else if self.opened_at.elapsed() >= self.config.max_age {
+            "age"
+        } else {
+            return Ok(());
+        };
+        self.rotate(reason)
+    }
+
+    fn rotate(&mut self, reason: &'static str) -> io::Result<()> {
+        if let Some(mut file) = self.file.take() {
+            file.flush()?;
+            file.get_ref().sync_data()?;
+        }
+        let from = self.config.active_path();
+        let to = rotated_path(&self.config.dir, self.config.stem);
+        fs::rename(&from, &to)?;
+        if self.config.durability == Durability::Fsync {
+            File::open(&self.config.dir)?.sync_all()?;
+        }
+        self.committed_len = Some(0);
+        self.opened_at = Instant::now();
+        metrics::counter!(m::FILTER_FILE_ROTATIONS, "file" => self.config.stem, "reason" => reason).increment(1);
+        tracing::info!(file = self.config.stem, reason, rotated_to = %to.display(), "file rotated");
+        Ok(())
+    }
+}
+
+/// Brings an opened file back to a state of whole lines: to `expected` bytes when this process
+/// knows its last good length, else to just after the last newline (a crash may have left a
+/// partial line). Returns the resulting length.
+fn repair(file: &mut File, expected: Option<u64>) -> io::Result<u64> {
+    let len = file.metadata()?.len();
+    let good = match expected {
+        Some(expected) if expected <= len => expected,
+        _ => last_line_end(file, len)?,
+    };
+    if good != len {
+        file.set_len(good)?;
+        tracing::warn!(cut_bytes = len - good, "cut an incomplete tail from the file");
+    }
+    Ok(good)
+}
+
+fn last_line_end(file: &mut File, len: u64) -> io::Result<u64> {
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let size = (end - start) as usize;
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk[..size])?;
+        if let Some(pos) = chunk[..size].iter().rposition(|b| *b == b'\n') {
+            return Ok(start + pos as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// `{stem}.{UTC time of rotation}.jsonl`, with `-N` added if that name is taken.
+fn rotated_path(dir: &Path, stem: &str) -> PathBuf {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let mut candidate = dir.join(format!("{stem}.{stamp}.jsonl"));
+    let mut n = 1;
+    while candidate.exists() {
+        candidate = dir.join(format!("{stem}.{stamp}-{n}.jsonl"));
+        n += 1;
+    }
+    candidate
+}
+
+/// Every file of a sink in write order: rotated files (oldest first), then the active one.
+pub fn sink_files(dir: &Path, stem: &str) -> io::Result<Vec<PathBuf>> {
+    let mut rotated: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{stem}.")) && n.ends_with(".jsonl") && n != format!("{stem}.jsonl"))
+        })
+        .collect();
+    rotated.sort();
+    let active = dir.join(format!("{stem}.jsonl"));
+    if active.exists() {
+        rotated.push(active);
+    }
+    Ok(rotated)
+}
+
+#[cfg(test)]
+mod tests;

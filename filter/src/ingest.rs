@@ -1,0 +1,343 @@
+//! The WebSocket server of SPEC §2: bearer-token check at the upgrade, frame-size limit, and for
+//! every record exactly one ack, nack or reject on the connection it came from.
+//!
+//! Each connection has a reader (the intake: it alone watches the shutdown token) and a writer
+//! that coalesces answers into as few frames as possible. The reader holds one permit per record
+//! in flight; at `max_in_flight` it stops reading, and TCP pushes back on the client.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowmesh_common::config::Secret;
+use flowmesh_common::metrics as m;
+use flowmesh_common::protocol::{self, CLOSE_MESSAGE_TOO_BIG, INGEST_PATH, ServerMessage};
+use flowmesh_common::record::RecordError;
+use futures_util::stream::{SplitSink, StreamExt};
+use futures_util::SinkExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::reply::{Replier, Reply};
+use crate::router::Router;
+
+/// Answers coalesced into one writer pass at most.
+const MAX_REPLIES_PER_PASS: usize = 1024;
+/// Longest the WebSocket upgrade may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of the WebSocket intake.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// Required bearer token, if any.
+    pub token: Option<Secret>,
+    /// Largest frame/message accepted.
+    pub max_frame_bytes: usize,
+    /// Unanswered records per connection at most.
+    pub max_in_flight: usize,
+    /// How often to ping the client.
+    pub ping_interval: Duration,
+    /// Silence after which the client is dead.
+    pub peer_timeout: Duration,
+    /// Longest a closing connection waits for its in-flight answers.
+    pub drain_timeout: Duration,
+}
+
+/// Accepts connections until `shutdown` fires; each runs on `tracker`.
+pub async fn serve(
+    listener: TcpListener,
+    settings: Arc<IngestSettings>,
+    router: Router,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tracker.spawn(connection(stream, peer, settings.clone(), router.clone(), shutdown.clone()));
+                }
+                Err(err) => {
+                    // Usually out of file descriptors: back off briefly instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    tracing::info!("WebSocket intake stopped accepting connections");
+}
+
+#[allow(clippy::result_large_err)] // the callback type is tungstenite's
+fn check_upgrade(token: Option<&Secret>, request: &Request) -> Result<(), ErrorResponse> {
+    let refuse = |status: StatusCode, text: &str| {
+        let mut response = ErrorResponse::new(Some(text.to_owned()));
+        *response.status_mut() = status;
+        response
+    };
+    if request.uri().path() != INGEST_PATH {
+        return Err(refuse(StatusCode::NOT_FOUND, "not found: the WebSocket endpoint is /ingest"));
+    }
+    if let Some(token) = token {
+        let expected = format!("Bearer {}", token.expose());
+        let presented = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            let mut response = refuse(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            if let Ok(value) = "Bearer".parse() {
+                response.headers_mut().insert("www-authenticate", value);
+            }
+            return Err(response);
+        }
+    }
+    Ok(())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, settings: Arc<IngestSettings>, router: Router, shutdown: CancellationToken) {
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(settings.max_frame_bytes))
+        .max_message_size(Some(settings.max_frame_bytes));
+    let token = settings.token.clone();
+    #[allow(clippy::result_large_err)]
+    let callback = move |request: &Request, response: Response| {
+        check_upgrade(token.as_ref(), request).map(|()| response)
+    };
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(err)) => {
+            tracing::info!(%peer, error = %err, "WebSocket upgrade refused or failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "WebSocket upgrade timed out");
+            return;
+        }
+    };
+    tracing::info!(%peer, "client connected");
+    metrics::gauge!(m::FILTER_CONNECTIONS).increment(1.0);
+    Session::new(settings).run(ws, router, shutdown).await;
+    metrics::gauge!(m::FILTER_CONNECTIONS).decrement(1.0);
+    tracing::info!(%peer, "client disconnected");
+}
+
+enum Control {
+    Close(CloseFrame),
+}
+
+struct Session {
+    settings: Arc<IngestSettings>,
+    permits: Arc<Semaphore>,
+}
+
+impl Session {
+    fn new(settings: Arc<IngestSettings>) -> Self {
+        let permits = Arc::new(Semaphore::new(settings.max_in_flight));
+        Self { settings, permits }
+    }
+
+    async fn run(self, ws: WebSocketStream<TcpStream>, router: Router, shutdown: CancellationToken) {
+        let (sink, mut stream) = ws.split();
+        let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+        let replier = Replier::new(reply_tx);
+        let (control_tx, control_rx) = mpsc::channel(1);
+        let writer = tokio::spawn(write_loop(sink, reply_rx, control_rx, self.permits.clone(), self.settings.ping_interval));
+
+        let close = loop {
+            let deadline = tokio::time::sleep(self.settings.peer_timeout);
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break Some(close_frame(CloseCode::Away, "filter shutting down")),
+                _ = deadline => {
+                    tracing::warn!(timeout_s = self.settings.peer_timeout.as_secs(), "client silent too long; disconnecting");
+                    break Some(close_frame(CloseCode::Policy, "peer timeout"));
+                }
+                message = stream.next() => message,
+            };
+            match message {
+                None | Some(Ok(Message::Close(_))) => break None,
+                Some(Ok(Message::Text(text))) => {
+                    metrics::counter!(m::FILTER_FRAMES, "kind" => "text").increment(1);
+                    self.handle_text(text.as_str(), &router, &replier).await;
+                }
+                Some(Ok(Message::Binary(bytes))) => {
+                    metrics::counter!(m::FILTER_FRAMES, "kind" => "binary").increment(1);
+                    self.admit(1).await;
+                    let error = RecordError::Invalid {
+                        field: "record",
+                        reason: "arrived in a binary frame; records travel in text frames".into(),
+                    };
+                    router.reject_frame(error, String::from_utf8_lossy(&bytes).into_owned(), &replier).await;
+                }
+                Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
+                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                    metrics::counter!(m::FILTER_FRAMES, "kind" => "oversized").increment(1);
+                    tracing::warn!(size, max_size, "frame too large; closing with 1009");
+                    break Some(CloseFrame {
+                        code: CloseCode::from(CLOSE_MESSAGE_TOO_BIG),
+                        reason: format!("frame of {size} bytes exceeds the limit of {max_size}").into(),
+                    });
+                }
+                Some(Err(err)) => {
+                    tracing::info!(error = %err, "connection error");
+                    break None;
+                }
+            }
+        };
+
+        // Let every record already handed to a sink get its answer before closing.
+        let all = self.settings.max_in_flight as u32;
+        let drained = tokio::time::timeout(self.settings.drain_timeout, self.permits.acquire_many(all)).await;
+        if drained.is_err() {
+            tracing::warn!("in-flight answers not settled within the drain timeout; the client will re-send them");
+        }
+        let frame = close.unwrap_or_else(|| close_frame(CloseCode::Normal, "bye"));
+        let _ = control_tx.send(Control::Close(frame)).await;
+        drop(replier);
+        let abort = writer.abort_handle();
+        if tokio::time::timeout(self.settings.drain_timeout, writer).await.is_err() {
+            abort.abort();
+        }
+    }
+
+    async fn handle_text(&self, text: &str, router: &Router, replier: &Replier) {
+        match protocol::parse_frame(text) {
+            Err(error) => {
+                self.admit(1).await;
+                router.reject_frame(error, text.to_owned(), replier).await;
+            }
+            Ok(mut items) => {
+                // A batch larger than the window is admitted in parts so it can never deadlock.
+                let part = (self.settings.max_in_flight / 2).max(1);
+                while !items.is_empty() {
+                    let rest = items.split_off(items.len().min(part));
+                    self.admit(items.len()).await;
+                    router.route(items, replier).await;
+                    items = rest;
+                }
+            }
+        }
+    }
+
+    /// Waits for `n` in-flight permits; the writer gives them back as answers go out.
+    async fn admit(&self, n: usize) {
+        if let Ok(permit) = self.permits.acquire_many(n as u32).await {
+            permit.forget();
+        }
+    }
+}
+
+fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
+    CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    }
+}
+
+type WsSink = SplitSink<WebSocketStream<TcpStream>, Message>;
+
+async fn write_loop(
+    mut sink: WsSink,
+    mut replies: mpsc::UnboundedReceiver<Reply>,
+    mut control: mpsc::Receiver<Control>,
+    permits: Arc<Semaphore>,
+    ping_interval: Duration,
+) {
+    let mut ping = tokio::time::interval(ping_interval);
+    ping.tick().await;
+    let mut writable = true;
+    loop {
+        tokio::select! {
+            Some(reply) = replies.recv() => {
+                let mut batch = vec![reply];
+                while batch.len() < MAX_REPLIES_PER_PASS {
+                    match replies.try_recv() {
+                        Ok(reply) => batch.push(reply),
+                        Err(_) => break,
+                    }
+                }
+                writable = send_replies(&mut sink, batch, &permits, writable).await;
+            }
+            _ = ping.tick() => {
+                if writable && sink.send(Message::Ping(Default::default())).await.is_err() {
+                    writable = false;
+                }
+            }
+            Some(Control::Close(frame)) = control.recv() => {
+                let mut rest = Vec::new();
+                while let Ok(reply) = replies.try_recv() {
+                    rest.push(reply);
+                }
+                writable = send_replies(&mut sink, rest, &permits, writable).await;
+                if writable {
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    let _ = sink.close().await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Writes a pass of answers as few frames (acks merged, nacks merged per reason), then
+/// returns their permits. Answers to a dead connection are dropped: the client re-sends.
+async fn send_replies(sink: &mut WsSink, batch: Vec<Reply>, permits: &Semaphore, writable: bool) -> bool {
+    if batch.is_empty() {
+        return writable;
+    }
+    let settled: usize = batch.iter().map(Reply::records).sum();
+    let mut acked = Vec::new();
+    let mut nacked: HashMap<(String, u64), Vec<u64>> = HashMap::new();
+    let mut frames = Vec::new();
+    for reply in batch {
+        match reply {
+            Reply::Ack { seqs, destination } => {
+                metrics::counter!(m::FILTER_ACKED, "destination" => destination.as_str()).increment(seqs.len() as u64);
+                acked.extend(seqs);
+            }
+            Reply::Nack { seqs, destination, reason, retry_after } => {
+                metrics::counter!(m::FILTER_NACKED, "destination" => destination.as_str()).increment(seqs.len() as u64);
+                nacked.entry((reason, retry_after.as_millis() as u64)).or_default().extend(seqs);
+            }
+            Reply::Reject { seq, error } => frames.push(ServerMessage::Reject { seq, error }),
+        }
+    }
+    if !acked.is_empty() {
+        frames.push(ServerMessage::Ack { seqs: acked });
+    }
+    for ((reason, retry_after_ms), seqs) in nacked {
+        frames.push(ServerMessage::Nack { seqs, reason, retry_after_ms });
+    }
+    let mut ok = writable;
+    if ok {
+        for frame in frames {
+            if sink.feed(Message::Text(frame.to_json().into())).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if ok && sink.flush().await.is_err() {
+            ok = false;
+        }
+    }
+    permits.add_permits(settled);
+    ok
+}

@@ -1,0 +1,13 @@
+//! The flowmesh filter: a WebSocket server that validates records and routes them to RabbitMQ
+//! (`value > 90`) or a JSON Lines file, answering each with an ack, nack or reject.
+
+pub mod broker;
+pub mod config;
+pub mod file_sink;
+pub mod ingest;
+pub mod reply;
+pub mod router;
+pub mod startup;
+
+pub use config::FilterConfig;
+pub use startup::Application;

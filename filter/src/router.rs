@@ -1,0 +1,159 @@
+//! Routing (SPEC §3): `value > 90` → RabbitMQ, every other valid record → the file sink, every
+//! invalid one → the dead-letter file and a reject. A sink whose breaker is open is not called:
+//! its records are nacked at once with a `retry_after_ms`.
+
+use flowmesh_common::metrics as m;
+use flowmesh_common::protocol::Item;
+use flowmesh_common::record::{Record, RecordError, format_timestamp};
+use serde_json::json;
+
+use crate::broker::{BrokerJob, BrokerSink};
+use crate::file_sink::{Completion, FileJob, FileSink};
+use crate::reply::{Destination, Replier, Reply};
+
+/// Hands each record to its destination. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Router {
+    broker: BrokerSink,
+    file: FileSink,
+    dead_letters: FileSink,
+}
+
+impl Router {
+    /// A router over the three sinks.
+    pub fn new(broker: BrokerSink, file: FileSink, dead_letters: FileSink) -> Self {
+        Self {
+            broker,
+            file,
+            dead_letters,
+        }
+    }
+
+    /// Routes the items of one frame. Every item gets exactly one answer through `replier`,
+    /// now or when its sink has finished. Waits while a sink's queue is full (backpressure).
+    pub async fn route(&self, items: Vec<Item>, replier: &Replier) {
+        metrics::counter!(m::FILTER_RECEIVED).increment(items.len() as u64);
+        let mut to_broker: Vec<Record> = Vec::new();
+        let mut to_file: Vec<Record> = Vec::new();
+        let mut dead = Vec::new();
+        for item in items {
+            match item {
+                Item::Valid(record) if record.routes_to_broker() => to_broker.push(record),
+                Item::Valid(record) => to_file.push(record),
+                Item::Invalid { seq, error, raw } => dead.push((seq, error, raw)),
+            }
+        }
+        if !dead.is_empty() {
+            self.dead_letter(dead, replier).await;
+        }
+        if !to_file.is_empty() {
+            self.to_file(to_file, replier).await;
+        }
+        if !to_broker.is_empty() {
+            self.to_broker(to_broker, replier).await;
+        }
+    }
+
+    /// Handles a frame that held no record at all (not JSON, binary, wrong shape).
+    pub async fn reject_frame(&self, error: RecordError, raw: String, replier: &Replier) {
+        metrics::counter!(m::FILTER_RECEIVED).increment(1);
+        self.dead_letter(vec![(None, error, raw)], replier).await;
+    }
+
+    async fn dead_letter(&self, dead: Vec<(Option<u64>, RecordError, String)>, replier: &Replier) {
+        let now = format_timestamp(chrono::Utc::now());
+        let mut lines = Vec::with_capacity(dead.len());
+        let mut rejects = Vec::with_capacity(dead.len());
+        for (seq, error, raw) in dead {
+            metrics::counter!(m::FILTER_REJECTED, "field" => error.field()).increment(1);
+            tracing::warn!(seq, field = error.field(), error = %error, "invalid record rejected");
+            lines.push(
+                json!({
+                    "dead_lettered_at": now,
+                    "origin": "filter",
+                    "field": error.field(),
+                    "reason": error.to_string(),
+                    "seq": seq,
+                    "raw": raw,
+                })
+                .to_string(),
+            );
+            rejects.push((seq, error.to_string()));
+        }
+        let count = lines.len() as u64;
+        let job = FileJob {
+            lines,
+            completion: Completion::Rejects {
+                rejects,
+                replier: replier.clone(),
+            },
+        };
+        if self.dead_letters.breaker().permit() {
+            match self.dead_letters.submit(job).await {
+                Ok(()) => metrics::counter!(m::FILTER_DEAD_LETTERED).increment(count),
+                Err(job) => answer_unstored(job.completion, "dead-letter file stopped"),
+            }
+        } else {
+            answer_unstored(job.completion, "dead-letter file breaker open");
+        }
+    }
+
+    async fn to_file(&self, records: Vec<Record>, replier: &Replier) {
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        if !self.file.breaker().permit() {
+            let retry = self.file.breaker().retry_after();
+            replier.nack(seqs, Destination::File, "file sink breaker open", retry);
+            return;
+        }
+        for record in &records {
+            tracing::debug!(record_id = %record.id, trace_id = record.trace_id(), seq = record.seq, "routed to file");
+        }
+        let job = FileJob {
+            lines: records.iter().map(Record::to_json).collect(),
+            completion: Completion::Records {
+                seqs,
+                replier: replier.clone(),
+            },
+        };
+        if let Err(job) = self.file.submit(job).await {
+            answer_unstored(job.completion, "file sink stopped");
+        }
+    }
+
+    async fn to_broker(&self, records: Vec<Record>, replier: &Replier) {
+        if !self.broker.breaker().permit() {
+            let retry = self.broker.breaker().retry_after();
+            let seqs = records.iter().map(|r| r.seq).collect();
+            replier.nack(seqs, Destination::Broker, "RabbitMQ breaker open", retry);
+            return;
+        }
+        for record in &records {
+            tracing::debug!(record_id = %record.id, trace_id = record.trace_id(), seq = record.seq, "routed to RabbitMQ");
+        }
+        let job = BrokerJob {
+            records,
+            replier: replier.clone(),
+        };
+        if let Err(job) = self.broker.submit(job).await {
+            let seqs = job.records.iter().map(|r| r.seq).collect();
+            job.replier.nack(seqs, Destination::Broker, "RabbitMQ publisher stopped", self.broker.breaker().retry_after());
+        }
+    }
+}
+
+/// Answers a dead-letter job that could not even be queued: nack what can come back, reject
+/// what cannot.
+fn answer_unstored(completion: Completion, reason: &str) {
+    let retry_after = std::time::Duration::from_secs(1);
+    match completion {
+        Completion::Records { seqs, replier } => replier.nack(seqs, Destination::File, reason, retry_after),
+        Completion::Rejects { rejects, replier } => {
+            for (seq, error) in rejects {
+                match seq {
+                    Some(seq) => replier.nack(vec![seq], Destination::File, reason, retry_after),
+                    None => replier.send(Reply::Reject { seq: None, error }),
+                }
+            }
+        }
+    }
+}
