@@ -1,0 +1,200 @@
+//! The generator's settings: every one a `--flag` with an environment variable.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use flowmesh_common::breaker::BreakerSettings;
+use flowmesh_common::config::{Secret, Validate, parse_bytes, parse_duration};
+use flowmesh_common::record::validate_source;
+use flowmesh_common::telemetry::LogFormat;
+
+/// How fast records are made.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rate {
+    /// This many records per second (fractions allowed: `0.5` is one every two seconds).
+    PerSecond(f64),
+    /// As fast as the in-flight window allows.
+    Max,
+}
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.eq_ignore_ascii_case("max") {
+            return Ok(Self::Max);
+        }
+        match text.parse::<f64>() {
+            Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(Self::PerSecond(rate)),
+            _ => Err(format!("{text:?} is not a positive number of records per second or `max`")),
+        }
+    }
+}
+
+/// flowmesh generator: makes records (timestamp, random value 0–100, MD5-derived hash) and
+/// pushes them over WebSocket to the filter; nothing is forgotten until the filter acks it.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "generator", version, about, long_about = None)]
+pub struct GeneratorConfig {
+    /// WebSocket URL of the filter's intake.
+    #[arg(long, env = "FILTER_URL", default_value = "ws://127.0.0.1:8080/ingest")]
+    pub filter_url: String,
+
+    /// Bearer token sent on the WebSocket upgrade.
+    #[arg(long, env = "FILTER_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
+
+    /// Records per second (e.g. `5`, `0.5`, `20000`) or `max`.
+    #[arg(long, env = "GENERATOR_RATE", default_value = "5")]
+    pub rate: Rate,
+
+    /// Stop after this many records, wait until every one is acked, and exit 0.
+    #[arg(long, env = "GENERATOR_COUNT")]
+    pub count: Option<u64>,
+
+    /// Seed of the value sequence: the same seed gives the same values.
+    #[arg(long, env = "GENERATOR_SEED")]
+    pub seed: Option<u64>,
+
+    /// Name of this generator instance in every record (`[A-Za-z0-9._-]`, 1–64 chars). Default:
+    /// `gen-` and 8 random hex chars, so two runs never share a `seq` sequence.
+    #[arg(long, env = "GENERATOR_SOURCE")]
+    pub source: Option<String>,
+
+    /// Generated records not yet acked at most; when full, generation pauses.
+    #[arg(long, env = "GENERATOR_WINDOW", default_value_t = 10_000)]
+    pub window: usize,
+
+    /// Records per WebSocket frame at most (frames fill up only when records queue up).
+    #[arg(long, env = "GENERATOR_BATCH_MAX", default_value_t = 500)]
+    pub batch_max: usize,
+
+    /// Largest frame sent; must not exceed the filter's limit.
+    #[arg(long, env = "GENERATOR_MAX_FRAME_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
+    pub max_frame_bytes: u64,
+
+    /// Address of the HTTP port serving /metrics and /health.
+    #[arg(long, env = "GENERATOR_HTTP_ADDR", default_value = "0.0.0.0:9101")]
+    pub http_addr: SocketAddr,
+
+    /// How often the generator pings the filter.
+    #[arg(long, env = "GENERATOR_PING_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A filter silent for this long is considered dead; the generator reconnects.
+    #[arg(long, env = "GENERATOR_PEER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
+
+    /// Consecutive failed connection attempts that open the breaker.
+    #[arg(long, env = "GENERATOR_BREAKER_FAILURES", default_value_t = 3)]
+    pub breaker_failures: u32,
+
+    /// First open wait of the breaker; doubles (jittered) up to the max.
+    #[arg(long, env = "GENERATOR_BREAKER_OPEN_WAIT", default_value = "2s", value_parser = parse_duration)]
+    pub breaker_open_wait: Duration,
+
+    /// Longest open wait of the breaker.
+    #[arg(long, env = "GENERATOR_BREAKER_MAX_OPEN_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub breaker_max_open_wait: Duration,
+
+    /// Time allowed on SIGTERM/SIGINT for in-flight records to be acked before exiting.
+    #[arg(long, env = "GENERATOR_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+
+    /// Probe this generator's own `/health/ready` on `--http-addr` and exit 0 when ready.
+    #[arg(long)]
+    pub probe_ready: bool,
+}
+
+impl GeneratorConfig {
+    /// The breaker settings of the filter link.
+    pub fn breaker(&self) -> BreakerSettings {
+        BreakerSettings {
+            failure_threshold: self.breaker_failures,
+            open_wait: self.breaker_open_wait,
+            max_open_wait: self.breaker_max_open_wait,
+        }
+    }
+
+    /// The defaults with a loopback HTTP port 0, pointed at `filter_url`: what tests start from.
+    pub fn for_tests(filter_url: &str) -> Self {
+        let mut config = Self::parse_from(["generator"]);
+        config.filter_url = filter_url.to_owned();
+        config.http_addr = "127.0.0.1:0".parse().expect("literal address");
+        config.breaker_open_wait = Duration::from_millis(200);
+        config.breaker_max_open_wait = Duration::from_secs(1);
+        config
+    }
+}
+
+impl Validate for GeneratorConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !self.filter_url.starts_with("ws://") && !self.filter_url.starts_with("wss://") {
+            return Err("--filter-url (FILTER_URL): must start with ws:// or wss://".into());
+        }
+        if let Some(source) = &self.source {
+            validate_source(source).map_err(|e| format!("--source (GENERATOR_SOURCE): {e}"))?;
+        }
+        if self.count == Some(0) {
+            return Err("--count (GENERATOR_COUNT): must be at least 1".into());
+        }
+        if self.window == 0 {
+            return Err("--window (GENERATOR_WINDOW): must be at least 1".into());
+        }
+        if self.batch_max == 0 {
+            return Err("--batch-max (GENERATOR_BATCH_MAX): must be at least 1".into());
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err("--max-frame-bytes (GENERATOR_MAX_FRAME_BYTES): must be at least 1KiB".into());
+        }
+        if self.breaker_failures == 0 {
+            return Err("--breaker-failures (GENERATOR_BREAKER_FAILURES): must be at least 1".into());
+        }
+        if self.breaker_open_wait.is_zero() || self.breaker_max_open_wait < self.breaker_open_wait {
+            return Err(
+                "--breaker-open-wait (GENERATOR_BREAKER_OPEN_WAIT): must be positive and at most --breaker-max-open-wait"
+                    .into(),
+            );
+        }
+        if self.ping_interval.is_zero() || self.peer_timeout <= self.ping_interval {
+            return Err("--peer-timeout (GENERATOR_PEER_TIMEOUT): must be longer than --ping-interval".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowmesh_common::config::parse_from;
+
+    #[test]
+    fn rates_are_positive_numbers_or_max() {
+        assert_eq!("max".parse::<Rate>(), Ok(Rate::Max));
+        assert_eq!("0.5".parse::<Rate>(), Ok(Rate::PerSecond(0.5)));
+        assert!("0".parse::<Rate>().is_err());
+        assert!("-3".parse::<Rate>().is_err());
+        assert!("fast".parse::<Rate>().is_err());
+    }
+
+    #[test]
+    fn bad_configuration_exits_with_code_two() {
+        let bad = [
+            vec!["generator", "--rate", "fast"],
+            vec!["generator", "--source", "has space"],
+            vec!["generator", "--filter-url", "http://x"],
+            vec!["generator", "--count", "0"],
+            vec!["generator", "--window", "0"],
+        ];
+        for args in bad {
+            let code = parse_from::<GeneratorConfig, _, _>(args.clone()).expect_err("bad config");
+            assert_eq!(code, std::process::ExitCode::from(2), "{args:?}");
+        }
+        assert!(parse_from::<GeneratorConfig, _, _>(["generator", "--rate", "max", "--count", "10"]).is_ok());
+    }
+}

@@ -1,0 +1,11 @@
+//! The flowmesh generator: makes records at a chosen rate and pushes them over WebSocket to the
+//! filter, keeping every one in a bounded window until the filter acks it.
+
+pub mod config;
+pub mod link;
+pub mod source;
+pub mod startup;
+pub mod window;
+
+pub use config::GeneratorConfig;
+pub use startup::{Application, Summary};

@@ -1,0 +1,159 @@
+//! Building and running the generator: bind the probe port, then produce and send until the
+//! count is reached and acked, or until shutdown (then drain acks within the grace period).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use flowmesh_common::breaker::Breaker;
+use flowmesh_common::health::Health;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GeneratorConfig;
+use crate::link::{self, LinkSettings, LinkState};
+use crate::source::{self, RecordSource};
+use crate::window::{Window, WindowCounts};
+
+/// Name of the breaker guarding the filter (metric label value).
+pub const BREAKER_FILTER: &str = "generator_filter";
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The `source` of every record.
+    pub source: String,
+    /// Records made.
+    pub generated: u64,
+    /// What the filter answered.
+    pub counts: WindowCounts,
+}
+
+/// A generator with its probe port bound, not yet running.
+pub struct Application {
+    config: GeneratorConfig,
+    source: String,
+    http_listener: TcpListener,
+    health: Health,
+    link: LinkState,
+    window: Arc<Window>,
+}
+
+impl Application {
+    /// Binds the probe port.
+    pub async fn build(config: GeneratorConfig) -> anyhow::Result<Self> {
+        flowmesh_common::metrics::install().context("installing the metrics recorder")?;
+        let http_listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding the HTTP port {}", config.http_addr))?;
+        let source = config
+            .source
+            .clone()
+            .unwrap_or_else(|| format!("gen-{:08x}", fastrand::u32(..)));
+        let link = LinkState::new(Breaker::new(BREAKER_FILTER, config.breaker()));
+        let health = Health::new();
+        let probe = link.clone();
+        health.require("filter", move || probe.component());
+        let window = Arc::new(Window::new(config.window));
+        Ok(Self {
+            config,
+            source,
+            http_listener,
+            health,
+            link,
+            window,
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// The `source` this run's records carry.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The link state (tests read its breaker).
+    pub fn link(&self) -> LinkState {
+        self.link.clone()
+    }
+
+    /// The in-flight window (tests read its counts).
+    pub fn window(&self) -> Arc<Window> {
+        self.window.clone()
+    }
+
+    /// Runs until `--count` records are made and all acked, or until `shutdown` fires; then
+    /// waits up to the grace period for in-flight acks, closes the link and stops.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<Summary> {
+        let Self {
+            config,
+            source,
+            http_listener,
+            health,
+            link,
+            window,
+        } = self;
+        let metrics = flowmesh_common::metrics::install().context("metrics recorder")?;
+        let http_stop = CancellationToken::new();
+        let http = flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
+
+        let link_stop = CancellationToken::new();
+        let settings = LinkSettings {
+            url: config.filter_url.clone(),
+            token: config.token.clone(),
+            batch_max: config.batch_max,
+            max_frame_bytes: config.max_frame_bytes as usize,
+            ping_interval: config.ping_interval,
+            peer_timeout: config.peer_timeout,
+        };
+        tracing::info!(source = %source, url = %config.filter_url, rate = ?config.rate, count = config.count, "generator started");
+        let supervisor = tokio::spawn(link::supervise(settings, link, window.clone(), link_stop.clone()));
+
+        let generated = source::produce(
+            RecordSource::new(source.clone(), config.seed),
+            config.rate,
+            config.count,
+            window.clone(),
+            shutdown.clone(),
+        )
+        .await;
+
+        if shutdown.is_cancelled() {
+            health.set_draining();
+            let drained = tokio::time::timeout(config.grace, window.wait_empty()).await;
+            if drained.is_err() {
+                tracing::warn!(in_flight = window.counts().in_flight, "records still unacked at the end of the grace period");
+            }
+        } else {
+            tracing::info!(generated, "count reached; waiting for every ack");
+            tokio::select! {
+                _ = window.wait_empty() => {}
+                _ = shutdown.cancelled() => {
+                    health.set_draining();
+                    let _ = tokio::time::timeout(config.grace, window.wait_empty()).await;
+                }
+            }
+        }
+        link_stop.cancel();
+        let _ = supervisor.await;
+        http_stop.cancel();
+        let _ = http.await;
+        let summary = Summary {
+            source,
+            generated,
+            counts: window.counts(),
+        };
+        tracing::info!(
+            source = %summary.source,
+            generated = summary.generated,
+            acked = summary.counts.acked,
+            rejected = summary.counts.rejected,
+            unacked = summary.counts.in_flight,
+            "generator stopped"
+        );
+        Ok(summary)
+    }
+}

@@ -1,0 +1,249 @@
+//! The in-flight window: every generated record stays here until the filter acks (or rejects)
+//! it. Bounded: when full, [`Window::push`] waits and generation pauses.
+//!
+//! Records are sent from a queue of seqs; a nack puts its seqs back after `retry_after_ms`, and
+//! a new connection re-queues everything still unacked (the old connection's answers are lost
+//! with it). A seq is never queued twice.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use flowmesh_common::metrics as m;
+use flowmesh_common::record::Record;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+#[derive(Debug)]
+struct Pending {
+    json: String,
+    queued: bool,
+    sent_before: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    records: BTreeMap<u64, Pending>,
+    queue: VecDeque<u64>,
+    delayed: Vec<(Instant, u64)>,
+    acked: u64,
+    rejected: u64,
+}
+
+/// Counts of what happened to the generated records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowCounts {
+    /// Records acked by the filter.
+    pub acked: u64,
+    /// Records rejected as invalid.
+    pub rejected: u64,
+    /// Records still waiting for an ack.
+    pub in_flight: u64,
+}
+
+/// A batch of records to send: `(seq, json)` in seq order.
+pub type Batch = Vec<(u64, String)>;
+
+/// The bounded set of unacked records and the queue of those to (re-)send.
+#[derive(Debug)]
+pub struct Window {
+    state: Mutex<State>,
+    capacity: usize,
+    /// Signalled when room frees up or the window empties.
+    changed: Notify,
+    /// Signalled when records are queued for sending.
+    ready: Notify,
+}
+
+impl Window {
+    /// An empty window holding at most `capacity` records.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            capacity: capacity.max(1),
+            changed: Notify::new(),
+            ready: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a record, waiting while the window is full. Returns true if it had to wait.
+    pub async fn push(&self, record: &Record) -> bool {
+        let mut waited = false;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = self.lock();
+                if state.records.len() < self.capacity {
+                    state.records.insert(
+                        record.seq,
+                        Pending {
+                            json: record.to_json(),
+                            queued: true,
+                            sent_before: false,
+                        },
+                    );
+                    state.queue.push_back(record.seq);
+                    metrics::gauge!(m::GEN_IN_FLIGHT).set(state.records.len() as f64);
+                    break;
+                }
+            }
+            if !waited {
+                waited = true;
+                metrics::counter!(m::GEN_WINDOW_FULL_TOTAL).increment(1);
+                metrics::gauge!(m::GEN_WINDOW_FULL).set(1.0);
+            }
+            notified.await;
+        }
+        if waited {
+            metrics::gauge!(m::GEN_WINDOW_FULL).set(0.0);
+        }
+        self.ready.notify_one();
+        waited
+    }
+
+    /// Waits until records may be ready to send (queued, or a nack delay has passed).
+    pub async fn wait_ready(&self) {
+        let next_due = self.lock().delayed.iter().map(|(at, _)| *at).min();
+        match next_due {
+            Some(at) => {
+                tokio::select! {
+                    _ = self.ready.notified() => {}
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+            }
+            None => self.ready.notified().await,
+        }
+    }
+
+    /// Takes the next records to send: at most `max_records`, and no more than `max_bytes` of
+    /// JSON (a single record is always taken).
+    pub fn take_batch(&self, max_records: usize, max_bytes: usize) -> Batch {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let State { delayed, queue, records, .. } = &mut *state;
+        delayed.retain(|(at, seq)| {
+            if *at > now {
+                return true;
+            }
+            if let Some(pending) = records.get_mut(seq).filter(|p| !p.queued) {
+                pending.queued = true;
+                queue.push_back(*seq);
+            }
+            false
+        });
+        let mut batch = Vec::new();
+        let mut bytes = 2;
+        while batch.len() < max_records {
+            let Some(&seq) = queue.front() else { break };
+            let Some(pending) = records.get_mut(&seq) else {
+                queue.pop_front();
+                continue;
+            };
+            if !batch.is_empty() && bytes + pending.json.len() + 1 > max_bytes {
+                break;
+            }
+            queue.pop_front();
+            pending.queued = false;
+            if pending.sent_before {
+                metrics::counter!(m::GEN_RESENT).increment(1);
+            }
+            pending.sent_before = true;
+            bytes += pending.json.len() + 1;
+            batch.push((seq, pending.json.clone()));
+        }
+        batch
+    }
+
+    /// The filter stored these: forget them.
+    pub fn ack(&self, seqs: &[u64]) {
+        let mut state = self.lock();
+        let mut removed = 0;
+        for seq in seqs {
+            if state.records.remove(seq).is_some() {
+                removed += 1;
+            }
+        }
+        state.acked += removed;
+        metrics::counter!(m::GEN_ACKED).increment(removed);
+        metrics::gauge!(m::GEN_IN_FLIGHT).set(state.records.len() as f64);
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// The filter could not store these now: send them again after `retry_after`.
+    pub fn nack(&self, seqs: &[u64], retry_after: Duration) {
+        let at = Instant::now() + retry_after;
+        let mut state = self.lock();
+        let mut count = 0;
+        for seq in seqs {
+            if state.records.get(seq).is_some_and(|p| !p.queued) {
+                state.delayed.push((at, *seq));
+                count += 1;
+            }
+        }
+        metrics::counter!(m::GEN_NACKED).increment(count);
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// The filter found this record invalid: it will never be accepted; forget it.
+    pub fn reject(&self, seq: u64) {
+        let mut state = self.lock();
+        if state.records.remove(&seq).is_some() {
+            state.rejected += 1;
+            metrics::counter!(m::GEN_REJECTED).increment(1);
+        }
+        metrics::gauge!(m::GEN_IN_FLIGHT).set(state.records.len() as f64);
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// A new connection: every unacked record is queued again, in seq order.
+    pub fn requeue_all(&self) {
+        let mut state = self.lock();
+        let State { delayed, queue, records, .. } = &mut *state;
+        delayed.clear();
+        queue.clear();
+        for (seq, pending) in records.iter_mut() {
+            pending.queued = true;
+            queue.push_back(*seq);
+        }
+        let any = !queue.is_empty();
+        drop(state);
+        if any {
+            self.ready.notify_one();
+        }
+    }
+
+    /// What happened so far.
+    pub fn counts(&self) -> WindowCounts {
+        let state = self.lock();
+        WindowCounts {
+            acked: state.acked,
+            rejected: state.rejected,
+            in_flight: state.records.len() as u64,
+        }
+    }
+
+    /// Waits until no record is in flight.
+    pub async fn wait_empty(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().records.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
