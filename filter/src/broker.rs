@@ -57,8 +57,40 @@ pub struct BrokerJob {
 #[derive(Debug, Clone)]
 pub struct BrokerSink {
     sender: mpsc::Sender<BrokerJob>,
+    status: BrokerStatus,
+}
+
+/// The publisher's state as health sees it. Holding it does not keep the publisher running.
+#[derive(Debug, Clone)]
+pub struct BrokerStatus {
     breaker: Breaker,
     connected: Arc<AtomicBool>,
+}
+
+impl BrokerStatus {
+    /// The breaker guarding RabbitMQ.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// True while an AMQP connection with a confirming channel is up.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Health: DOWN while disconnected or while the breaker is open.
+    pub fn component(&self) -> Component {
+        let breaker = self.breaker.component();
+        let connected = self.is_connected();
+        let status = if connected {
+            breaker.status
+        } else {
+            ComponentStatus::Down
+        };
+        Component::new(status)
+            .with_details(serde_json::json!({ "connected": connected }))
+            .with_details(serde_json::Value::Object(breaker.details))
+    }
 }
 
 impl BrokerSink {
@@ -77,8 +109,7 @@ impl BrokerSink {
         (
             Self {
                 sender,
-                breaker,
-                connected,
+                status: BrokerStatus { breaker, connected },
             },
             task,
         )
@@ -86,27 +117,17 @@ impl BrokerSink {
 
     /// The breaker guarding RabbitMQ.
     pub fn breaker(&self) -> &Breaker {
-        &self.breaker
+        &self.status.breaker
     }
 
-    /// True while an AMQP connection with a confirming channel is up.
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::SeqCst)
+    /// The publisher's state, for health and tests.
+    pub fn status(&self) -> BrokerStatus {
+        self.status.clone()
     }
 
     /// Queues a job, waiting for room (backpressure). Fails only when the publisher stopped.
     pub async fn submit(&self, job: BrokerJob) -> Result<(), BrokerJob> {
         self.sender.send(job).await.map_err(|err| err.0)
-    }
-
-    /// Health: DOWN while disconnected or while the breaker is open.
-    pub fn component(&self) -> Component {
-        let breaker = self.breaker.component();
-        let connected = self.is_connected();
-        let status = if connected { breaker.status } else { ComponentStatus::Down };
-        Component::new(status)
-            .with_details(serde_json::json!({ "connected": connected }))
-            .with_details(serde_json::Value::Object(breaker.details))
     }
 }
 
@@ -118,7 +139,12 @@ struct Link {
     failed: mpsc::UnboundedReceiver<lapin::Error>,
 }
 
-type Confirmed = (Vec<u64>, Replier, Instant, Vec<Result<Confirmation, String>>);
+type Confirmed = (
+    Vec<u64>,
+    Replier,
+    Instant,
+    Vec<Result<Confirmation, String>>,
+);
 
 struct Publisher {
     config: BrokerConfig,
@@ -129,7 +155,8 @@ struct Publisher {
 impl Publisher {
     async fn run(self, mut receiver: mpsc::Receiver<BrokerJob>) {
         let mut link: Option<Link> = None;
-        let mut connecting: Option<BoxFuture<'static, Result<Link, String>>> = Some(Box::pin(connect(self.config.clone())));
+        let mut connecting: Option<BoxFuture<'static, Result<Link, String>>> =
+            Some(Box::pin(connect(self.config.clone())));
         let mut backoff = retry::reconnect().build();
         let mut next_attempt: Option<tokio::time::Instant> = None;
         let mut pending: FuturesUnordered<BoxFuture<'static, Confirmed>> = FuturesUnordered::new();
@@ -202,7 +229,10 @@ impl Publisher {
             }
         }
         if let Some(link) = link.take() {
-            let _ = link.connection.close(200, "filter shutting down".into()).await;
+            let _ = link
+                .connection
+                .close(200, "filter shutting down".into())
+                .await;
         }
         self.set_connected(false);
         tracing::info!("RabbitMQ publisher drained and closed");
@@ -215,7 +245,10 @@ impl Publisher {
 
     fn drop_link(&self, link: &mut Option<Link>, reason: &str) {
         if let Some(old) = link.take() {
-            tracing::warn!(error = reason, "RabbitMQ connection lost; unconfirmed records will be nacked");
+            tracing::warn!(
+                error = reason,
+                "RabbitMQ connection lost; unconfirmed records will be nacked"
+            );
             self.set_connected(false);
             self.breaker.trip();
             tokio::spawn(async move {
@@ -252,7 +285,12 @@ impl Publisher {
         replier.ack(acked, Destination::Broker);
         if let Some(reason) = first_error {
             tracing::warn!(records = failed.len(), reason = %reason, "publishes not confirmed; nacked");
-            replier.nack(failed, Destination::Broker, reason, self.breaker.retry_after());
+            replier.nack(
+                failed,
+                Destination::Broker,
+                reason,
+                self.breaker.retry_after(),
+            );
         }
     }
 }
@@ -267,7 +305,8 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 /// Opens a connection and a confirming channel and declares the topology.
 async fn connect(config: BrokerConfig) -> Result<Link, String> {
     let attempt = async {
-        let properties = ConnectionProperties::default().with_connection_name("flowmesh-filter".into());
+        let properties =
+            ConnectionProperties::default().with_connection_name("flowmesh-filter".into());
         let connection = Connection::connect(&config.url, properties).await?;
         let (failed_tx, failed) = mpsc::unbounded_channel();
         let mut events = connection.events_listener();
@@ -280,7 +319,9 @@ async fn connect(config: BrokerConfig) -> Result<Link, String> {
             }
         });
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         config.topology.declare(&channel).await?;
         Ok::<_, lapin::Error>(Link {
             connection,

@@ -55,7 +55,12 @@ pub struct FilterConfig {
     pub peer_timeout: Duration,
 
     /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     pub amqp_url: String,
 
     /// Prefix of every exchange and queue name (`flowmesh` → `flowmesh.records`, …).
@@ -160,7 +165,9 @@ impl Validate for FilterConfig {
             );
         }
         if self.ping_interval.is_zero() || self.peer_timeout <= self.ping_interval {
-            return Err("--peer-timeout (FILTER_PEER_TIMEOUT): must be longer than --ping-interval".into());
+            return Err(
+                "--peer-timeout (FILTER_PEER_TIMEOUT): must be longer than --ping-interval".into(),
+            );
         }
         Ok(())
     }

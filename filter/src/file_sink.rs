@@ -140,12 +140,18 @@ async fn run(config: FileSinkConfig, mut receiver: mpsc::Receiver<FileJob>, brea
         }
         let stem = config.stem;
         let started = Instant::now();
-        let (back, result) = match run_blocking(writer.take().unwrap_or_else(|| Writer::new(config.clone())), move |w| w.commit(&lines)).await {
+        let (back, result) = match run_blocking(
+            writer.take().unwrap_or_else(|| Writer::new(config.clone())),
+            move |w| w.commit(&lines),
+        )
+        .await
+        {
             Some((w, result)) => (Some(w), result),
             None => (None, Err(io::Error::other("file writer lost"))),
         };
         writer = back;
-        metrics::histogram!(m::FILTER_FILE_COMMIT_SECONDS, "file" => stem).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::FILTER_FILE_COMMIT_SECONDS, "file" => stem)
+            .record(started.elapsed().as_secs_f64());
         metrics::histogram!(m::FILTER_FILE_COMMIT_RECORDS, "file" => stem).record(count as f64);
         breaker.record(result.is_ok());
         if let Err(err) = &result {
@@ -176,9 +182,12 @@ where
 fn complete(completion: Completion, result: &io::Result<()>, retry_after: Duration) {
     match (completion, result) {
         (Completion::Records { seqs, replier }, Ok(())) => replier.ack(seqs, Destination::File),
-        (Completion::Records { seqs, replier }, Err(err)) => {
-            replier.nack(seqs, Destination::File, format!("file sink failed: {err}"), retry_after)
-        }
+        (Completion::Records { seqs, replier }, Err(err)) => replier.nack(
+            seqs,
+            Destination::File,
+            format!("file sink failed: {err}"),
+            retry_after,
+        ),
         (Completion::Rejects { rejects, replier }, Ok(())) => {
             for (seq, error) in rejects {
                 replier.send(Reply::Reject { seq, error });
@@ -260,7 +269,11 @@ impl Writer {
         if self.file.is_none() {
             fs::create_dir_all(&self.config.dir)?;
             let path = self.config.active_path();
-            let mut file = OpenOptions::new().create(true).read(true).append(true).open(&path)?;
+            let mut file = OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .open(&path)?;
             let len = repair(&mut file, self.committed_len)?;
             if self.committed_len.is_none() {
                 self.opened_at = Instant::now();
@@ -269,7 +282,9 @@ impl Writer {
             self.file = Some(BufWriter::with_capacity(256 * 1024, file));
         }
         // Just set above when it was None.
-        self.file.as_mut().ok_or_else(|| io::Error::other("file not open"))
+        self.file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("file not open"))
     }
 
     fn rotate_if_due(&mut self) -> io::Result<()> {
@@ -306,7 +321,8 @@ impl Writer {
         }
         self.committed_len = Some(0);
         self.opened_at = Instant::now();
-        metrics::counter!(m::FILTER_FILE_ROTATIONS, "file" => self.config.stem, "reason" => reason).increment(1);
+        metrics::counter!(m::FILTER_FILE_ROTATIONS, "file" => self.config.stem, "reason" => reason)
+            .increment(1);
         tracing::info!(file = self.config.stem, reason, rotated_to = %to.display(), "file rotated");
         Ok(())
     }
@@ -323,7 +339,10 @@ fn repair(file: &mut File, expected: Option<u64>) -> io::Result<u64> {
     };
     if good != len {
         file.set_len(good)?;
-        tracing::warn!(cut_bytes = len - good, "cut an incomplete tail from the file");
+        tracing::warn!(
+            cut_bytes = len - good,
+            "cut an incomplete tail from the file"
+        );
     }
     Ok(good)
 }
@@ -361,9 +380,11 @@ pub fn sink_files(dir: &Path, stem: &str) -> io::Result<Vec<PathBuf>> {
     let mut rotated: Vec<PathBuf> = fs::read_dir(dir)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{stem}.")) && n.ends_with(".jsonl") && n != format!("{stem}.jsonl"))
+            path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("{stem}."))
+                    && n.ends_with(".jsonl")
+                    && n != format!("{stem}.jsonl")
+            })
         })
         .collect();
     rotated.sort();

@@ -14,17 +14,17 @@ use flowmesh_common::config::Secret;
 use flowmesh_common::metrics as m;
 use flowmesh_common::protocol::{self, CLOSE_MESSAGE_TOO_BIG, INGEST_PATH, ServerMessage};
 use flowmesh_common::record::RecordError;
-use futures_util::stream::{SplitSink, StreamExt};
 use futures_util::SinkExt;
+use futures_util::stream::{SplitSink, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -88,7 +88,10 @@ fn check_upgrade(token: Option<&Secret>, request: &Request) -> Result<(), ErrorR
         response
     };
     if request.uri().path() != INGEST_PATH {
-        return Err(refuse(StatusCode::NOT_FOUND, "not found: the WebSocket endpoint is /ingest"));
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            "not found: the WebSocket endpoint is /ingest",
+        ));
     }
     if let Some(token) = token {
         let expected = format!("Bearer {}", token.expose());
@@ -112,7 +115,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, settings: Arc<IngestSettings>, router: Router, shutdown: CancellationToken) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    settings: Arc<IngestSettings>,
+    router: Router,
+    shutdown: CancellationToken,
+) {
     let config = WebSocketConfig::default()
         .max_frame_size(Some(settings.max_frame_bytes))
         .max_message_size(Some(settings.max_frame_bytes));
@@ -155,12 +164,23 @@ impl Session {
         Self { settings, permits }
     }
 
-    async fn run(self, ws: WebSocketStream<TcpStream>, router: Router, shutdown: CancellationToken) {
+    async fn run(
+        self,
+        ws: WebSocketStream<TcpStream>,
+        router: Router,
+        shutdown: CancellationToken,
+    ) {
         let (sink, mut stream) = ws.split();
         let (reply_tx, reply_rx) = mpsc::unbounded_channel();
         let replier = Replier::new(reply_tx);
         let (control_tx, control_rx) = mpsc::channel(1);
-        let writer = tokio::spawn(write_loop(sink, reply_rx, control_rx, self.permits.clone(), self.settings.ping_interval));
+        let writer = tokio::spawn(write_loop(
+            sink,
+            reply_rx,
+            control_rx,
+            self.permits.clone(),
+            self.settings.ping_interval,
+        ));
 
         let close = loop {
             let deadline = tokio::time::sleep(self.settings.peer_timeout);
@@ -185,7 +205,13 @@ impl Session {
                         field: "record",
                         reason: "arrived in a binary frame; records travel in text frames".into(),
                     };
-                    router.reject_frame(error, String::from_utf8_lossy(&bytes).into_owned(), &replier).await;
+                    router
+                        .reject_frame(
+                            error,
+                            String::from_utf8_lossy(&bytes).into_owned(),
+                            &replier,
+                        )
+                        .await;
                 }
                 Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
                 Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
@@ -193,7 +219,8 @@ impl Session {
                     tracing::warn!(size, max_size, "frame too large; closing with 1009");
                     break Some(CloseFrame {
                         code: CloseCode::from(CLOSE_MESSAGE_TOO_BIG),
-                        reason: format!("frame of {size} bytes exceeds the limit of {max_size}").into(),
+                        reason: format!("frame of {size} bytes exceeds the limit of {max_size}")
+                            .into(),
                     });
                 }
                 Some(Err(err)) => {
@@ -205,15 +232,21 @@ impl Session {
 
         // Let every record already handed to a sink get its answer before closing.
         let all = self.settings.max_in_flight as u32;
-        let drained = tokio::time::timeout(self.settings.drain_timeout, self.permits.acquire_many(all)).await;
+        let drained =
+            tokio::time::timeout(self.settings.drain_timeout, self.permits.acquire_many(all)).await;
         if drained.is_err() {
-            tracing::warn!("in-flight answers not settled within the drain timeout; the client will re-send them");
+            tracing::warn!(
+                "in-flight answers not settled within the drain timeout; the client will re-send them"
+            );
         }
         let frame = close.unwrap_or_else(|| close_frame(CloseCode::Normal, "bye"));
         let _ = control_tx.send(Control::Close(frame)).await;
         drop(replier);
         let abort = writer.abort_handle();
-        if tokio::time::timeout(self.settings.drain_timeout, writer).await.is_err() {
+        if tokio::time::timeout(self.settings.drain_timeout, writer)
+            .await
+            .is_err()
+        {
             abort.abort();
         }
     }
@@ -299,7 +332,12 @@ async fn write_loop(
 
 /// Writes a pass of answers as few frames (acks merged, nacks merged per reason), then
 /// returns their permits. Answers to a dead connection are dropped: the client re-sends.
-async fn send_replies(sink: &mut WsSink, batch: Vec<Reply>, permits: &Semaphore, writable: bool) -> bool {
+async fn send_replies(
+    sink: &mut WsSink,
+    batch: Vec<Reply>,
+    permits: &Semaphore,
+    writable: bool,
+) -> bool {
     if batch.is_empty() {
         return writable;
     }
@@ -310,12 +348,22 @@ async fn send_replies(sink: &mut WsSink, batch: Vec<Reply>, permits: &Semaphore,
     for reply in batch {
         match reply {
             Reply::Ack { seqs, destination } => {
-                metrics::counter!(m::FILTER_ACKED, "destination" => destination.as_str()).increment(seqs.len() as u64);
+                metrics::counter!(m::FILTER_ACKED, "destination" => destination.as_str())
+                    .increment(seqs.len() as u64);
                 acked.extend(seqs);
             }
-            Reply::Nack { seqs, destination, reason, retry_after } => {
-                metrics::counter!(m::FILTER_NACKED, "destination" => destination.as_str()).increment(seqs.len() as u64);
-                nacked.entry((reason, retry_after.as_millis() as u64)).or_default().extend(seqs);
+            Reply::Nack {
+                seqs,
+                destination,
+                reason,
+                retry_after,
+            } => {
+                metrics::counter!(m::FILTER_NACKED, "destination" => destination.as_str())
+                    .increment(seqs.len() as u64);
+                nacked
+                    .entry((reason, retry_after.as_millis() as u64))
+                    .or_default()
+                    .extend(seqs);
             }
             Reply::Reject { seq, error } => frames.push(ServerMessage::Reject { seq, error }),
         }
@@ -324,12 +372,20 @@ async fn send_replies(sink: &mut WsSink, batch: Vec<Reply>, permits: &Semaphore,
         frames.push(ServerMessage::Ack { seqs: acked });
     }
     for ((reason, retry_after_ms), seqs) in nacked {
-        frames.push(ServerMessage::Nack { seqs, reason, retry_after_ms });
+        frames.push(ServerMessage::Nack {
+            seqs,
+            reason,
+            retry_after_ms,
+        });
     }
     let mut ok = writable;
     if ok {
         for frame in frames {
-            if sink.feed(Message::Text(frame.to_json().into())).await.is_err() {
+            if sink
+                .feed(Message::Text(frame.to_json().into()))
+                .await
+                .is_err()
+            {
                 ok = false;
                 break;
             }

@@ -11,3 +11,6 @@ pub mod startup;
 
 pub use config::FilterConfig;
 pub use startup::Application;
+
+#[cfg(feature = "testkit")]
+pub mod testing;

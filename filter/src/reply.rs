@@ -92,7 +92,13 @@ impl Replier {
     }
 
     /// Nacks `seqs` meant for `destination`.
-    pub fn nack(&self, seqs: Vec<u64>, destination: Destination, reason: impl Into<String>, retry_after: Duration) {
+    pub fn nack(
+        &self,
+        seqs: Vec<u64>,
+        destination: Destination,
+        reason: impl Into<String>,
+        retry_after: Duration,
+    ) {
         if !seqs.is_empty() {
             self.send(Reply::Nack {
                 seqs,

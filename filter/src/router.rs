@@ -136,7 +136,12 @@ impl Router {
         };
         if let Err(job) = self.broker.submit(job).await {
             let seqs = job.records.iter().map(|r| r.seq).collect();
-            job.replier.nack(seqs, Destination::Broker, "RabbitMQ publisher stopped", self.broker.breaker().retry_after());
+            job.replier.nack(
+                seqs,
+                Destination::Broker,
+                "RabbitMQ publisher stopped",
+                self.broker.breaker().retry_after(),
+            );
         }
     }
 }
@@ -146,7 +151,9 @@ impl Router {
 fn answer_unstored(completion: Completion, reason: &str) {
     let retry_after = std::time::Duration::from_secs(1);
     match completion {
-        Completion::Records { seqs, replier } => replier.nack(seqs, Destination::File, reason, retry_after),
+        Completion::Records { seqs, replier } => {
+            replier.nack(seqs, Destination::File, reason, retry_after)
+        }
         Completion::Rejects { rejects, replier } => {
             for (seq, error) in rejects {
                 match seq {

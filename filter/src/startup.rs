@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{BrokerConfig, BrokerSink};
+use crate::broker::{BrokerConfig, BrokerSink, BrokerStatus};
 use crate::config::FilterConfig;
 use crate::file_sink::{FileSink, FileSinkConfig};
 use crate::ingest::{self, IngestSettings};
@@ -40,7 +40,8 @@ pub struct Application {
 impl Application {
     /// Binds both ports and starts the sinks (RabbitMQ connects in the background).
     pub async fn build(config: FilterConfig) -> anyhow::Result<Self> {
-        let metrics = flowmesh_common::metrics::install().context("installing the metrics recorder")?;
+        let metrics =
+            flowmesh_common::metrics::install().context("installing the metrics recorder")?;
         drop(metrics);
         let ws_listener = TcpListener::bind(config.listen)
             .await
@@ -67,12 +68,17 @@ impl Application {
         };
         let records_config = file_config("records");
         let records_path = records_config.active_path();
-        let (file, file_task) = FileSink::start(records_config, Breaker::new(BREAKER_FILE, breaker_settings.clone()));
-        let (dead_letters, dead_task) =
-            FileSink::start(file_config("dead-letter"), Breaker::new(BREAKER_DEAD_LETTER, breaker_settings));
+        let (file, file_task) = FileSink::start(
+            records_config,
+            Breaker::new(BREAKER_FILE, breaker_settings.clone()),
+        );
+        let (dead_letters, dead_task) = FileSink::start(
+            file_config("dead-letter"),
+            Breaker::new(BREAKER_DEAD_LETTER, breaker_settings),
+        );
 
         let health = Health::new();
-        let broker_probe = broker.clone();
+        let broker_probe = broker.status();
         health.require("rabbitmq", move || broker_probe.component());
         let file_breaker = file.breaker().clone();
         let durability = format!("{:?}", config.durability).to_lowercase();
@@ -99,12 +105,16 @@ impl Application {
 
     /// The bound WebSocket address.
     pub fn ws_addr(&self) -> SocketAddr {
-        self.ws_listener.local_addr().expect("bound listener has an address")
+        self.ws_listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// The bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_listener.local_addr().expect("bound listener has an address")
+        self.http_listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// The service's health registry.
@@ -112,14 +122,14 @@ impl Application {
         self.health.clone()
     }
 
-    /// The RabbitMQ sink (tests read its breaker and connection state).
-    pub fn broker(&self) -> BrokerSink {
-        self.broker.clone()
+    /// The RabbitMQ publisher's state (tests read its breaker and connection).
+    pub fn broker(&self) -> BrokerStatus {
+        self.broker.status()
     }
 
-    /// The records file sink (tests force its breaker open).
-    pub fn file(&self) -> FileSink {
-        self.file.clone()
+    /// The records file sink's breaker (tests force it open).
+    pub fn file_breaker(&self) -> Breaker {
+        self.file.breaker().clone()
     }
 
     /// Serves until `shutdown` fires, then drains: stops intake, waits for every in-flight record
@@ -137,7 +147,8 @@ impl Application {
         } = self;
         let metrics = flowmesh_common::metrics::install().context("metrics recorder")?;
         let http_stop = CancellationToken::new();
-        let http = flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
+        let http =
+            flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
         health.require("intake", || Component::new(ComponentStatus::Up));
 
         let settings = Arc::new(IngestSettings {
@@ -156,11 +167,21 @@ impl Application {
             "filter started"
         );
         let tracker = TaskTracker::new();
-        ingest::serve(ws_listener, settings, router, shutdown.clone(), tracker.clone()).await;
+        ingest::serve(
+            ws_listener,
+            settings,
+            router,
+            shutdown.clone(),
+            tracker.clone(),
+        )
+        .await;
 
         health.set_draining();
         tracker.close();
-        if tokio::time::timeout(config.grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(config.grace, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("connections did not drain within the grace period");
         }
         drop(broker);

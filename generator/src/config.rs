@@ -27,7 +27,9 @@ impl FromStr for Rate {
         }
         match text.parse::<f64>() {
             Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(Self::PerSecond(rate)),
-            _ => Err(format!("{text:?} is not a positive number of records per second or `max`")),
+            _ => Err(format!(
+                "{text:?} is not a positive number of records per second or `max`"
+            )),
         }
     }
 }
@@ -150,10 +152,14 @@ impl Validate for GeneratorConfig {
             return Err("--batch-max (GENERATOR_BATCH_MAX): must be at least 1".into());
         }
         if self.max_frame_bytes < 1024 {
-            return Err("--max-frame-bytes (GENERATOR_MAX_FRAME_BYTES): must be at least 1KiB".into());
+            return Err(
+                "--max-frame-bytes (GENERATOR_MAX_FRAME_BYTES): must be at least 1KiB".into(),
+            );
         }
         if self.breaker_failures == 0 {
-            return Err("--breaker-failures (GENERATOR_BREAKER_FAILURES): must be at least 1".into());
+            return Err(
+                "--breaker-failures (GENERATOR_BREAKER_FAILURES): must be at least 1".into(),
+            );
         }
         if self.breaker_open_wait.is_zero() || self.breaker_max_open_wait < self.breaker_open_wait {
             return Err(
@@ -162,7 +168,10 @@ impl Validate for GeneratorConfig {
             );
         }
         if self.ping_interval.is_zero() || self.peer_timeout <= self.ping_interval {
-            return Err("--peer-timeout (GENERATOR_PEER_TIMEOUT): must be longer than --ping-interval".into());
+            return Err(
+                "--peer-timeout (GENERATOR_PEER_TIMEOUT): must be longer than --ping-interval"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -195,6 +204,9 @@ mod tests {
             let code = parse_from::<GeneratorConfig, _, _>(args.clone()).expect_err("bad config");
             assert_eq!(code, std::process::ExitCode::from(2), "{args:?}");
         }
-        assert!(parse_from::<GeneratorConfig, _, _>(["generator", "--rate", "max", "--count", "10"]).is_ok());
+        assert!(
+            parse_from::<GeneratorConfig, _, _>(["generator", "--rate", "max", "--count", "10"])
+                .is_ok()
+        );
     }
 }

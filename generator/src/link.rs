@@ -79,7 +79,11 @@ impl LinkState {
     pub fn component(&self) -> Component {
         let breaker = self.breaker.component();
         let connected = self.is_connected();
-        let status = if connected { breaker.status } else { ComponentStatus::Down };
+        let status = if connected {
+            breaker.status
+        } else {
+            ComponentStatus::Down
+        };
         Component::new(status)
             .with_details(serde_json::json!({ "connected": connected }))
             .with_details(serde_json::Value::Object(breaker.details))
@@ -88,7 +92,12 @@ impl LinkState {
 
 /// Keeps a connection to the filter until `stop` fires, re-sending everything unacked on each
 /// new connection.
-pub async fn supervise(settings: LinkSettings, state: LinkState, window: Arc<Window>, stop: CancellationToken) {
+pub async fn supervise(
+    settings: LinkSettings,
+    state: LinkState,
+    window: Arc<Window>,
+    stop: CancellationToken,
+) {
     let mut backoff = retry::reconnect().build();
     let mut first = true;
     while !stop.is_cancelled() {
@@ -156,16 +165,22 @@ async fn connect(settings: &LinkSettings) -> Result<Ws, String> {
     let attempt = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok((ws, _response))) => Ok(ws),
-        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
-            Err(format!("the filter refused the upgrade: HTTP {}", response.status()))
-        }
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => Err(format!(
+            "the filter refused the upgrade: HTTP {}",
+            response.status()
+        )),
         Ok(Err(err)) => Err(err.to_string()),
         Err(_) => Err(format!("timed out after {CONNECT_TIMEOUT:?}")),
     }
 }
 
 /// Runs one connection: Ok when it ended because `stop` fired or the filter closed it cleanly.
-async fn run_connection(ws: Ws, settings: &LinkSettings, window: &Window, stop: &CancellationToken) -> Result<(), String> {
+async fn run_connection(
+    ws: Ws,
+    settings: &LinkSettings,
+    window: &Window,
+    stop: &CancellationToken,
+) -> Result<(), String> {
     let (mut sink, mut stream) = ws.split();
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.tick().await;
@@ -231,11 +246,23 @@ async fn run_connection(ws: Ws, settings: &LinkSettings, window: &Window, stop: 
 fn handle_answer(text: &str, window: &Window) {
     match serde_json::from_str::<ServerMessage>(text) {
         Ok(ServerMessage::Ack { seqs }) => window.ack(&seqs),
-        Ok(ServerMessage::Nack { seqs, reason, retry_after_ms }) => {
-            tracing::debug!(records = seqs.len(), reason, retry_after_ms, "records nacked; will re-send");
+        Ok(ServerMessage::Nack {
+            seqs,
+            reason,
+            retry_after_ms,
+        }) => {
+            tracing::debug!(
+                records = seqs.len(),
+                reason,
+                retry_after_ms,
+                "records nacked; will re-send"
+            );
             window.nack(&seqs, Duration::from_millis(retry_after_ms));
         }
-        Ok(ServerMessage::Reject { seq: Some(seq), error }) => {
+        Ok(ServerMessage::Reject {
+            seq: Some(seq),
+            error,
+        }) => {
             tracing::error!(seq, error, "the filter rejected a record as invalid");
             window.reject(seq);
         }

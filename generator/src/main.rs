@@ -28,11 +28,17 @@ async fn main() -> ExitCode {
     };
     match app.run_until_stopped(shutdown::on_signals()).await {
         Ok(summary) if summary.counts.rejected > 0 => {
-            tracing::error!(rejected = summary.counts.rejected, "the filter rejected generated records");
+            tracing::error!(
+                rejected = summary.counts.rejected,
+                "the filter rejected generated records"
+            );
             ExitCode::FAILURE
         }
         Ok(summary) if counted && summary.counts.in_flight > 0 => {
-            tracing::error!(unacked = summary.counts.in_flight, "stopped before every record was acked");
+            tracing::error!(
+                unacked = summary.counts.in_flight,
+                "stopped before every record was acked"
+            );
             ExitCode::FAILURE
         }
         Ok(_) => ExitCode::SUCCESS,

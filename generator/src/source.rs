@@ -33,7 +33,13 @@ impl RecordSource {
     /// The next record, timestamped now.
     pub fn next_record(&mut self) -> Record {
         let value = self.rng.u8(0..=100);
-        let record = Record::new(&self.source, self.next_seq, chrono::Utc::now(), value, Some(new_traceparent()));
+        let record = Record::new(
+            &self.source,
+            self.next_seq,
+            chrono::Utc::now(),
+            value,
+            Some(new_traceparent()),
+        );
         self.next_seq += 1;
         record
     }
@@ -41,7 +47,13 @@ impl RecordSource {
 
 /// Makes records into the window at `rate` until `count` are made or `stop` fires. Returns how
 /// many were made.
-pub async fn produce(mut source: RecordSource, rate: Rate, count: Option<u64>, window: Arc<Window>, stop: CancellationToken) -> u64 {
+pub async fn produce(
+    mut source: RecordSource,
+    rate: Rate,
+    count: Option<u64>,
+    window: Arc<Window>,
+    stop: CancellationToken,
+) -> u64 {
     let mut made = 0u64;
     // The schedule restarts after a pause on a full window, so a stall is not followed by a burst.
     let mut epoch = Instant::now();
@@ -90,7 +102,10 @@ mod tests {
             first.iter().map(|r| r.value).collect::<Vec<_>>(),
             second.iter().map(|r| r.value).collect::<Vec<_>>()
         );
-        assert_eq!(first.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
+        assert_eq!(
+            first.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (1..=50).collect::<Vec<_>>()
+        );
         for record in &first {
             assert!(record.value <= 100);
             Record::from_json(&record.to_json()).expect("every generated record is valid");
@@ -102,7 +117,14 @@ mod tests {
         let window = Arc::new(Window::new(1000));
         let stop = CancellationToken::new();
         let started = Instant::now();
-        let made = produce(RecordSource::new("r".into(), Some(1)), Rate::PerSecond(10.0), Some(21), window, stop).await;
+        let made = produce(
+            RecordSource::new("r".into(), Some(1)),
+            Rate::PerSecond(10.0),
+            Some(21),
+            window,
+            stop,
+        )
+        .await;
         assert_eq!(made, 21);
         // 21 records at 10/s: the first at once, the last two seconds later (virtual time).
         assert_eq!(started.elapsed().as_millis(), 2000);

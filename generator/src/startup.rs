@@ -67,7 +67,9 @@ impl Application {
 
     /// The bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_listener.local_addr().expect("bound listener has an address")
+        self.http_listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// The `source` this run's records carry.
@@ -98,7 +100,8 @@ impl Application {
         } = self;
         let metrics = flowmesh_common::metrics::install().context("metrics recorder")?;
         let http_stop = CancellationToken::new();
-        let http = flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
+        let http =
+            flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
 
         let link_stop = CancellationToken::new();
         let settings = LinkSettings {
@@ -110,7 +113,12 @@ impl Application {
             peer_timeout: config.peer_timeout,
         };
         tracing::info!(source = %source, url = %config.filter_url, rate = ?config.rate, count = config.count, "generator started");
-        let supervisor = tokio::spawn(link::supervise(settings, link, window.clone(), link_stop.clone()));
+        let supervisor = tokio::spawn(link::supervise(
+            settings,
+            link,
+            window.clone(),
+            link_stop.clone(),
+        ));
 
         let generated = source::produce(
             RecordSource::new(source.clone(), config.seed),
@@ -125,7 +133,10 @@ impl Application {
             health.set_draining();
             let drained = tokio::time::timeout(config.grace, window.wait_empty()).await;
             if drained.is_err() {
-                tracing::warn!(in_flight = window.counts().in_flight, "records still unacked at the end of the grace period");
+                tracing::warn!(
+                    in_flight = window.counts().in_flight,
+                    "records still unacked at the end of the grace period"
+                );
             }
         } else {
             tracing::info!(generated, "count reached; waiting for every ack");

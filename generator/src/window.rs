@@ -126,7 +126,12 @@ impl Window {
     pub fn take_batch(&self, max_records: usize, max_bytes: usize) -> Batch {
         let mut state = self.lock();
         let now = Instant::now();
-        let State { delayed, queue, records, .. } = &mut *state;
+        let State {
+            delayed,
+            queue,
+            records,
+            ..
+        } = &mut *state;
         delayed.retain(|(at, seq)| {
             if *at > now {
                 return true;
@@ -207,7 +212,12 @@ impl Window {
     /// A new connection: every unacked record is queued again, in seq order.
     pub fn requeue_all(&self) {
         let mut state = self.lock();
-        let State { delayed, queue, records, .. } = &mut *state;
+        let State {
+            delayed,
+            queue,
+            records,
+            ..
+        } = &mut *state;
         delayed.clear();
         queue.clear();
         for (seq, pending) in records.iter_mut() {

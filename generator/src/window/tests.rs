@@ -19,9 +19,19 @@ async fn records_are_sent_in_order_and_forgotten_only_when_acked() {
         window.push(&record(seq)).await;
     }
     assert_eq!(seqs(&window.take_batch(10, 1 << 20)), vec![1, 2, 3]);
-    assert!(window.take_batch(10, 1 << 20).is_empty(), "nothing is sent twice unasked");
+    assert!(
+        window.take_batch(10, 1 << 20).is_empty(),
+        "nothing is sent twice unasked"
+    );
     window.ack(&[1, 3]);
-    assert_eq!(window.counts(), WindowCounts { acked: 2, rejected: 0, in_flight: 1 });
+    assert_eq!(
+        window.counts(),
+        WindowCounts {
+            acked: 2,
+            rejected: 0,
+            in_flight: 1
+        }
+    );
 }
 
 #[tokio::test]
@@ -53,7 +63,14 @@ async fn a_rejected_record_is_forgotten_and_counted() {
     let window = Window::new(10);
     window.push(&record(1)).await;
     window.reject(1);
-    assert_eq!(window.counts(), WindowCounts { acked: 0, rejected: 1, in_flight: 0 });
+    assert_eq!(
+        window.counts(),
+        WindowCounts {
+            acked: 0,
+            rejected: 1,
+            in_flight: 0
+        }
+    );
 }
 
 #[tokio::test]
