@@ -7,7 +7,8 @@ use std::time::Duration;
 use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::topology::Topology;
 use futures_util::{SinkExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -32,34 +33,31 @@ pub async fn amqp_channel() -> (Connection, Channel) {
     (connection, channel)
 }
 
-/// Takes every message currently in `queue` (acking them), waiting up to `within` for at
-/// least `expect` messages to arrive.
-pub async fn drain_queue(
-    channel: &Channel,
-    queue: &str,
-    expect: usize,
-    within: Duration,
-) -> Vec<lapin::message::Delivery> {
+/// Consumes messages from `queue` (acking them) until `expect` have arrived and the queue has
+/// been quiet for a moment, or until `within` has passed. A consumer rather than `basic.get`,
+/// which single-active-consumer quorum queues refuse.
+pub async fn drain_queue(channel: &Channel, queue: &str, expect: usize, within: Duration) -> Vec<lapin::message::Delivery> {
+    let tag = format!("test-drain-{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = channel
+        .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("basic.consume");
     let deadline = tokio::time::Instant::now() + within;
     let mut got = Vec::new();
     loop {
-        let message = channel
-            .basic_get(queue.into(), BasicGetOptions::default())
-            .await
-            .expect("basic.get");
-        match message {
-            Some(message) => {
-                message
-                    .delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .expect("ack");
-                got.push(message.delivery);
+        let quiet = if got.len() >= expect { Duration::from_millis(300) } else { Duration::from_secs(3600) };
+        let wait = deadline.min(tokio::time::Instant::now() + quiet);
+        match tokio::time::timeout_at(wait, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                delivery.ack(BasicAckOptions::default()).await.expect("ack");
+                got.push(delivery);
             }
-            None if got.len() >= expect || tokio::time::Instant::now() >= deadline => return got,
-            None => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(Some(Err(err))) => panic!("consuming {queue}: {err}"),
+            Ok(None) | Err(_) => break,
         }
     }
+    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+    got
 }
 
 /// Polls `condition` every 20 ms until it holds, failing the test after `within`.
