@@ -36,16 +36,30 @@ pub async fn amqp_channel() -> (Connection, Channel) {
 /// Consumes messages from `queue` (acking them) until `expect` have arrived and the queue has
 /// been quiet for a moment, or until `within` has passed. A consumer rather than `basic.get`,
 /// which single-active-consumer quorum queues refuse.
-pub async fn drain_queue(channel: &Channel, queue: &str, expect: usize, within: Duration) -> Vec<lapin::message::Delivery> {
+pub async fn drain_queue(
+    channel: &Channel,
+    queue: &str,
+    expect: usize,
+    within: Duration,
+) -> Vec<lapin::message::Delivery> {
     let tag = format!("test-drain-{}", uuid::Uuid::new_v4().simple());
     let mut consumer = channel
-        .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("basic.consume");
     let deadline = tokio::time::Instant::now() + within;
     let mut got = Vec::new();
     loop {
-        let quiet = if got.len() >= expect { Duration::from_millis(300) } else { Duration::from_secs(3600) };
+        let quiet = if got.len() >= expect {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(3600)
+        };
         let wait = deadline.min(tokio::time::Instant::now() + quiet);
         match tokio::time::timeout_at(wait, consumer.next()).await {
             Ok(Some(Ok(delivery))) => {
@@ -56,7 +70,9 @@ pub async fn drain_queue(channel: &Channel, queue: &str, expect: usize, within: 
             Ok(None) | Err(_) => break,
         }
     }
-    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
     got
 }
 

@@ -6,20 +6,34 @@ use std::time::Duration;
 use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::record::{Record, new_traceparent};
 use flowmesh_common::testkit::Proxy;
-use flowmesh_filter::testing::{RawClient, TestFilter, amqp_channel, amqp_url, drain_queue, eventually};
+use flowmesh_filter::testing::{
+    RawClient, TestFilter, amqp_channel, amqp_url, drain_queue, eventually,
+};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 
 fn record(source: &str, seq: u64, value: u8) -> Record {
-    Record::new(source, seq, chrono::Utc::now(), value, Some(new_traceparent()))
+    Record::new(
+        source,
+        seq,
+        chrono::Utc::now(),
+        value,
+        Some(new_traceparent()),
+    )
 }
 
 /// The arguments SPEC §4 requires, written out by hand rather than taken from `Topology`.
 fn spec_arguments(prefix_dlx: &str, single_active: bool) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(5));
-    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(prefix_dlx.into()));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(prefix_dlx.into()),
+    );
     if single_active {
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     }
@@ -40,14 +54,23 @@ async fn the_queues_of_the_spec_exist_with_their_arguments() {
         // Re-declaring with identical arguments succeeds only if the queue has exactly these.
         let (connection, channel) = amqp_channel().await;
         channel
-            .queue_declare(name.as_str().into(), durable, spec_arguments(&topology.dead_letter_exchange, single))
+            .queue_declare(
+                name.as_str().into(),
+                durable,
+                spec_arguments(&topology.dead_letter_exchange, single),
+            )
             .await
             .unwrap_or_else(|e| panic!("{name} lacks the SPEC arguments: {e}"));
         // And a different delivery limit is refused, so the check above can fail.
         let mut other = spec_arguments(&topology.dead_letter_exchange, single);
         other.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(6));
-        let refused = channel.queue_declare(name.as_str().into(), durable, other).await;
-        assert!(refused.is_err(), "{name}: a mismatching declaration must be refused");
+        let refused = channel
+            .queue_declare(name.as_str().into(), durable, other)
+            .await;
+        assert!(
+            refused.is_err(),
+            "{name}: a mismatching declaration must be refused"
+        );
         let _ = connection.close(200, "ok".into()).await;
     }
     let (connection, channel) = amqp_channel().await;
@@ -56,7 +79,11 @@ async fn the_queues_of_the_spec_exist_with_their_arguments() {
         ..QueueDeclareOptions::default()
     };
     channel
-        .queue_declare(topology.dead_letter_queue.name.as_str().into(), passive, FieldTable::default())
+        .queue_declare(
+            topology.dead_letter_queue.name.as_str().into(),
+            passive,
+            FieldTable::default(),
+        )
         .await
         .expect("the dead-letter queue exists");
     let _ = connection.close(200, "ok".into()).await;
@@ -67,7 +94,9 @@ async fn the_queues_of_the_spec_exist_with_their_arguments() {
 async fn published_messages_carry_the_properties_and_headers_of_the_spec_in_both_queues() {
     let filter = TestFilter::start("properties", |_| {}).await;
     filter.wait_connected().await;
-    let mut client = RawClient::connect(&filter.url(), None).await.expect("connect");
+    let mut client = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("connect");
     let sent = record("props", 1, 97);
     client.send_text(sent.to_json()).await;
     client.expect_acks(&[1]).await;
@@ -80,9 +109,15 @@ async fn published_messages_carry_the_properties_and_headers_of_the_spec_in_both
         let body: Record = serde_json::from_slice(&delivery.data).expect("body is the record");
         assert_eq!(body, sent);
         let props = &delivery.properties;
-        assert_eq!(props.content_type().as_ref().map(|s| s.as_str()), Some("application/json"));
+        assert_eq!(
+            props.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
         assert_eq!(*props.delivery_mode(), Some(2));
-        assert_eq!(props.message_id().as_ref().map(|s| s.as_str()), Some(sent.id.as_str()));
+        assert_eq!(
+            props.message_id().as_ref().map(|s| s.as_str()),
+            Some(sent.id.as_str())
+        );
         let headers = props.headers().as_ref().expect("headers").inner();
         assert_eq!(headers.get("seq"), Some(&AMQPValue::LongLongInt(1)));
         let text = |key: &str| match headers.get(key) {
@@ -97,7 +132,8 @@ async fn published_messages_carry_the_properties_and_headers_of_the_spec_in_both
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_flows_when_it_returns() {
+async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_flows_when_it_returns()
+ {
     let upstream = amqp_url();
     let host = upstream
         .split('@')
@@ -105,24 +141,39 @@ async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_
         .and_then(|rest| rest.split('/').next())
         .unwrap_or("127.0.0.1:5672")
         .to_owned();
-    let upstream_addr = tokio::net::lookup_host(&host).await.expect("resolve").next().expect("address");
+    let upstream_addr = tokio::net::lookup_host(&host)
+        .await
+        .expect("resolve")
+        .next()
+        .expect("address");
     let proxy = Proxy::start(upstream_addr).await.expect("proxy");
     let proxied = upstream.replacen(&host, &proxy.addr().to_string(), 1);
     let filter = TestFilter::start("outage", |c| c.amqp_url = proxied).await;
     filter.wait_connected().await;
-    let mut client = RawClient::connect(&filter.url(), None).await.expect("connect");
+    let mut client = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("connect");
     client.send_text(record("outage", 1, 99).to_json()).await;
     client.expect_acks(&[1]).await;
 
     proxy.cut();
     let broker = filter.broker.clone();
-    eventually("the filter notices the lost connection", Duration::from_secs(30), || !broker.is_connected()).await;
+    eventually(
+        "the filter notices the lost connection",
+        Duration::from_secs(30),
+        || !broker.is_connected(),
+    )
+    .await;
     // Records for the broker are nacked, never acked, while it is away.
     let mut seq = 2;
     let nacked = loop {
         client.send_text(record("outage", seq, 95).to_json()).await;
         match client.next().await {
-            Ok(ServerMessage::Nack { seqs, retry_after_ms, .. }) => {
+            Ok(ServerMessage::Nack {
+                seqs,
+                retry_after_ms,
+                ..
+            }) => {
                 assert_eq!(seqs, vec![seq]);
                 assert!(retry_after_ms > 0);
             }
@@ -139,12 +190,17 @@ async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_
     client.expect_acks(&[100]).await;
 
     proxy.heal();
-    eventually("the filter reconnects", Duration::from_secs(60), || broker.is_connected()).await;
+    eventually("the filter reconnects", Duration::from_secs(60), || {
+        broker.is_connected()
+    })
+    .await;
     // The nacked records, sent again, are now acked (the client's job is to re-send).
     let resend: Vec<Record> = (2..=nacked).map(|s| record("outage", s, 95)).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        client.send_text(serde_json::to_string(&resend).expect("json")).await;
+        client
+            .send_text(serde_json::to_string(&resend).expect("json"))
+            .await;
         match client.next().await {
             Ok(ServerMessage::Ack { seqs }) if seqs.len() == resend.len() => break,
             Ok(ServerMessage::Ack { seqs }) => panic!("partial ack {seqs:?}"),
@@ -161,11 +217,19 @@ async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_
     let got = drain_queue(&channel, queue, resend.len() + 1, Duration::from_secs(10)).await;
     let mut seqs: Vec<u64> = got
         .iter()
-        .map(|d| serde_json::from_slice::<Record>(&d.data).expect("record").seq)
+        .map(|d| {
+            serde_json::from_slice::<Record>(&d.data)
+                .expect("record")
+                .seq
+        })
         .collect();
     seqs.sort_unstable();
     seqs.dedup();
-    assert_eq!(seqs, (1..=nacked).collect::<Vec<_>>(), "every acked record is in the queue");
+    assert_eq!(
+        seqs,
+        (1..=nacked).collect::<Vec<_>>(),
+        "every acked record is in the queue"
+    );
     let _ = connection.close(200, "ok".into()).await;
     filter.finish().await;
 }

@@ -241,6 +241,11 @@ impl Window {
         }
     }
 
+    /// The seqs still waiting for an ack, in order.
+    pub fn unacked(&self) -> Vec<u64> {
+        self.lock().records.keys().copied().collect()
+    }
+
     /// Waits until no record is in flight.
     pub async fn wait_empty(&self) {
         loop {

@@ -50,7 +50,11 @@ fn all_seqs(dir: &Path) -> Vec<u64> {
             fs::read_to_string(path)
                 .expect("read")
                 .lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["seq"].as_u64().expect("seq"))
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).expect("json")["seq"]
+                        .as_u64()
+                        .expect("seq")
+                })
                 .collect::<Vec<_>>()
         })
         .collect()
@@ -60,7 +64,10 @@ fn all_seqs(dir: &Path) -> Vec<u64> {
 async fn an_ack_comes_only_after_the_lines_are_in_the_file_in_both_durability_modes() {
     for durability in [Durability::Flush, Durability::Fsync] {
         let dir = tempfile::tempdir().expect("dir");
-        let (sink, _task) = FileSink::start(config(dir.path(), 1 << 20, Duration::from_secs(3600), durability), breaker());
+        let (sink, _task) = FileSink::start(
+            config(dir.path(), 1 << 20, Duration::from_secs(3600), durability),
+            breaker(),
+        );
         match write(&sink, 1..=3).await {
             Reply::Ack { seqs, destination } => {
                 assert_eq!(seqs, vec![1, 2, 3]);
@@ -76,16 +83,30 @@ async fn an_ack_comes_only_after_the_lines_are_in_the_file_in_both_durability_mo
 #[tokio::test]
 async fn the_file_rotates_by_size_and_no_line_is_lost_or_split() {
     let dir = tempfile::tempdir().expect("dir");
-    let (sink, _task) = FileSink::start(config(dir.path(), 1024, Duration::from_secs(3600), Durability::Flush), breaker());
+    let (sink, _task) = FileSink::start(
+        config(
+            dir.path(),
+            1024,
+            Duration::from_secs(3600),
+            Durability::Flush,
+        ),
+        breaker(),
+    );
     for chunk in 0..20u64 {
         let first = chunk * 10 + 1;
-        assert!(matches!(write(&sink, first..=first + 9).await, Reply::Ack { .. }));
+        assert!(matches!(
+            write(&sink, first..=first + 9).await,
+            Reply::Ack { .. }
+        ));
     }
     let files = sink_files(dir.path(), "records").expect("list");
     assert!(files.len() > 2, "expected rotations, got {files:?}");
     for rotated in &files[..files.len() - 1] {
         let name = rotated.file_name().and_then(|n| n.to_str()).expect("name");
-        assert!(name.starts_with("records.") && name.ends_with("Z.jsonl") || name.contains("Z-"), "{name}");
+        assert!(
+            name.starts_with("records.") && name.ends_with("Z.jsonl") || name.contains("Z-"),
+            "{name}"
+        );
     }
     assert_eq!(all_seqs(dir.path()), (1..=200).collect::<Vec<_>>());
 }
@@ -93,7 +114,15 @@ async fn the_file_rotates_by_size_and_no_line_is_lost_or_split() {
 #[tokio::test]
 async fn an_idle_file_rotates_by_age() {
     let dir = tempfile::tempdir().expect("dir");
-    let (sink, _task) = FileSink::start(config(dir.path(), 1 << 20, Duration::from_millis(200), Durability::Flush), breaker());
+    let (sink, _task) = FileSink::start(
+        config(
+            dir.path(),
+            1 << 20,
+            Duration::from_millis(200),
+            Durability::Flush,
+        ),
+        breaker(),
+    );
     assert!(matches!(write(&sink, 1..=1).await, Reply::Ack { .. }));
     // The idle check runs every second; allow generously for a busy machine.
     let active = dir.path().join("records.jsonl");
@@ -113,21 +142,40 @@ async fn a_file_system_failure_nacks_and_the_sink_recovers_when_it_is_fixed() {
     // A plain file where the directory should be: every open fails (even for root).
     fs::write(&dir, b"in the way").expect("block");
     let breaker = breaker();
-    let (sink, _task) = FileSink::start(config(&dir, 1 << 20, Duration::from_secs(3600), Durability::Fsync), breaker.clone());
+    let (sink, _task) = FileSink::start(
+        config(&dir, 1 << 20, Duration::from_secs(3600), Durability::Fsync),
+        breaker.clone(),
+    );
     match write(&sink, 1..=2).await {
         Reply::Nack { seqs, .. } => assert_eq!(seqs, vec![1, 2]),
         other => panic!("expected a nack, got {other:?}"),
     }
     fs::remove_file(&dir).expect("unblock");
     assert!(matches!(write(&sink, 3..=4).await, Reply::Ack { .. }));
-    assert_eq!(all_seqs(&dir), vec![3, 4], "nothing of the failed commit reached the file");
+    assert_eq!(
+        all_seqs(&dir),
+        vec![3, 4],
+        "nothing of the failed commit reached the file"
+    );
 }
 
 #[tokio::test]
 async fn a_torn_last_line_left_by_a_crash_is_cut_before_appending() {
     let dir = tempfile::tempdir().expect("dir");
-    fs::write(dir.path().join("records.jsonl"), "{\"seq\":1}\n{\"seq\":2}\n{\"se").expect("seed");
-    let (sink, _task) = FileSink::start(config(dir.path(), 1 << 20, Duration::from_secs(3600), Durability::Flush), breaker());
+    fs::write(
+        dir.path().join("records.jsonl"),
+        "{\"seq\":1}\n{\"seq\":2}\n{\"se",
+    )
+    .expect("seed");
+    let (sink, _task) = FileSink::start(
+        config(
+            dir.path(),
+            1 << 20,
+            Duration::from_secs(3600),
+            Durability::Flush,
+        ),
+        breaker(),
+    );
     assert!(matches!(write(&sink, 3..=3).await, Reply::Ack { .. }));
     assert_eq!(all_seqs(dir.path()), vec![1, 2, 3]);
 }
