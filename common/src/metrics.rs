@@ -89,7 +89,7 @@ catalogue! {
     FILTER_DEAD_LETTERED = "flowmesh_filter_dead_lettered_total", Counter, [],
         "Invalid records written to the dead-letter file.";
     FILTER_PUBLISH_SECONDS = "flowmesh_filter_publish_duration_seconds", Histogram, [],
-        "Time from publishing a record to RabbitMQ's confirm.";
+        "Time from publishing a frame's records to RabbitMQ's last confirm.";
     FILTER_PUBLISH_IN_FLIGHT = "flowmesh_filter_publish_in_flight", Gauge, [],
         "Published records awaiting RabbitMQ's confirm.";
     FILTER_FILE_COMMIT_SECONDS = "flowmesh_filter_file_commit_duration_seconds", Histogram, ["file"],

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against real RabbitMQ and PostgreSQL (installed and started when
+# missing): unit, in-process integration and end-to-end tests, then a WebSocket client written
+# in Python that checks the filter's protocol from outside.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+source scripts/deps.sh
+
+export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/flowmesh}
+
+if [ -z "${MONGODB_URL:-}" ]; then
+  echo "[test] MONGODB_URL is not set: the real-MongoDB tests will be SKIPPED (the in-memory store is tested instead)" >&2
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --all-features --no-fail-fast
+else
+  cargo test --workspace --all-features --no-fail-fast
+fi
+
+bash scripts/protocol-check.sh
