@@ -25,8 +25,9 @@ BIN=target/release
 pids=()
 start() {
   local name=$1; shift
-  # Prefix every line with the service name; keep the service's own exit status observable.
-  ( exec "$BIN/$name" "$@" 2>&1 | sed -u "s/^/[$name] /" ) &
+  # Prefix every line with the service name. SIGINT is ignored inside, so Ctrl-C does not kill
+  # the prefixing sed before the services have logged their last lines; they are stopped below.
+  ( trap '' INT; "$BIN/$name" "$@" 2>&1 | sed -u "s/^/[$name] /" ) &
   pids+=($!)
 }
 
@@ -45,8 +46,8 @@ trap stop_all INT TERM
 for service in filter pg-writer mongo-writer; do
   [ -x "$BIN/$service" ] && start "$service"
 done
-# Let the filter bind and connect before records start to flow (the generator would wait anyway).
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && break; sleep 0.2; done
+# Let the filter become ready before records start to flow (the generator would wait anyway).
+for _ in $(seq 100); do "$BIN/filter" --probe-ready >/dev/null 2>&1 && break; sleep 0.2; done
 start generator --rate "${GENERATOR_RATE:-5}"
 
 echo "[run] mesh running: metrics on :9101 (generator) :9102 (filter) :9103 (pg-writer) :9104 (mongo-writer); Ctrl-C stops" >&2

@@ -14,8 +14,9 @@ pub fn on_signals() -> CancellationToken {
     let trigger = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutdown signal received: draining");
+        // Cancel first: nothing (not even a log line to a closed pipe) may stand in its way.
         trigger.cancel();
+        tracing::info!("shutdown signal received: draining");
     });
     token
 }

@@ -90,5 +90,5 @@ for headers, label in [({}, "no token"), ({"Authorization": "Bearer wrong"}, "a 
         check(f"{label} is refused with 401", refused.response.status_code == 401, refused.response.status_code)
 
 passed = len(checks) - len(failures)
-print(f"spec client: {passed} passed, {len(failures)} failed")
+print(f"protocol: {passed} passed, {len(failures)} failed")
 sys.exit(1 if failures else 0)
