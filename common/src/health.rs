@@ -194,3 +194,61 @@ mod tests {
         assert_eq!(json["components"]["db"]["details"]["state"], "closed");
     }
 }
+
+/// A dependency's reachability, refreshed in the background so health answers instantly.
+#[derive(Debug, Clone, Default)]
+pub struct Reachability {
+    up: Arc<AtomicBool>,
+    checked: Arc<AtomicBool>,
+}
+
+impl Reachability {
+    /// Starts checking with `check` every `every` until `stop` fires.
+    pub fn spawn<F, Fut>(
+        every: std::time::Duration,
+        stop: tokio_util::sync::CancellationToken,
+        check: F,
+    ) -> Self
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = bool> + Send,
+    {
+        let this = Self::default();
+        let state = this.clone();
+        tokio::spawn(async move {
+            loop {
+                let up =
+                    tokio::time::timeout(every.max(std::time::Duration::from_secs(1)), check())
+                        .await
+                        .unwrap_or(false);
+                state.up.store(up, Ordering::SeqCst);
+                state.checked.store(true, Ordering::SeqCst);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        });
+        this
+    }
+
+    /// True when the last check succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Combines this reachability with a breaker into one component: DOWN if unreachable (once
+    /// checked) or the breaker is open.
+    pub fn with_breaker(&self, breaker: &crate::breaker::Breaker) -> Component {
+        let mut component = breaker.component();
+        let checked = self.checked.load(Ordering::SeqCst);
+        let reachable = self.is_up();
+        component
+            .details
+            .insert("reachable".into(), Value::Bool(reachable));
+        if !reachable && (checked || component.status == ComponentStatus::Up) {
+            component.status = ComponentStatus::Down;
+        }
+        component
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod breaker;
 pub mod config;
+pub mod consumer;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -98,6 +98,17 @@ catalogue! {
         "Records per group commit of a file sink.";
     FILTER_FILE_ROTATIONS = "flowmesh_filter_file_rotations_total", Counter, ["file", "reason"],
         "File rotations, by reason (size, age).";
+
+    WRITER_RECORDS = "flowmesh_writer_records_total", Counter, ["writer", "outcome"],
+        "Records a writer handled, by outcome (stored, duplicate, dead_lettered).";
+    WRITER_BATCH_RECORDS = "flowmesh_writer_batch_records", Histogram, ["writer"],
+        "Records per stored batch.";
+    WRITER_STORE_SECONDS = "flowmesh_writer_store_duration_seconds", Histogram, ["writer"],
+        "Time to store one batch in the database (successful attempts).";
+    WRITER_STORE_FAILURES = "flowmesh_writer_store_failures_total", Counter, ["writer"],
+        "Failed attempts to store a batch (each is retried).";
+    WRITER_END_TO_END_SECONDS = "flowmesh_writer_end_to_end_latency_seconds", Histogram, ["writer"],
+        "From a record's timestamp to its commit in the writer's database.";
 }
 
 /// Seconds buckets, 100 µs to 10 s.
@@ -109,29 +120,23 @@ pub const COUNT_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
 ];
 
-static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+static HANDLE: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 ///
 /// Services in one test process share it, which is why this is idempotent.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
-    if let Some(handle) = HANDLE.get() {
+    let mut slot = HANDLE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(handle) = slot.as_ref() {
         return Ok(handle.clone());
     }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_records".into()), COUNT_BUCKETS)?
-        .install_recorder();
-    match handle {
-        Ok(handle) => {
-            let _ = HANDLE.set(handle.clone());
-            describe();
-            Ok(handle)
-        }
-        // Another thread won the race: use its recorder.
-        Err(_) if HANDLE.get().is_some() => Ok(HANDLE.get().cloned().expect("checked")),
-        Err(err) => Err(err),
-    }
+        .install_recorder()?;
+    *slot = Some(handle.clone());
+    describe();
+    Ok(handle)
 }
 
 fn describe() {
