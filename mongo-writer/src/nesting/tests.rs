@@ -1,0 +1,110 @@
+//! The planner on hand-picked streams: the edges of the rule.
+
+use super::*;
+
+pub(crate) fn rec(seq: u64, hash: &str) -> Record {
+    Record {
+        id: format!("00000000-0000-7000-8000-{seq:012x}"),
+        source: "t".into(),
+        seq,
+        timestamp: "2026-11-22T04:00:00.000Z".into(),
+        value: 95,
+        hash: hash.into(),
+        traceparent: None,
+    }
+}
+
+fn shapes(ops: &[Op]) -> Vec<(bool, Vec<u64>)> {
+    ops.iter()
+        .map(|op| match op {
+            Op::Insert(doc) => (doc.nested, doc.records.iter().map(|r| r.seq).collect()),
+            Op::Append { records, .. } => (true, records.iter().map(|r| r.seq).collect()),
+        })
+        .collect()
+}
+
+#[test]
+fn the_comparison_is_a_plain_string_comparison_with_99() {
+    for low in ["00", "09", "90", "99", "5f"] {
+        assert!(!nests(low), "{low}");
+    }
+    for high in ["9a", "9f", "a0", "ff"] {
+        assert!(nests(high), "{high}");
+    }
+}
+
+#[test]
+fn low_hashes_each_get_their_own_plain_document() {
+    let (ops, open) = plan(None, &[rec(1, "00"), rec(2, "99")], 100, Utc::now());
+    assert_eq!(shapes(&ops), vec![(false, vec![1]), (false, vec![2])]);
+    assert_eq!(open.map(|g| (g.nested, g.count)), Some((false, 1)));
+}
+
+#[test]
+fn consecutive_high_hashes_share_one_nested_document() {
+    let records = [
+        rec(1, "00"),
+        rec(2, "9a"),
+        rec(3, "ff"),
+        rec(4, "a0"),
+        rec(5, "10"),
+        rec(6, "fe"),
+    ];
+    let (ops, _) = plan(None, &records, 100, Utc::now());
+    assert_eq!(
+        shapes(&ops),
+        vec![
+            (false, vec![1]),
+            (true, vec![2, 3, 4]),
+            (false, vec![5]),
+            (true, vec![6])
+        ]
+    );
+}
+
+#[test]
+fn a_full_group_closes_and_the_next_high_hash_starts_a_new_one() {
+    let records: Vec<Record> = (1..=5).map(|s| rec(s, "ab")).collect();
+    let (ops, open) = plan(None, &records, 2, Utc::now());
+    assert_eq!(
+        shapes(&ops),
+        vec![(true, vec![1, 2]), (true, vec![3, 4]), (true, vec![5])]
+    );
+    assert_eq!(open.map(|g| g.count), Some(1));
+}
+
+#[test]
+fn a_batch_continues_the_open_group_of_the_previous_one() {
+    let open = Some(OpenGroup {
+        id: "g".into(),
+        nested: true,
+        count: 1,
+        updated_at: Utc::now(),
+    });
+    let (ops, open) = plan(open, &[rec(7, "cc"), rec(8, "dd")], 3, Utc::now());
+    assert!(
+        matches!(&ops[..], [Op::Append { id, records, .. }] if id == "g" && records.len() == 2)
+    );
+    assert_eq!(open.map(|g| g.count), Some(3));
+}
+
+#[test]
+fn a_high_hash_after_an_open_plain_group_starts_a_nested_one() {
+    let open = Some(OpenGroup {
+        id: "p".into(),
+        nested: false,
+        count: 1,
+        updated_at: Utc::now(),
+    });
+    let (ops, _) = plan(open, &[rec(9, "ee")], 100, Utc::now());
+    assert_eq!(shapes(&ops), vec![(true, vec![9])]);
+}
+
+#[test]
+fn a_group_is_named_after_its_first_record() {
+    let (ops, _) = plan(None, &[rec(3, "fa"), rec(4, "fb")], 100, Utc::now());
+    match &ops[0] {
+        Op::Insert(doc) => assert_eq!(doc.id, rec(3, "fa").id),
+        other => panic!("{other:?}"),
+    }
+}
