@@ -1,0 +1,153 @@
+//! `verify`: proves, for one run, that every record of a `source` is stored exactly once and in
+//! the right place — value ≤ 90 in the file sink only, value > 90 in PostgreSQL and MongoDB only —
+//! with matching hashes and MongoDB groups that follow the nesting rule.
+
+pub mod reconcile;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use flowmesh_common::config::Validate;
+use flowmesh_common::record::{Record, format_timestamp};
+use futures_util::TryStreamExt;
+use mongodb::bson::doc;
+use sqlx::Row;
+
+pub use reconcile::{Observed, Report, reconcile};
+
+/// flowmesh verify: reconciles the file sink, PostgreSQL and MongoDB for one source and exits 0
+/// only when every record is stored exactly once in the right place.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "verify", version, about, long_about = None)]
+pub struct VerifyConfig {
+    /// The `source` to check (the generator's `--source`).
+    #[arg(long, env = "VERIFY_SOURCE")]
+    pub source: String,
+
+    /// How many records the source generated (seqs 1..=N); default: the highest seq found.
+    #[arg(long, env = "VERIFY_EXPECTED")]
+    pub expected: Option<u64>,
+
+    /// The filter's data directory (holding `records*.jsonl`).
+    #[arg(long, env = "FILTER_DATA_DIR", default_value = "var/filter")]
+    pub data_dir: PathBuf,
+
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres:postgres@127.0.0.1:5432/flowmesh", hide_env_values = true)]
+    pub database_url: String,
+
+    /// MongoDB URL; when absent MongoDB is skipped (and the report says so).
+    #[arg(long, env = "MONGODB_URL", hide_env_values = true)]
+    pub mongodb_url: Option<String>,
+
+    /// MongoDB database.
+    #[arg(long, env = "MONGODB_DATABASE", default_value = "flowmesh")]
+    pub mongodb_database: String,
+
+    /// MongoDB collection.
+    #[arg(long, env = "MONGODB_COLLECTION", default_value = "records")]
+    pub mongodb_collection: String,
+
+    /// The writer's `max_nest`, for the group checks.
+    #[arg(long, env = "MONGO_WRITER_MAX_NEST", default_value_t = 100)]
+    pub max_nest: usize,
+}
+
+impl Validate for VerifyConfig {
+    fn validate(&self) -> Result<(), String> {
+        flowmesh_common::record::validate_source(&self.source).map_err(|e| format!("--source (VERIFY_SOURCE): {e}"))?;
+        if self.max_nest == 0 {
+            return Err("--max-nest (MONGO_WRITER_MAX_NEST): must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Reads what every store holds for the source.
+pub async fn observe(config: &VerifyConfig) -> anyhow::Result<Observed> {
+    let file = read_file_sink(config)?;
+    let postgres = read_postgres(config).await?;
+    let mongo = match config.mongodb_url.as_deref().filter(|u| !u.is_empty()) {
+        Some(url) => Some(read_mongo(config, url).await?),
+        None => None,
+    };
+    Ok(Observed { file, postgres, mongo })
+}
+
+fn read_file_sink(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
+    let mut records = Vec::new();
+    let files = match flowmesh_filter::file_sink::sink_files(&config.data_dir, "records") {
+        Ok(files) => files,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(err) => return Err(err).with_context(|| format!("listing {}", config.data_dir.display())),
+    };
+    for path in files {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            // A line that is not a record is reported, not skipped.
+            let record: Record = serde_json::from_str(line)
+                .with_context(|| format!("{} line {} is not a record", path.display(), n + 1))?;
+            if record.source == config.source {
+                records.push(record);
+            }
+        }
+    }
+    Ok(records)
+}
+
+async fn read_postgres(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
+    let pool = sqlx::PgPool::connect(&config.database_url).await.context("connecting to PostgreSQL")?;
+    let rows = sqlx::query("select id::text as id, seq, ts, value, hash from records where source = $1")
+        .bind(&config.source)
+        .fetch_all(&pool)
+        .await;
+    pool.close().await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        // No table yet: nothing was ever written.
+        Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P01") => Vec::new(),
+        Err(err) => return Err(err).context("reading the records table"),
+    };
+    rows.iter()
+        .map(|row| {
+            let ts: chrono::DateTime<chrono::Utc> = row.try_get("ts")?;
+            let value: i16 = row.try_get("value")?;
+            let seq: i64 = row.try_get("seq")?;
+            let timestamp = format_timestamp(ts);
+            let value = u8::try_from(value).unwrap_or(u8::MAX);
+            let hash: String = row.try_get("hash")?;
+            Ok(Record {
+                id: row.try_get("id")?,
+                source: config.source.clone(),
+                seq: u64::try_from(seq).unwrap_or_default(),
+                timestamp,
+                value,
+                hash,
+                traceparent: None,
+            })
+        })
+        .collect()
+}
+
+async fn read_mongo(config: &VerifyConfig, url: &str) -> anyhow::Result<Vec<(flowmesh_mongo_writer::nesting::GroupDoc, i64)>> {
+    let client = flowmesh_mongo_writer::mongo::client(url).await?;
+    let collection = client
+        .database(&config.mongodb_database)
+        .collection::<mongodb::bson::Document>(&config.mongodb_collection);
+    let mut cursor = collection
+        .find(doc! {"records.source": &config.source})
+        .await
+        .context("reading MongoDB groups")?;
+    let mut groups = Vec::new();
+    while let Some(doc) = cursor.try_next().await.context("reading MongoDB groups")? {
+        groups.push(flowmesh_mongo_writer::mongo::from_document(&doc)?);
+    }
+    Ok(groups)
+}
+
+/// Runs a whole verification: observe, reconcile, and the report.
+pub async fn verify(config: &VerifyConfig) -> anyhow::Result<Report> {
+    let observed = observe(config).await?;
+    Ok(reconcile(&config.source, config.expected, &observed, config.max_nest))
+}
