@@ -7,3 +7,6 @@ pub mod store;
 
 pub use config::PgWriterConfig;
 pub use startup::Application;
+
+#[cfg(feature = "testkit")]
+pub mod testing;

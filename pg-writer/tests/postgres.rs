@@ -8,57 +8,13 @@ use flowmesh_common::record::{Record, new_traceparent};
 use flowmesh_common::testkit::{Proxy, unique_prefix};
 use flowmesh_common::topology::{Topology, record_properties};
 use flowmesh_filter::testing::{amqp_channel, amqp_url, drain_queue, eventually};
+use flowmesh_pg_writer::testing::{TestDb, base_url};
 use flowmesh_pg_writer::{Application, PgWriterConfig};
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
-
-fn base_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/flowmesh".into())
-}
-
-fn with_database(url: &str, database: &str) -> String {
-    let (server, _) = url.rsplit_once('/').expect("URL has a database");
-    format!("{server}/{database}")
-}
-
-/// A database created for one test and dropped after it.
-struct TestDb {
-    name: String,
-    url: String,
-    admin: PgPool,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        let admin = PgPool::connect(&with_database(&base_url(), "postgres"))
-            .await
-            .expect("PostgreSQL reachable");
-        let name = format!("flowmesh_test_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(&format!("create database {name}"))
-            .execute(&admin)
-            .await
-            .expect("create database");
-        let url = with_database(&base_url(), &name);
-        Self { name, url, admin }
-    }
-
-    async fn pool(&self) -> PgPool {
-        PgPool::connect(&self.url).await.expect("test database")
-    }
-
-    async fn drop(self) {
-        let _ = sqlx::query(&format!(
-            "drop database if exists {} with (force)",
-            self.name
-        ))
-        .execute(&self.admin)
-        .await;
-    }
-}
 
 struct Running {
     shutdown: CancellationToken,

@@ -34,7 +34,12 @@ pub struct VerifyConfig {
     pub data_dir: PathBuf,
 
     /// PostgreSQL URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres:postgres@127.0.0.1:5432/flowmesh", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/flowmesh",
+        hide_env_values = true
+    )]
     pub database_url: String,
 
     /// MongoDB URL; when absent MongoDB is skipped (and the report says so).
@@ -56,7 +61,8 @@ pub struct VerifyConfig {
 
 impl Validate for VerifyConfig {
     fn validate(&self) -> Result<(), String> {
-        flowmesh_common::record::validate_source(&self.source).map_err(|e| format!("--source (VERIFY_SOURCE): {e}"))?;
+        flowmesh_common::record::validate_source(&self.source)
+            .map_err(|e| format!("--source (VERIFY_SOURCE): {e}"))?;
         if self.max_nest == 0 {
             return Err("--max-nest (MONGO_WRITER_MAX_NEST): must be at least 1".into());
         }
@@ -72,7 +78,11 @@ pub async fn observe(config: &VerifyConfig) -> anyhow::Result<Observed> {
         Some(url) => Some(read_mongo(config, url).await?),
         None => None,
     };
-    Ok(Observed { file, postgres, mongo })
+    Ok(Observed {
+        file,
+        postgres,
+        mongo,
+    })
 }
 
 fn read_file_sink(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
@@ -80,10 +90,13 @@ fn read_file_sink(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
     let files = match flowmesh_filter::file_sink::sink_files(&config.data_dir, "records") {
         Ok(files) => files,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(err) => return Err(err).with_context(|| format!("listing {}", config.data_dir.display())),
+        Err(err) => {
+            return Err(err).with_context(|| format!("listing {}", config.data_dir.display()));
+        }
     };
     for path in files {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         for (n, line) in text.lines().enumerate() {
             // A line that is not a record is reported, not skipped.
             let record: Record = serde_json::from_str(line)
@@ -97,11 +110,14 @@ fn read_file_sink(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
 }
 
 async fn read_postgres(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
-    let pool = sqlx::PgPool::connect(&config.database_url).await.context("connecting to PostgreSQL")?;
-    let rows = sqlx::query("select id::text as id, seq, ts, value, hash from records where source = $1")
-        .bind(&config.source)
-        .fetch_all(&pool)
-        .await;
+    let pool = sqlx::PgPool::connect(&config.database_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let rows =
+        sqlx::query("select id::text as id, seq, ts, value, hash from records where source = $1")
+            .bind(&config.source)
+            .fetch_all(&pool)
+            .await;
     pool.close().await;
     let rows = match rows {
         Ok(rows) => rows,
@@ -130,7 +146,10 @@ async fn read_postgres(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
         .collect()
 }
 
-async fn read_mongo(config: &VerifyConfig, url: &str) -> anyhow::Result<Vec<(flowmesh_mongo_writer::nesting::GroupDoc, i64)>> {
+async fn read_mongo(
+    config: &VerifyConfig,
+    url: &str,
+) -> anyhow::Result<Vec<(flowmesh_mongo_writer::nesting::GroupDoc, i64)>> {
     let client = flowmesh_mongo_writer::mongo::client(url).await?;
     let collection = client
         .database(&config.mongodb_database)
@@ -149,5 +168,10 @@ async fn read_mongo(config: &VerifyConfig, url: &str) -> anyhow::Result<Vec<(flo
 /// Runs a whole verification: observe, reconcile, and the report.
 pub async fn verify(config: &VerifyConfig) -> anyhow::Result<Report> {
     let observed = observe(config).await?;
-    Ok(reconcile(&config.source, config.expected, &observed, config.max_nest))
+    Ok(reconcile(
+        &config.source,
+        config.expected,
+        &observed,
+        config.max_nest,
+    ))
 }

@@ -14,7 +14,11 @@ async fn main() -> ExitCode {
     match verify(&config).await {
         Ok(report) => {
             print!("{}", report.render());
-            if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(err) => {
             eprintln!("error: {err:#}");

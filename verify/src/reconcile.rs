@@ -37,7 +37,10 @@ pub struct StoreFindings {
 
 impl StoreFindings {
     fn is_clean(&self) -> bool {
-        self.missing.is_empty() && self.duplicated.is_empty() && self.wrong_place.is_empty() && self.bad_hash.is_empty()
+        self.missing.is_empty()
+            && self.duplicated.is_empty()
+            && self.wrong_place.is_empty()
+            && self.bad_hash.is_empty()
     }
 }
 
@@ -73,8 +76,16 @@ impl Report {
     /// A readable summary table, with the seqs at fault (the first 20 of each kind).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "verify: source {} — seqs 1..={}", self.source, self.expected);
-        let _ = writeln!(out, "{:<12} {:>9} {:>9} {:>11} {:>12} {:>9}", "store", "records", "missing", "duplicated", "wrong place", "bad hash");
+        let _ = writeln!(
+            out,
+            "verify: source {} — seqs 1..={}",
+            self.source, self.expected
+        );
+        let _ = writeln!(
+            out,
+            "{:<12} {:>9} {:>9} {:>11} {:>12} {:>9}",
+            "store", "records", "missing", "duplicated", "wrong place", "bad hash"
+        );
         let row = |out: &mut String, name: &str, f: &StoreFindings| {
             let _ = writeln!(
                 out,
@@ -92,19 +103,31 @@ impl Report {
         match &self.mongo {
             Some(mongo) => row(&mut out, "mongodb", mongo),
             None => {
-                let _ = writeln!(out, "{:<12} skipped: no MongoDB configured (set MONGODB_URL)", "mongodb");
+                let _ = writeln!(
+                    out,
+                    "{:<12} skipped: no MongoDB configured (set MONGODB_URL)",
+                    "mongodb"
+                );
             }
         }
         let mut details = Vec::new();
         let mut list = |what: String, seqs: &BTreeSet<u64>| {
             if !seqs.is_empty() {
                 let shown: Vec<String> = seqs.iter().take(20).map(u64::to_string).collect();
-                let more = if seqs.len() > 20 { format!(" … ({} in all)", seqs.len()) } else { String::new() };
+                let more = if seqs.len() > 20 {
+                    format!(" … ({} in all)", seqs.len())
+                } else {
+                    String::new()
+                };
                 details.push(format!("  {what}: {}{more}", shown.join(", ")));
             }
         };
         list("lost everywhere".into(), &self.lost);
-        for (name, f) in [("file", Some(&self.file)), ("postgresql", Some(&self.postgres)), ("mongodb", self.mongo.as_ref())] {
+        for (name, f) in [
+            ("file", Some(&self.file)),
+            ("postgresql", Some(&self.postgres)),
+            ("mongodb", self.mongo.as_ref()),
+        ] {
             if let Some(f) = f {
                 list(format!("{name} missing"), &f.missing);
                 list(format!("{name} duplicated"), &f.duplicated);
@@ -118,12 +141,24 @@ impl Report {
         for line in details {
             let _ = writeln!(out, "{line}");
         }
-        let _ = writeln!(out, "{}", if self.is_ok() { "OK: every record is stored exactly once, in the right place" } else { "FAILED: the stores do not reconcile" });
+        let _ = writeln!(
+            out,
+            "{}",
+            if self.is_ok() {
+                "OK: every record is stored exactly once, in the right place"
+            } else {
+                "FAILED: the stores do not reconcile"
+            }
+        );
         out
     }
 }
 
-fn findings(records: &[&Record], belongs: impl Fn(&Record) -> bool, expected_here: &BTreeSet<u64>) -> StoreFindings {
+fn findings(
+    records: &[&Record],
+    belongs: impl Fn(&Record) -> bool,
+    expected_here: &BTreeSet<u64>,
+) -> StoreFindings {
     let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
     let mut f = StoreFindings {
         records: records.len(),
@@ -138,17 +173,33 @@ fn findings(records: &[&Record], belongs: impl Fn(&Record) -> bool, expected_her
             f.bad_hash.insert(record.seq);
         }
     }
-    f.duplicated = counts.iter().filter(|(_, n)| **n > 1).map(|(s, _)| *s).collect();
-    f.missing = expected_here.iter().filter(|s| !counts.contains_key(s)).copied().collect();
+    f.duplicated = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(s, _)| *s)
+        .collect();
+    f.missing = expected_here
+        .iter()
+        .filter(|s| !counts.contains_key(s))
+        .copied()
+        .collect();
     f
 }
 
 /// Reconciles what was observed for `source`. `expected` defaults to the highest seq seen.
-pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, max_nest: usize) -> Report {
-    let mongo_records: Option<Vec<&Record>> = observed
-        .mongo
-        .as_ref()
-        .map(|groups| groups.iter().flat_map(|(g, _)| g.records.iter()).filter(|r| r.source == source).collect());
+pub fn reconcile(
+    source: &str,
+    expected: Option<u64>,
+    observed: &Observed,
+    max_nest: usize,
+) -> Report {
+    let mongo_records: Option<Vec<&Record>> = observed.mongo.as_ref().map(|groups| {
+        groups
+            .iter()
+            .flat_map(|(g, _)| g.records.iter())
+            .filter(|r| r.source == source)
+            .collect()
+    });
     let all = observed
         .file
         .iter()
@@ -160,9 +211,19 @@ pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, max_n
         value_of.entry(record.seq).or_insert(record.value);
     }
     let expected = expected.unwrap_or_else(|| value_of.keys().next_back().copied().unwrap_or(0));
-    let lost: BTreeSet<u64> = (1..=expected).filter(|s| !value_of.contains_key(s)).collect();
-    let to_broker: BTreeSet<u64> = value_of.iter().filter(|(_, v)| **v > 90).map(|(s, _)| *s).collect();
-    let to_file: BTreeSet<u64> = value_of.iter().filter(|(_, v)| **v <= 90).map(|(s, _)| *s).collect();
+    let lost: BTreeSet<u64> = (1..=expected)
+        .filter(|s| !value_of.contains_key(s))
+        .collect();
+    let to_broker: BTreeSet<u64> = value_of
+        .iter()
+        .filter(|(_, v)| **v > 90)
+        .map(|(s, _)| *s)
+        .collect();
+    let to_file: BTreeSet<u64> = value_of
+        .iter()
+        .filter(|(_, v)| **v <= 90)
+        .map(|(s, _)| *s)
+        .collect();
 
     let file: Vec<&Record> = observed.file.iter().collect();
     let postgres: Vec<&Record> = observed.postgres.iter().collect();
@@ -191,17 +252,26 @@ pub fn group_problem(group: &GroupDoc, count: i64, max_nest: usize) -> Option<St
         return Some("holds no records".into());
     };
     if count != group.records.len() as i64 {
-        return Some(format!("count is {count} but it holds {} records", group.records.len()));
+        return Some(format!(
+            "count is {count} but it holds {} records",
+            group.records.len()
+        ));
     }
     if group.id != first.id {
         return Some("its _id is not the id of its first record".into());
     }
     if group.nested {
         if let Some(r) = group.records.iter().find(|r| !nests(&r.hash)) {
-            return Some(format!("nested, but seq {} has hash {:?} <= \"99\"", r.seq, r.hash));
+            return Some(format!(
+                "nested, but seq {} has hash {:?} <= \"99\"",
+                r.seq, r.hash
+            ));
         }
         if group.records.len() > max_nest {
-            return Some(format!("holds {} records, more than max_nest {max_nest}", group.records.len()));
+            return Some(format!(
+                "holds {} records, more than max_nest {max_nest}",
+                group.records.len()
+            ));
         }
         let mut ids = BTreeSet::new();
         if let Some(r) = group.records.iter().find(|r| !ids.insert(&r.id)) {

@@ -9,7 +9,9 @@ fn rec(seq: u64, value: u8) -> Record {
 }
 
 fn clean(n: u64) -> Observed {
-    let records: Vec<Record> = (1..=n).map(|s| rec(s, if s % 7 == 0 { 95 } else { 40 })).collect();
+    let records: Vec<Record> = (1..=n)
+        .map(|s| rec(s, if s % 7 == 0 { 95 } else { 40 }))
+        .collect();
     Observed {
         file: records.iter().filter(|r| r.value <= 90).cloned().collect(),
         postgres: records.iter().filter(|r| r.value > 90).cloned().collect(),
@@ -31,7 +33,11 @@ fn a_deleted_row_is_named() {
     let report = reconcile("v", Some(50), &observed, 100);
     assert!(!report.is_ok());
     assert_eq!(report.lost, BTreeSet::from([14]));
-    assert!(report.render().contains("lost everywhere: 14"), "{}", report.render());
+    assert!(
+        report.render().contains("lost everywhere: 14"),
+        "{}",
+        report.render()
+    );
 }
 
 #[test]

@@ -1,0 +1,233 @@
+//! The four services end to end against the real RabbitMQ and PostgreSQL (mongo-writer on its
+//! in-memory store, whose groups are checked by the same rules), then `verify`.
+
+use std::time::Duration;
+
+use clap::Parser;
+use flowmesh_filter::testing::TestFilter;
+use flowmesh_generator::config::Rate;
+use flowmesh_generator::{Application as Generator, GeneratorConfig};
+use flowmesh_mongo_writer::config::StoreKind;
+use flowmesh_mongo_writer::store::MemoryStore;
+use flowmesh_mongo_writer::{Application as MongoWriter, MongoWriterConfig};
+use flowmesh_pg_writer::testing::TestDb;
+use flowmesh_pg_writer::{Application as PgWriter, PgWriterConfig};
+use flowmesh_verify::{VerifyConfig, observe, reconcile};
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+
+struct Service {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("stops in time")
+            .expect("task")
+            .expect("clean stop");
+    }
+}
+
+async fn pg_writer(db: &TestDb, prefix: &str) -> Service {
+    let app = PgWriter::build(PgWriterConfig::for_tests(&db.url, prefix))
+        .await
+        .expect("pg-writer builds");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+    Service { stop, task }
+}
+
+async fn mongo_writer(prefix: &str, memory: &MemoryStore) -> Service {
+    let mut config = MongoWriterConfig::for_tests(prefix);
+    config.store = StoreKind::Memory;
+    let app = MongoWriter::build(config)
+        .await
+        .expect("mongo-writer builds")
+        .with_memory_store(memory.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+    Service { stop, task }
+}
+
+async fn generate(filter: &TestFilter, source: &str, count: u64) {
+    let mut config = GeneratorConfig::for_tests(&filter.url());
+    config.source = Some(source.to_owned());
+    config.rate = Rate::Max;
+    config.count = Some(count);
+    let app = Generator::build(config).await.expect("generator builds");
+    let summary = tokio::time::timeout(
+        Duration::from_secs(180),
+        app.run_until_stopped(CancellationToken::new()),
+    )
+    .await
+    .expect("generator finishes")
+    .expect("generator ran");
+    assert_eq!(summary.counts.acked, count);
+}
+
+async fn pg_rows(db: &TestDb) -> usize {
+    let pool = db.pool().await;
+    let count: i64 = match sqlx::query("select count(*) from records")
+        .fetch_one(&pool)
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(_) => 0,
+    };
+    pool.close().await;
+    count as usize
+}
+
+fn mongo_records(memory: &MemoryStore) -> usize {
+    memory.groups().iter().map(|g| g.records.len()).sum()
+}
+
+fn verify_config(filter: &TestFilter, db: &TestDb, source: &str, expected: u64) -> VerifyConfig {
+    let mut config = VerifyConfig::parse_from(["verify", "--source", source]);
+    config.expected = Some(expected);
+    config.data_dir = filter.dir.path().to_path_buf();
+    config.database_url = db.url.clone();
+    config.mongodb_url = None;
+    config
+}
+
+/// Waits until both writers hold every broker-bound record, then reconciles all stores.
+async fn settle_and_verify(
+    filter: &TestFilter,
+    db: &TestDb,
+    memory: &MemoryStore,
+    source: &str,
+    count: u64,
+) -> flowmesh_verify::Report {
+    let to_broker = count as usize - filter.file_records().len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while pg_rows(db).await < to_broker || mongo_records(memory) < to_broker {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writers did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let config = verify_config(filter, db, source, count);
+    let mut observed = observe(&config).await.expect("stores readable");
+    observed.mongo = Some(
+        memory
+            .groups()
+            .into_iter()
+            .map(|g| {
+                let n = g.records.len() as i64;
+                (g, n)
+            })
+            .collect(),
+    );
+    reconcile(source, Some(count), &observed, 100)
+}
+
+fn prefix_of(filter: &TestFilter) -> String {
+    filter
+        .topology
+        .exchange
+        .trim_end_matches(".records")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twenty_thousand_record_run_verifies_and_verify_names_a_deleted_row_and_line() {
+    let db = TestDb::create().await;
+    let filter = TestFilter::start("verify-e2e", |_| {}).await;
+    let prefix = prefix_of(&filter);
+    let memory = MemoryStore::new();
+    let pg = pg_writer(&db, &prefix).await;
+    let mongo = mongo_writer(&prefix, &memory).await;
+    generate(&filter, "e2e-20k", 20_000).await;
+    let report = settle_and_verify(&filter, &db, &memory, "e2e-20k", 20_000).await;
+    assert!(report.is_ok(), "{}", report.render());
+    assert_eq!(report.file.records + report.postgres.records, 20_000);
+    assert_eq!(
+        report.mongo.as_ref().map(|m| m.records),
+        Some(report.postgres.records)
+    );
+
+    // Delete one row from PostgreSQL: verify fails and names its seq.
+    let pool = db.pool().await;
+    let seq: i64 =
+        sqlx::query("delete from records where seq = (select min(seq) from records) returning seq")
+            .fetch_one(&pool)
+            .await
+            .expect("delete")
+            .get(0);
+    pool.close().await;
+    let config = verify_config(&filter, &db, "e2e-20k", 20_000);
+    let report = flowmesh_verify::verify(&config).await.expect("verify runs");
+    assert!(!report.is_ok());
+    assert!(report.postgres.missing.contains(&(seq as u64)) || report.lost.contains(&(seq as u64)));
+    assert!(
+        report.render().contains(&seq.to_string()),
+        "{}",
+        report.render()
+    );
+
+    // Delete one line from the file: verify names that seq too.
+    let path = filter.dir.path().join("records.jsonl");
+    let text = std::fs::read_to_string(&path).expect("file");
+    let mut lines: Vec<&str> = text.lines().collect();
+    let removed: serde_json::Value = serde_json::from_str(lines.remove(10)).expect("json");
+    std::fs::write(&path, lines.join("\n") + "\n").expect("rewrite");
+    let report = flowmesh_verify::verify(&config).await.expect("verify runs");
+    let removed_seq = removed["seq"].as_u64().expect("seq");
+    assert!(report.lost.contains(&removed_seq), "{}", report.render());
+
+    mongo.stop().await;
+    pg.stop().await;
+    filter.finish().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pg_writer_restarted_in_the_middle_of_a_run_still_verifies() {
+    let db = TestDb::create().await;
+    let filter = TestFilter::start("verify-restart", |_| {}).await;
+    let prefix = prefix_of(&filter);
+    let memory = MemoryStore::new();
+    let pg = pg_writer(&db, &prefix).await;
+    let mongo = mongo_writer(&prefix, &memory).await;
+    let running = {
+        let url = filter.url();
+        tokio::spawn(async move {
+            let mut config = GeneratorConfig::for_tests(&url);
+            config.source = Some("e2e-restart".into());
+            config.rate = Rate::PerSecond(4000.0);
+            config.count = Some(12_000);
+            let app = Generator::build(config).await.expect("builds");
+            app.run_until_stopped(CancellationToken::new())
+                .await
+                .expect("runs")
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while pg_rows(&db).await < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pg-writer never stored anything"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pg.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pg = pg_writer(&db, &prefix).await;
+    let summary = tokio::time::timeout(Duration::from_secs(120), running)
+        .await
+        .expect("finishes")
+        .expect("task");
+    assert_eq!(summary.counts.acked, 12_000);
+    let report = settle_and_verify(&filter, &db, &memory, "e2e-restart", 12_000).await;
+    assert!(report.is_ok(), "{}", report.render());
+    mongo.stop().await;
+    pg.stop().await;
+    filter.finish().await;
+    db.drop().await;
+}
