@@ -20,4 +20,8 @@ else
   cargo test --workspace --all-features --no-fail-fast
 fi
 
+if [ -z "${MONGODB_URL:-}" ]; then
+  echo "[test] note: the real-MongoDB tests were SKIPPED (MONGODB_URL not set); MongoDB semantics were tested on the in-memory store" >&2
+fi
+
 bash scripts/protocol-check.sh
