@@ -96,6 +96,8 @@ catalogue! {
         "Time to write, flush (and fsync) one group commit of a file sink.";
     FILTER_FILE_COMMIT_RECORDS = "flowmesh_filter_file_commit_records", Histogram, ["file"],
         "Records per group commit of a file sink.";
+    FILTER_FILE_DUPLICATES = "flowmesh_filter_file_duplicates_total", Counter, ["file"],
+        "Re-sent records already in the file: acked again, not written twice.";
     FILTER_FILE_ROTATIONS = "flowmesh_filter_file_rotations_total", Counter, ["file", "reason"],
         "File rotations, by reason (size, age).";
 

@@ -92,6 +92,12 @@ pub struct FilterConfig {
     #[arg(long, env = "FILTER_DURABILITY", value_enum, default_value = "fsync")]
     pub durability: Durability,
 
+    /// Ids of the most recently written records remembered (and reloaded from the files at
+    /// startup) so records re-sent after a crash or a lost ack are not written twice. Should
+    /// exceed the sum of the generators' in-flight windows; 0 turns the check off.
+    #[arg(long, env = "FILTER_DEDUPE_WINDOW", default_value_t = 100_000)]
+    pub dedupe_window: usize,
+
     /// Consecutive failures that open a sink's circuit breaker.
     #[arg(long, env = "FILTER_BREAKER_FAILURES", default_value_t = 5)]
     pub breaker_failures: u32,

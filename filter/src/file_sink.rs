@@ -38,6 +38,9 @@ pub struct FileSinkConfig {
     pub max_age: Duration,
     /// When a commit counts as stored.
     pub durability: Durability,
+    /// How many recently written record ids are remembered (and reloaded from the files at
+    /// startup) to drop re-sent records instead of writing them twice; 0 turns this off.
+    pub dedupe_window: usize,
 }
 
 impl FileSinkConfig {
@@ -72,6 +75,8 @@ pub enum Completion {
 pub struct FileJob {
     /// One JSON document per line, without newlines.
     pub lines: Vec<String>,
+    /// The record id of each line, for dropping re-sent records; empty for no such check.
+    pub keys: Vec<String>,
     /// The answer to give.
     pub completion: Completion,
 }
@@ -132,10 +137,11 @@ async fn run(config: FileSinkConfig, mut receiver: mpsc::Receiver<FileJob>, brea
                 Err(_) => break,
             }
         }
-        let mut lines = Vec::with_capacity(count);
+        let mut lines: Vec<(Option<String>, String)> = Vec::with_capacity(count);
         let mut completions = Vec::with_capacity(jobs.len());
         for job in jobs {
-            lines.extend(job.lines);
+            let mut keys = job.keys.into_iter();
+            lines.extend(job.lines.into_iter().map(|line| (keys.next(), line)));
             completions.push(job.completion);
         }
         let stem = config.stem;
@@ -217,6 +223,34 @@ struct Writer {
     /// Length of the active file after the last successful commit.
     committed_len: Option<u64>,
     opened_at: Instant,
+    /// Ids of the records written last (bounded by `dedupe_window`).
+    recent: RecentIds,
+    recent_loaded: bool,
+}
+
+/// A bounded set of the most recently written record ids: oldest forgotten first.
+#[derive(Debug, Default)]
+struct RecentIds {
+    set: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl RecentIds {
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+
+    fn insert(&mut self, id: String, capacity: usize) {
+        if capacity == 0 || !self.set.insert(id.clone()) {
+            return;
+        }
+        self.order.push_back(id);
+        while self.order.len() > capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
 }
 
 impl Writer {
@@ -226,10 +260,12 @@ impl Writer {
             file: None,
             committed_len: None,
             opened_at: Instant::now(),
+            recent: RecentIds::default(),
+            recent_loaded: false,
         }
     }
 
-    fn commit(&mut self, lines: &[String]) -> io::Result<()> {
+    fn commit(&mut self, lines: &[(Option<String>, String)]) -> io::Result<()> {
         let result = self.try_commit(lines);
         if result.is_err() {
             self.abandon();
@@ -237,22 +273,91 @@ impl Writer {
         result
     }
 
-    fn try_commit(&mut self, lines: &[String]) -> io::Result<()> {
+    fn try_commit(&mut self, lines: &[(Option<String>, String)]) -> io::Result<()> {
         self.rotate_if_due()?;
+        self.load_recent();
         let durability = self.config.durability;
-        let file = self.open()?;
+        let mut fresh_keys = Vec::new();
+        let mut in_batch = std::collections::HashSet::new();
+        let mut duplicates = 0u64;
         let mut written = 0u64;
-        for line in lines {
-            file.write_all(line.as_bytes())?;
-            file.write_all(b"\n")?;
-            written += line.len() as u64 + 1;
-        }
-        file.flush()?;
-        if durability == Durability::Fsync {
-            file.get_ref().sync_data()?;
-        }
+        let recent = std::mem::take(&mut self.recent);
+        let result = (|| -> io::Result<()> {
+            let file = self.open()?;
+            for (key, line) in lines {
+                if let Some(key) = key {
+                    if recent.contains(key) || !in_batch.insert(key.as_str()) {
+                        duplicates += 1;
+                        continue;
+                    }
+                    fresh_keys.push(key.clone());
+                }
+                file.write_all(line.as_bytes())?;
+                file.write_all(b"\n")?;
+                written += line.len() as u64 + 1;
+            }
+            file.flush()?;
+            if durability == Durability::Fsync {
+                file.get_ref().sync_data()?;
+            }
+            Ok(())
+        })();
+        self.recent = recent;
+        result?;
         self.committed_len = Some(self.committed_len.unwrap_or(0) + written);
+        for key in fresh_keys {
+            self.recent.insert(key, self.config.dedupe_window);
+        }
+        if duplicates > 0 {
+            metrics::counter!(m::FILTER_FILE_DUPLICATES, "file" => self.config.stem)
+                .increment(duplicates);
+        }
         Ok(())
+    }
+
+    /// Once per process: remembers the ids of the last `dedupe_window` records already in the
+    /// files, so records re-sent after a crash of the filter are not written twice. Reads the
+    /// newest files only, as far back as the window reaches.
+    fn load_recent(&mut self) {
+        if self.recent_loaded || self.config.dedupe_window == 0 {
+            return;
+        }
+        self.recent_loaded = true;
+        let files = sink_files(&self.config.dir, self.config.stem).unwrap_or_default();
+        let mut ids: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        for path in files.iter().rev() {
+            let mut file_ids = Vec::new();
+            if let Ok(text) = fs::read_to_string(path) {
+                for line in text.lines() {
+                    if let Some(id) = serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_owned))
+                    {
+                        file_ids.push(id);
+                    }
+                }
+            }
+            for id in file_ids.into_iter().rev() {
+                if ids.len() >= self.config.dedupe_window {
+                    break;
+                }
+                ids.push_front(id);
+            }
+            if ids.len() >= self.config.dedupe_window {
+                break;
+            }
+        }
+        let loaded = ids.len();
+        for id in ids {
+            self.recent.insert(id, self.config.dedupe_window);
+        }
+        if loaded > 0 {
+            tracing::info!(
+                file = self.config.stem,
+                ids = loaded,
+                "remembered recently written records to drop re-sent ones"
+            );
+        }
     }
 
     /// Drops the buffered bytes of a failed commit and cuts the file back to its last good length.

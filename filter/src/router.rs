@@ -83,6 +83,7 @@ impl Router {
         let count = lines.len() as u64;
         let job = FileJob {
             lines,
+            keys: Vec::new(),
             completion: Completion::Rejects {
                 rejects,
                 replier: replier.clone(),
@@ -110,6 +111,7 @@ impl Router {
         }
         let job = FileJob {
             lines: records.iter().map(Record::to_json).collect(),
+            keys: records.iter().map(|r| r.id.clone()).collect(),
             completion: Completion::Records {
                 seqs,
                 replier: replier.clone(),

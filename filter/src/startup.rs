@@ -59,21 +59,22 @@ impl Application {
             },
             Breaker::new(BREAKER_RABBITMQ, breaker_settings.clone()),
         );
-        let file_config = |stem| FileSinkConfig {
+        let file_config = |stem, dedupe_window| FileSinkConfig {
             dir: config.data_dir.clone(),
             stem,
             max_bytes: config.file_max_bytes,
             max_age: config.file_max_age,
             durability: config.durability,
+            dedupe_window,
         };
-        let records_config = file_config("records");
+        let records_config = file_config("records", config.dedupe_window);
         let records_path = records_config.active_path();
         let (file, file_task) = FileSink::start(
             records_config,
             Breaker::new(BREAKER_FILE, breaker_settings.clone()),
         );
         let (dead_letters, dead_task) = FileSink::start(
-            file_config("dead-letter"),
+            file_config("dead-letter", 0),
             Breaker::new(BREAKER_DEAD_LETTER, breaker_settings),
         );
 

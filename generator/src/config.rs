@@ -51,7 +51,8 @@ pub struct GeneratorConfig {
     #[arg(long, env = "GENERATOR_RATE", default_value = "5")]
     pub rate: Rate,
 
-    /// Stop after this many records, wait until every one is acked, and exit 0.
+    /// Stop after the record with this seq (with a spool, a restarted run continues toward the
+    /// same total), wait until every one is acked, and exit 0.
     #[arg(long, env = "GENERATOR_COUNT")]
     pub count: Option<u64>,
 
@@ -63,6 +64,12 @@ pub struct GeneratorConfig {
     /// `gen-` and 8 random hex chars, so two runs never share a `seq` sequence.
     #[arg(long, env = "GENERATOR_SOURCE")]
     pub source: Option<String>,
+
+    /// Directory of the crash-safe spool. When set, every record is logged before it is sent,
+    /// and a restart (even after `kill -9`) re-sends what was never acked and continues the
+    /// `seq` sequence of the same source.
+    #[arg(long, env = "GENERATOR_SPOOL_DIR")]
+    pub spool_dir: Option<std::path::PathBuf>,
 
     /// Generated records not yet acked at most; when full, generation pauses.
     #[arg(long, env = "GENERATOR_WINDOW", default_value_t = 10_000)]

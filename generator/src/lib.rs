@@ -4,6 +4,7 @@
 pub mod config;
 pub mod link;
 pub mod source;
+pub mod spool;
 pub mod startup;
 pub mod window;
 

@@ -30,6 +30,17 @@ impl RecordSource {
         }
     }
 
+    /// Continues an earlier run's sequence: the next record gets `next_seq`.
+    pub fn starting_at(mut self, next_seq: u64) -> Self {
+        self.next_seq = next_seq.max(1);
+        self
+    }
+
+    /// The seq the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// The next record, timestamped now.
     pub fn next_record(&mut self) -> Record {
         let value = self.rng.u8(0..=100);
@@ -45,8 +56,9 @@ impl RecordSource {
     }
 }
 
-/// Makes records into the window at `rate` until `count` are made or `stop` fires. Returns how
-/// many were made.
+/// Makes records into the window at `rate` until the record with seq `count` is made (a run
+/// continued from a spool counts from where it left off) or `stop` fires. Returns how many were
+/// made by this run.
 pub async fn produce(
     mut source: RecordSource,
     rate: Rate,
@@ -58,7 +70,7 @@ pub async fn produce(
     // The schedule restarts after a pause on a full window, so a stall is not followed by a burst.
     let mut epoch = Instant::now();
     let mut made_at_epoch = 0u64;
-    while count.is_none_or(|count| made < count) && !stop.is_cancelled() {
+    while count.is_none_or(|count| source.next_seq() <= count) && !stop.is_cancelled() {
         if let Rate::PerSecond(per_second) = rate {
             let due = epoch + Duration::from_secs_f64((made - made_at_epoch) as f64 / per_second);
             if due > Instant::now() {
@@ -72,7 +84,19 @@ pub async fn produce(
         tracing::debug!(record_id = %record.id, trace_id = record.trace_id(), seq = record.seq, value = record.value, "generated");
         let waited = tokio::select! {
             _ = stop.cancelled() => break,
-            waited = window.push(&record) => waited,
+            pushed = window.push(&record) => match pushed {
+                Ok(waited) => waited,
+                Err(err) => {
+                    // Without a spool line the record must not be sent: stop making records
+                    // until the spool works again. Its seq is reused, so no gap appears.
+                    tracing::error!(error = %err, "cannot write to the spool; generation paused");
+                    source.next_seq -= 1;
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
         };
         made += 1;
         metrics::counter!(m::GEN_GENERATED).increment(1);

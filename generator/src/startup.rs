@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::GeneratorConfig;
 use crate::link::{self, LinkSettings, LinkState};
 use crate::source::{self, RecordSource};
+use crate::spool::Spool;
 use crate::window::{Window, WindowCounts};
 
 /// Name of the breaker guarding the filter (metric label value).
@@ -37,6 +38,7 @@ pub struct Application {
     health: Health,
     link: LinkState,
     window: Arc<Window>,
+    next_seq: u64,
 }
 
 impl Application {
@@ -46,15 +48,39 @@ impl Application {
         let http_listener = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("binding the HTTP port {}", config.http_addr))?;
-        let source = config
-            .source
-            .clone()
-            .unwrap_or_else(|| format!("gen-{:08x}", fastrand::u32(..)));
+        let (source, next_seq, window) = match &config.spool_dir {
+            None => {
+                let source = config
+                    .source
+                    .clone()
+                    .unwrap_or_else(|| format!("gen-{:08x}", fastrand::u32(..)));
+                (source, 1, Window::new(config.window))
+            }
+            Some(dir) => {
+                let (spool, recovered) = Spool::open(dir, config.source.as_deref())
+                    .with_context(|| format!("opening the spool in {}", dir.display()))?;
+                let source = config
+                    .source
+                    .clone()
+                    .or(recovered.source)
+                    .unwrap_or_else(|| format!("gen-{:08x}", fastrand::u32(..)));
+                Spool::set_source(dir, &source).context("recording the spool's source")?;
+                tracing::info!(
+                    source = %source,
+                    last_seq = recovered.last_seq,
+                    unacked = recovered.unacked.len(),
+                    "spool recovered: unacked records will be sent again"
+                );
+                let window =
+                    Window::with_spool(config.window, spool, recovered.unacked.into_values());
+                (source, recovered.last_seq + 1, window)
+            }
+        };
         let link = LinkState::new(Breaker::new(BREAKER_FILTER, config.breaker()));
         let health = Health::new();
         let probe = link.clone();
         health.require("filter", move || probe.component());
-        let window = Arc::new(Window::new(config.window));
+        let window = Arc::new(window);
         Ok(Self {
             config,
             source,
@@ -62,6 +88,7 @@ impl Application {
             health,
             link,
             window,
+            next_seq,
         })
     }
 
@@ -97,6 +124,7 @@ impl Application {
             health,
             link,
             window,
+            next_seq,
         } = self;
         let metrics = flowmesh_common::metrics::install().context("metrics recorder")?;
         let http_stop = CancellationToken::new();
@@ -121,7 +149,7 @@ impl Application {
         ));
 
         let generated = source::produce(
-            RecordSource::new(source.clone(), config.seed),
+            RecordSource::new(source.clone(), config.seed).starting_at(next_seq),
             config.rate,
             config.count,
             window.clone(),

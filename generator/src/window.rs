@@ -14,6 +14,8 @@ use flowmesh_common::record::Record;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::spool::Spool;
+
 #[derive(Debug)]
 struct Pending {
     json: String,
@@ -48,6 +50,8 @@ pub type Batch = Vec<(u64, String)>;
 #[derive(Debug)]
 pub struct Window {
     state: Mutex<State>,
+    /// Where generated and forgotten records are logged, when crash safety is on.
+    spool: Option<Spool>,
     capacity: usize,
     /// Signalled when room frees up or the window empties.
     changed: Notify,
@@ -60,9 +64,46 @@ impl Window {
     pub fn new(capacity: usize) -> Self {
         Self {
             state: Mutex::new(State::default()),
+            spool: None,
             capacity: capacity.max(1),
             changed: Notify::new(),
             ready: Notify::new(),
+        }
+    }
+
+    /// A window that logs to `spool` and starts with the records a previous run left unacked
+    /// (they may exceed the capacity; generation waits until they are acked).
+    pub fn with_spool(
+        capacity: usize,
+        spool: Spool,
+        unacked: impl IntoIterator<Item = Record>,
+    ) -> Self {
+        let mut window = Self::new(capacity);
+        window.spool = Some(spool);
+        {
+            let mut state = window.lock();
+            for record in unacked {
+                state.records.insert(
+                    record.seq,
+                    Pending {
+                        json: record.to_json(),
+                        queued: true,
+                        sent_before: true,
+                    },
+                );
+                state.queue.push_back(record.seq);
+            }
+            metrics::gauge!(m::GEN_IN_FLIGHT).set(state.records.len() as f64);
+        }
+        window
+    }
+
+    fn forget_in_spool(&self, seqs: &[u64]) {
+        if let Some(spool) = &self.spool
+            && let Err(err) = spool.forgotten(seqs)
+        {
+            // Worst case after a crash: these are sent again, which downstream absorbs.
+            tracing::warn!(error = %err, "cannot log acks to the spool");
         }
     }
 
@@ -70,8 +111,12 @@ impl Window {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a record, waiting while the window is full. Returns true if it had to wait.
-    pub async fn push(&self, record: &Record) -> bool {
+    /// Adds a record, waiting while the window is full. Returns true if it had to wait. With a
+    /// spool, the record is logged first; Err means it could not be, and it was not added.
+    pub async fn push(&self, record: &Record) -> std::io::Result<bool> {
+        if let Some(spool) = &self.spool {
+            spool.generated(record)?;
+        }
         let mut waited = false;
         loop {
             let notified = self.changed.notified();
@@ -104,7 +149,7 @@ impl Window {
             metrics::gauge!(m::GEN_WINDOW_FULL).set(0.0);
         }
         self.ready.notify_one();
-        waited
+        Ok(waited)
     }
 
     /// Waits until records may be ready to send (queued, or a nack delay has passed).
@@ -167,6 +212,7 @@ impl Window {
 
     /// The filter stored these: forget them.
     pub fn ack(&self, seqs: &[u64]) {
+        self.forget_in_spool(seqs);
         let mut state = self.lock();
         let mut removed = 0;
         for seq in seqs {
@@ -199,6 +245,7 @@ impl Window {
 
     /// The filter found this record invalid: it will never be accepted; forget it.
     pub fn reject(&self, seq: u64) {
+        self.forget_in_spool(&[seq]);
         let mut state = self.lock();
         if state.records.remove(&seq).is_some() {
             state.rejected += 1;

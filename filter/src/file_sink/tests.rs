@@ -16,6 +16,7 @@ fn config(dir: &Path, max_bytes: u64, max_age: Duration, durability: Durability)
         max_bytes,
         max_age,
         durability,
+        dedupe_window: 1000,
     }
 }
 
@@ -26,9 +27,14 @@ fn breaker() -> Breaker {
 async fn write(sink: &FileSink, seqs: std::ops::RangeInclusive<u64>) -> Reply {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let seqs: Vec<u64> = seqs.collect();
-    let lines = seqs.iter().map(|s| format!(r#"{{"seq":{s}}}"#)).collect();
+    let lines = seqs
+        .iter()
+        .map(|s| format!(r#"{{"id":"id-{s}","seq":{s}}}"#))
+        .collect();
+    let keys = seqs.iter().map(|s| format!("id-{s}")).collect();
     sink.submit(FileJob {
         lines,
+        keys,
         completion: Completion::Records {
             seqs,
             replier: Replier::new(tx),
@@ -178,4 +184,33 @@ async fn a_torn_last_line_left_by_a_crash_is_cut_before_appending() {
     );
     assert!(matches!(write(&sink, 3..=3).await, Reply::Ack { .. }));
     assert_eq!(all_seqs(dir.path()), vec![1, 2, 3]);
+}
+
+#[tokio::test]
+async fn records_sent_again_are_acked_but_not_written_twice_even_after_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cfg = || {
+        config(
+            dir.path(),
+            1 << 20,
+            Duration::from_secs(3600),
+            Durability::Flush,
+        )
+    };
+    let (sink, task) = FileSink::start(cfg(), breaker());
+    assert!(matches!(write(&sink, 1..=5).await, Reply::Ack { .. }));
+    assert!(matches!(write(&sink, 4..=6).await, Reply::Ack { .. }));
+    drop(sink);
+    task.await.expect("sink stops");
+    // A new process (the old one crashed): it reloads the ids from the file.
+    let (sink, _task) = FileSink::start(cfg(), breaker());
+    match write(&sink, 3..=8).await {
+        Reply::Ack { seqs, .. } => assert_eq!(
+            seqs,
+            vec![3, 4, 5, 6, 7, 8],
+            "re-sent records are still acked"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(all_seqs(dir.path()), (1..=8).collect::<Vec<_>>());
 }
