@@ -48,6 +48,11 @@ pub struct MongoWriterConfig {
     )]
     pub store: StoreKind,
 
+    /// Fault injection for the chaos suite, with `--store memory` only: while a file exists at
+    /// this path, the in-memory store fails every call (as an unreachable MongoDB would).
+    #[arg(long, env = "MONGO_WRITER_MEMORY_FAIL_WHILE")]
+    pub memory_fail_while: Option<std::path::PathBuf>,
+
     /// Records in one nested document at most.
     #[arg(long, env = "MONGO_WRITER_MAX_NEST", default_value_t = 100)]
     pub max_nest: usize,

@@ -54,6 +54,10 @@ pub struct VerifyConfig {
     #[arg(long, env = "MONGODB_COLLECTION", default_value = "records")]
     pub mongodb_collection: String,
 
+    /// Print one JSON object instead of the table (for scripts such as the chaos suite).
+    #[arg(long)]
+    pub json: bool,
+
     /// The writer's `max_nest`, for the group checks.
     #[arg(long, env = "MONGO_WRITER_MAX_NEST", default_value_t = 100)]
     pub max_nest: usize,

@@ -13,7 +13,11 @@ async fn main() -> ExitCode {
     };
     match verify(&config).await {
         Ok(report) => {
-            print!("{}", report.render());
+            if config.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.render());
+            }
             if report.is_ok() {
                 ExitCode::SUCCESS
             } else {

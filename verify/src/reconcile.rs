@@ -73,6 +73,30 @@ impl Report {
             && self.bad_groups.is_empty()
     }
 
+    /// The report as one JSON object: counts per store, seqs lost, and whether it reconciles.
+    pub fn to_json(&self) -> serde_json::Value {
+        let store = |f: &StoreFindings| {
+            serde_json::json!({
+                "records": f.records,
+                "missing": f.missing.len(),
+                "duplicated": f.duplicated.len(),
+                "wrong_place": f.wrong_place.len(),
+                "bad_hash": f.bad_hash.len(),
+            })
+        };
+        serde_json::json!({
+            "source": self.source,
+            "expected": self.expected,
+            "lost": self.lost.len(),
+            "lost_seqs": self.lost.iter().take(20).collect::<Vec<_>>(),
+            "file": store(&self.file),
+            "postgresql": store(&self.postgres),
+            "mongodb": self.mongo.as_ref().map(store),
+            "bad_groups": self.bad_groups.len(),
+            "ok": self.is_ok(),
+        })
+    }
+
     /// A readable summary table, with the seqs at fault (the first 20 of each kind).
     pub fn render(&self) -> String {
         let mut out = String::new();
