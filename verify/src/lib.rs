@@ -2,6 +2,7 @@
 //! the right place — value ≤ 90 in the file sink only, value > 90 in PostgreSQL and MongoDB only —
 //! with matching hashes and MongoDB groups that follow the nesting rule.
 
+pub mod dead_letters;
 pub mod reconcile;
 
 use std::path::PathBuf;
