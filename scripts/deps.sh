@@ -69,7 +69,16 @@ ensure_rust() {
   fi
 }
 
+ensure_tools() {
+  # python3 runs the protocol client and the chaos suite's bookkeeping; chattr (e2fsprogs)
+  # makes the file sink unwritable in the chaos suite.
+  command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+  command -v chattr >/dev/null 2>&1 || apt_install e2fsprogs
+  command -v psql >/dev/null 2>&1 || apt_install postgresql-client
+}
+
 ensure_rust
+ensure_tools
 ensure_rabbitmq
 ensure_postgres
 log "RabbitMQ and PostgreSQL are up"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against real RabbitMQ and PostgreSQL (installed and started when
-# missing): unit, in-process integration and end-to-end tests, then a WebSocket client written
-# in Python that checks the filter's protocol from outside.
+# missing): unit, in-process integration and end-to-end tests, a WebSocket client written in
+# Python that checks the filter's protocol from outside, and the chaos suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,3 +25,9 @@ if [ -z "${MONGODB_URL:-}" ]; then
 fi
 
 bash scripts/protocol-check.sh
+
+# The chaos suite (about ten minutes; it stops and starts RabbitMQ and PostgreSQL on this
+# machine, so it needs root). CHAOS=0 skips it for a quick local run.
+if [ "${CHAOS:-1}" != 0 ]; then
+  bash scripts/chaos.sh
+fi

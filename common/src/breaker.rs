@@ -241,6 +241,19 @@ impl Breaker {
         self.settings.open_wait
     }
 
+    /// A connection guarded by this breaker as a health component: DOWN while disconnected,
+    /// else the breaker's view; details hold both.
+    pub fn link_component(&self, connected: bool) -> Component {
+        let mut component = self.component();
+        if !connected {
+            component.status = ComponentStatus::Down;
+        }
+        component
+            .details
+            .insert("connected".into(), connected.into());
+        component
+    }
+
     /// The breaker as a health component: closed → UP, half-open → DEGRADED, open → DOWN.
     pub fn component(&self) -> Component {
         let state = self.state();

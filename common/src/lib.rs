@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod record;
 pub mod retry;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

@@ -122,6 +122,9 @@ pub const COUNT_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
 ];
 
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 static HANDLE: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -138,6 +141,18 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .install_recorder()?;
     *slot = Some(handle.clone());
     describe();
+    // Histogram samples are held until upkeep folds them into buckets. Scrapes run it too, but
+    // a service nobody scrapes must not grow: fold them every few seconds regardless.
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            }
+        })
+        .map_err(|err| BuildError::FailedToCreateHTTPListener(err.to_string()))?;
     Ok(handle)
 }
 

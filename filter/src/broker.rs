@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use flowmesh_common::breaker::Breaker;
-use flowmesh_common::health::{Component, ComponentStatus};
+use flowmesh_common::health::Component;
 use flowmesh_common::metrics as m;
 use flowmesh_common::record::Record;
 use flowmesh_common::retry;
@@ -80,16 +80,7 @@ impl BrokerStatus {
 
     /// Health: DOWN while disconnected or while the breaker is open.
     pub fn component(&self) -> Component {
-        let breaker = self.breaker.component();
-        let connected = self.is_connected();
-        let status = if connected {
-            breaker.status
-        } else {
-            ComponentStatus::Down
-        };
-        Component::new(status)
-            .with_details(serde_json::json!({ "connected": connected }))
-            .with_details(serde_json::Value::Object(breaker.details))
+        self.breaker.link_component(self.is_connected())
     }
 }
 

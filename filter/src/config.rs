@@ -195,3 +195,5 @@ impl FilterConfig {
         config
     }
 }
+
+flowmesh_common::service_config!(FilterConfig);

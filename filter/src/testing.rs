@@ -264,3 +264,53 @@ impl RawClient {
         }
     }
 }
+
+/// Declares `topology`, then publishes each message to `exchange` and waits for its confirm.
+pub async fn publish(
+    topology: &Topology,
+    exchange: &str,
+    messages: Vec<(Vec<u8>, lapin::BasicProperties)>,
+) {
+    let (connection, channel) = amqp_channel().await;
+    topology.declare(&channel).await.expect("declare");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    for (body, properties) in messages {
+        channel
+            .basic_publish(
+                exchange.into(),
+                "".into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let _ = connection.close(200, "ok".into()).await;
+}
+
+/// Publishes records to the records exchange as the filter would (same properties).
+pub async fn publish_records(topology: &Topology, records: &[flowmesh_common::record::Record]) {
+    let messages = records
+        .iter()
+        .map(|r| {
+            (
+                r.to_json().into_bytes(),
+                flowmesh_common::topology::record_properties(r),
+            )
+        })
+        .collect();
+    publish(topology, &topology.exchange, messages).await;
+}
+
+/// Deletes a test's private topology.
+pub async fn delete_topology(topology: &Topology) {
+    let (connection, channel) = amqp_channel().await;
+    let _ = topology.delete(&channel).await;
+    let _ = connection.close(200, "ok".into()).await;
+}

@@ -217,3 +217,5 @@ mod tests {
         );
     }
 }
+
+flowmesh_common::service_config!(GeneratorConfig);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use flowmesh_common::breaker::Breaker;
 use flowmesh_common::config::Secret;
-use flowmesh_common::health::{Component, ComponentStatus};
+use flowmesh_common::health::Component;
 use flowmesh_common::metrics as m;
 use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::retry;
@@ -77,16 +77,7 @@ impl LinkState {
 
     /// Health: DOWN while disconnected (records wait in the window), else the breaker's view.
     pub fn component(&self) -> Component {
-        let breaker = self.breaker.component();
-        let connected = self.is_connected();
-        let status = if connected {
-            breaker.status
-        } else {
-            ComponentStatus::Down
-        };
-        Component::new(status)
-            .with_details(serde_json::json!({ "connected": connected }))
-            .with_details(serde_json::Value::Object(breaker.details))
+        self.breaker.link_component(self.is_connected())
     }
 }
 

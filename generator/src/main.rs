@@ -1,50 +1,37 @@
-//! `generator`: parse config → init telemetry → build → run until the count is acked or
-//! SIGTERM/SIGINT.
+//! `generator`: configuration → telemetry → build → run until the count is acked or
+//! SIGTERM/SIGINT. Exits 1 when the filter rejected records, or when a counted run stopped
+//! before every record was acked.
 
 use std::process::ExitCode;
 
-use flowmesh_common::{config, http, shutdown, telemetry};
 use flowmesh_generator::{Application, GeneratorConfig};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config: GeneratorConfig = match config::parse() {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    if config.probe_ready {
-        return tokio::task::spawn_blocking(move || http::probe_ready_exit_code(config.http_addr))
-            .await
-            .unwrap_or(ExitCode::FAILURE);
-    }
-    telemetry::init("generator", config.log_format);
-    let counted = config.count.is_some();
-    let app = match Application::build(config).await {
-        Ok(app) => app,
-        Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "generator failed to start");
-            return ExitCode::FAILURE;
-        }
-    };
-    match app.run_until_stopped(shutdown::on_signals()).await {
-        Ok(summary) if summary.counts.rejected > 0 => {
-            tracing::error!(
-                rejected = summary.counts.rejected,
-                "the filter rejected generated records"
-            );
-            ExitCode::FAILURE
-        }
-        Ok(summary) if counted && summary.counts.in_flight > 0 => {
-            tracing::error!(
-                unacked = summary.counts.in_flight,
-                "stopped before every record was acked"
-            );
-            ExitCode::FAILURE
-        }
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "generator failed");
-            ExitCode::FAILURE
-        }
-    }
+    flowmesh_common::service::main(
+        "generator",
+        |config: GeneratorConfig, shutdown| async move {
+            let counted = config.count.is_some();
+            let summary = Application::build(config)
+                .await?
+                .run_until_stopped(shutdown)
+                .await?;
+            if summary.counts.rejected > 0 {
+                tracing::error!(
+                    rejected = summary.counts.rejected,
+                    "the filter rejected generated records"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            if counted && summary.counts.in_flight > 0 {
+                tracing::error!(
+                    unacked = summary.counts.in_flight,
+                    "stopped before every record was acked"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        },
+    )
+    .await
 }

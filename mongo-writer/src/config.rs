@@ -171,3 +171,5 @@ impl Validate for MongoWriterConfig {
         Ok(())
     }
 }
+
+flowmesh_common::service_config!(MongoWriterConfig);

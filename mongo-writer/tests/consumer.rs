@@ -8,12 +8,13 @@ use flowmesh_common::breaker::BreakerState;
 use flowmesh_common::record::{Record, new_traceparent};
 use flowmesh_common::testkit::unique_prefix;
 use flowmesh_common::topology::{Topology, record_properties};
-use flowmesh_filter::testing::{amqp_channel, drain_queue, eventually};
+use flowmesh_filter::testing::{
+    amqp_channel, delete_topology, drain_queue, eventually, publish, publish_records,
+};
 use flowmesh_mongo_writer::nesting::nests;
 use flowmesh_mongo_writer::store::MemoryStore;
 use flowmesh_mongo_writer::{Application, MongoWriterConfig};
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use tokio_util::sync::CancellationToken;
 
 /// A valid record whose hash is above "99" (`high`) or not.
@@ -68,49 +69,8 @@ impl Writer {
     }
 }
 
-async fn publish(topology: &Topology, messages: Vec<(Vec<u8>, BasicProperties)>) {
-    let (connection, channel) = amqp_channel().await;
-    topology.declare(&channel).await.expect("declare");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    for (body, properties) in messages {
-        channel
-            .basic_publish(
-                topology.exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &body,
-                properties,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-    }
-    let _ = connection.close(200, "ok".into()).await;
-}
-
-async fn publish_records(topology: &Topology, records: &[Record]) {
-    publish(
-        topology,
-        records
-            .iter()
-            .map(|r| (r.to_json().into_bytes(), record_properties(r)))
-            .collect(),
-    )
-    .await;
-}
-
 fn stored(memory: &MemoryStore) -> usize {
     memory.groups().iter().map(|g| g.records.len()).sum()
-}
-
-async fn cleanup(topology: &Topology) {
-    let (connection, channel) = amqp_channel().await;
-    let _ = topology.delete(&channel).await;
-    let _ = connection.close(200, "ok".into()).await;
 }
 
 fn shape(memory: &MemoryStore) -> Vec<(bool, Vec<u64>)> {
@@ -154,7 +114,7 @@ async fn records_are_nested_in_the_order_the_queue_delivers_them() {
         ]
     );
     writer.stop().await;
-    cleanup(&topology).await;
+    delete_topology(&topology).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +142,7 @@ async fn a_restart_in_the_middle_of_a_nested_group_continues_the_same_group() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(shape(&memory), vec![(true, (1..=10).collect())]);
     second.stop().await;
-    cleanup(&topology).await;
+    delete_topology(&topology).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,7 +165,7 @@ async fn an_unreachable_store_opens_the_breaker_and_nothing_is_lost_when_it_retu
     })
     .await;
     writer.stop().await;
-    cleanup(&topology).await;
+    delete_topology(&topology).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,6 +178,7 @@ async fn poison_messages_are_dead_lettered_and_do_not_break_the_nesting() {
     let b = record(2, true);
     publish(
         &topology,
+        &topology.exchange,
         vec![
             (a.to_json().into_bytes(), record_properties(&a)),
             (b"garbage".to_vec(), BasicProperties::default()),
@@ -242,5 +203,5 @@ async fn poison_messages_are_dead_lettered_and_do_not_break_the_nesting() {
     assert_eq!(dead[0].data, b"garbage");
     let _ = connection.close(200, "ok".into()).await;
     writer.stop().await;
-    cleanup(&topology).await;
+    delete_topology(&topology).await;
 }

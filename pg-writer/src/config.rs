@@ -142,3 +142,5 @@ impl Validate for PgWriterConfig {
         Ok(())
     }
 }
+
+flowmesh_common::service_config!(PgWriterConfig);

@@ -7,11 +7,13 @@ use flowmesh_common::breaker::BreakerState;
 use flowmesh_common::record::{Record, new_traceparent};
 use flowmesh_common::testkit::{Proxy, unique_prefix};
 use flowmesh_common::topology::{Topology, record_properties};
-use flowmesh_filter::testing::{amqp_channel, amqp_url, drain_queue, eventually};
+use flowmesh_filter::testing::{
+    amqp_channel, amqp_url, delete_topology, drain_queue, eventually, publish, publish_records,
+};
 use flowmesh_pg_writer::testing::{TestDb, base_url};
 use flowmesh_pg_writer::{Application, PgWriterConfig};
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
@@ -55,41 +57,6 @@ fn record(source: &str, seq: u64) -> Record {
     )
 }
 
-async fn publish(topology: &Topology, bodies: Vec<(Vec<u8>, BasicProperties)>) {
-    let (connection, channel) = amqp_channel().await;
-    topology.declare(&channel).await.expect("declare");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    for (body, properties) in bodies {
-        channel
-            .basic_publish(
-                topology.exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &body,
-                properties,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-    }
-    let _ = connection.close(200, "ok".into()).await;
-}
-
-async fn publish_records(topology: &Topology, records: &[Record]) {
-    publish(
-        topology,
-        records
-            .iter()
-            .map(|r| (r.to_json().into_bytes(), record_properties(r)))
-            .collect(),
-    )
-    .await;
-}
-
 async fn rows(pool: &PgPool) -> i64 {
     match sqlx::query("select count(*) from records")
         .fetch_one(pool)
@@ -130,12 +97,6 @@ async fn queue_depth(queue: &str) -> u32 {
     depth
 }
 
-async fn cleanup(topology: &Topology) {
-    let (connection, channel) = amqp_channel().await;
-    let _ = topology.delete(&channel).await;
-    let _ = connection.close(200, "ok".into()).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_are_inserted_in_batches_with_every_field_and_acked_after_commit() {
     let db = TestDb::create().await;
@@ -173,7 +134,7 @@ async fn records_are_inserted_in_batches_with_every_field_and_acked_after_commit
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     writer.stop().await;
-    cleanup(&topology).await;
+    delete_topology(&topology).await;
     db.drop().await;
 }
 
@@ -202,7 +163,7 @@ async fn duplicate_deliveries_and_records_already_committed_are_inserted_once() 
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(rows(&pool).await, 50, "redeliveries change nothing");
     writer.stop().await;
-    cleanup(&topology).await;
+    delete_topology(&topology).await;
     db.drop().await;
 }
 
@@ -217,6 +178,7 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_the_rest_is_stored() {
     bad["value"] = 250.into();
     publish(
         &topology,
+        &topology.exchange,
         vec![
             (b"{not json".to_vec(), BasicProperties::default()),
             (bad.to_string().into_bytes(), BasicProperties::default()),
@@ -242,7 +204,7 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_the_rest_is_stored() {
     assert!(bodies.contains(&"{not json".to_owned()));
     let _ = connection.close(200, "ok".into()).await;
     writer.stop().await;
-    cleanup(&topology).await;
+    delete_topology(&topology).await;
     db.drop().await;
 }
 
@@ -304,7 +266,7 @@ async fn postgresql_going_away_while_records_flow_loses_nothing() {
     proxy.heal();
     wait_rows(&pool, 400, Duration::from_secs(60)).await;
     writer.stop().await;
-    cleanup(&topology).await;
+    delete_topology(&topology).await;
     db.drop().await;
 }
 
@@ -355,6 +317,6 @@ async fn a_rabbitmq_connection_killed_between_commit_and_ack_changes_nothing_on_
         .get(0);
     assert_eq!(distinct, 2000);
     writer.stop().await;
-    cleanup(&topology).await;
+    delete_topology(&topology).await;
     db.drop().await;
 }

@@ -6,31 +6,17 @@ use std::time::Duration;
 use flowmesh_common::record::Record;
 use flowmesh_common::testkit::unique_prefix;
 use flowmesh_common::topology::{Topology, record_properties};
-use flowmesh_filter::testing::{amqp_channel, amqp_url, drain_queue};
+use flowmesh_filter::testing::{amqp_channel, amqp_url, delete_topology, drain_queue, publish};
 use flowmesh_verify::dead_letters::Broker;
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 
 async fn dead_letter(topology: &Topology, body: &[u8], properties: BasicProperties) {
-    let (connection, channel) = amqp_channel().await;
-    topology.declare(&channel).await.expect("declare");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    channel
-        .basic_publish(
-            topology.dead_letter_exchange.as_str().into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    let _ = connection.close(200, "ok".into()).await;
+    publish(
+        topology,
+        &topology.dead_letter_exchange,
+        vec![(body.to_vec(), properties)],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +82,5 @@ async fn dead_letters_are_listed_replayed_after_a_fix_and_purged() {
         .await
         .expect("list");
     assert!(left.is_empty());
-    let (connection, channel) = amqp_channel().await;
-    let _ = topology.delete(&channel).await;
-    let _ = connection.close(200, "ok".into()).await;
+    delete_topology(&topology).await;
 }

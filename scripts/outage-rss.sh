@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Measures each service's memory (RSS) during a long outage while records keep coming, to show
+# every buffer is bounded. Prints one row per sample, then heals, waits for the mesh to drain,
+# and runs verify.
+#
+#   scripts/outage-rss.sh rabbitmq 10     # RabbitMQ stopped for 10 minutes
+#   scripts/outage-rss.sh stores 10       # PostgreSQL stopped, MongoDB (in-memory store) failing
+#                                         # and the file sink immutable, for 10 minutes
+# Needs root (it stops RabbitMQ/PostgreSQL and uses chattr). Environment: RATE (default 200/s).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+KIND=${1:?rabbitmq or stores}
+MINUTES=${2:-10}
+RATE=${RATE:-200}
+BIN=target/release
+cargo build --release --quiet --bins
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/flowmesh-rss.XXXXXX")
+PG_BASE=${PG_BASE:-postgres://postgres:postgres@127.0.0.1:5432}
+DB="flowmesh_rss_$RANDOM"
+psql "$PG_BASE/postgres" -qc "create database $DB"
+export DATABASE_URL="$PG_BASE/$DB" AMQP_PREFIX="flowmesh-rss-$KIND" LOG_FORMAT=json RUST_LOG=warn
+export FILTER_DATA_DIR="$WORK/filter" FILTER_LISTEN=127.0.0.1:48080 FILTER_HTTP_ADDR=127.0.0.1:48082
+export GENERATOR_HTTP_ADDR=127.0.0.1:48081 PG_WRITER_HTTP_ADDR=127.0.0.1:48083 MONGO_WRITER_HTTP_ADDR=127.0.0.1:48084
+export FILTER_URL=ws://127.0.0.1:48080/ingest GENERATOR_RATE=$RATE GENERATOR_SOURCE="rss-$KIND-$RANDOM"
+export GENERATOR_SPOOL_DIR="$WORK/spool" MONGO_WRITER_STORE=memory MONGO_WRITER_MEMORY_FAIL_WHILE="$WORK/mongodb-down"
+declare -A PID
+for s in filter pg-writer mongo-writer; do "$BIN/$s" >>"$WORK/$s.log" 2>&1 & PID[$s]=$!; done
+sleep 2
+"$BIN/generator" >>"$WORK/generator.log" 2>&1 & PID[generator]=$!
+rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "-"; }
+pgv=$(ls /etc/postgresql | sort -V | tail -1)
+heal() {
+  case $KIND in
+    rabbitmq) rabbitmqctl -q start_app; rabbitmqctl -q await_startup ;;
+    stores) pg_ctlcluster --skip-systemctl-redirect "$pgv" main start; rm -f "$WORK/mongodb-down"; chattr -R -i "$FILTER_DATA_DIR" ;;
+  esac
+}
+trap 'heal >/dev/null 2>&1 || true' EXIT
+sleep 20
+case $KIND in
+  rabbitmq) rabbitmqctl -q stop_app ;;
+  stores) pg_ctlcluster --skip-systemctl-redirect "$pgv" main stop -m fast; touch "$WORK/mongodb-down"; chattr -R +i "$FILTER_DATA_DIR" ;;
+esac
+echo "outage of $KIND for $MINUTES min at $RATE records/s — RSS in MiB"
+printf '%8s %10s %8s %10s %13s\n' elapsed_s generator filter pg-writer mongo-writer
+start=$(date +%s)
+while [ $(( $(date +%s) - start )) -lt $((MINUTES * 60)) ]; do
+  printf '%8s %10s %8s %10s %13s\n' $(( $(date +%s) - start )) "$(rss "${PID[generator]}")" "$(rss "${PID[filter]}")" "$(rss "${PID[pg-writer]}")" "$(rss "${PID[mongo-writer]}")"
+  sleep 30
+done
+printf '%8s %10s %8s %10s %13s\n' $(( $(date +%s) - start )) "$(rss "${PID[generator]}")" "$(rss "${PID[filter]}")" "$(rss "${PID[pg-writer]}")" "$(rss "${PID[mongo-writer]}")"
+heal; trap - EXIT
+echo "healed; draining…"
+kill -TERM "${PID[generator]}"; wait "${PID[generator]}" || true
+for _ in $(seq 240); do
+  "$BIN/verify" --source "$GENERATOR_SOURCE" --data-dir "$FILTER_DATA_DIR" >"$WORK/verify.txt" 2>&1 && break
+  sleep 1
+done
+cat "$WORK/verify.txt"
+for s in filter pg-writer mongo-writer; do kill -TERM "${PID[$s]}"; wait "${PID[$s]}" || true; done
+psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null
+for q in records.pg-writer records.mongo-writer dead-letter; do rabbitmqctl -q delete_queue "$AMQP_PREFIX.$q" >/dev/null 2>&1 || true; done
