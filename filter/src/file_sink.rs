@@ -228,20 +228,35 @@ struct Writer {
     recent_loaded: bool,
 }
 
-/// A bounded set of the most recently written record ids: oldest forgotten first.
+/// A bounded set of the most recently written record ids: oldest forgotten first. Ids are kept
+/// as 128-bit values (a UUID's own size), so 100 000 of them take a few MiB.
 #[derive(Debug, Default)]
 struct RecentIds {
-    set: std::collections::HashSet<String>,
-    order: std::collections::VecDeque<String>,
+    set: std::collections::HashSet<u128>,
+    order: std::collections::VecDeque<u128>,
+}
+
+fn id_key(id: &str) -> u128 {
+    match uuid::Uuid::try_parse(id) {
+        Ok(uuid) => uuid.as_u128(),
+        // Not a UUID (never for validated records): fall back to a hash of the text.
+        Err(_) => {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            id.hash(&mut hasher);
+            u128::from(hasher.finish())
+        }
+    }
 }
 
 impl RecentIds {
     fn contains(&self, id: &str) -> bool {
-        self.set.contains(id)
+        self.set.contains(&id_key(id))
     }
 
     fn insert(&mut self, id: String, capacity: usize) {
-        if capacity == 0 || !self.set.insert(id.clone()) {
+        let id = id_key(&id);
+        if capacity == 0 || !self.set.insert(id) {
             return;
         }
         self.order.push_back(id);
