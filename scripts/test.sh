@@ -26,6 +26,8 @@ fi
 
 bash scripts/protocol-check.sh
 
+bash scripts/observability-check.sh
+
 # The chaos suite (about ten minutes; it stops and starts RabbitMQ and PostgreSQL on this
 # machine, so it needs root). CHAOS=0 skips it for a quick local run.
 if [ "${CHAOS:-1}" != 0 ]; then

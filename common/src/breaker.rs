@@ -177,6 +177,10 @@ impl Breaker {
                 .absolute(0);
         }
         metrics::counter!(m::BREAKER_NOT_PERMITTED, "breaker" => name).absolute(0);
+        for state in BreakerState::ALL {
+            metrics::counter!(m::BREAKER_TRANSITIONS, "breaker" => name, "state" => state.as_str())
+                .absolute(0);
+        }
         Self {
             name,
             machine,

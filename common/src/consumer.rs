@@ -99,6 +99,13 @@ pub async fn run<S: RecordStore>(
     status: ConsumerStatus,
     shutdown: CancellationToken,
 ) {
+    m::zero_counters(m::RECONNECTS, Some(("link", &["amqp"])));
+    for outcome in ["stored", "duplicate", "dead_lettered"] {
+        metrics::counter!(m::WRITER_RECORDS, "writer" => settings.writer, "outcome" => outcome)
+            .absolute(0);
+    }
+    metrics::counter!(m::WRITER_STORE_FAILURES, "writer" => settings.writer).absolute(0);
+    status.set(false);
     let mut backoff = retry::reconnect().build();
     let mut attempts = 0u64;
     while !shutdown.is_cancelled() {

@@ -113,6 +113,19 @@ catalogue! {
         "From a record's timestamp to its commit in the writer's database.";
 }
 
+/// Makes counter series exist at zero, for every combination of the given label values, so
+/// dashboards and alerts see `0` instead of nothing before the first event.
+pub fn zero_counters(name: &'static str, label: Option<(&'static str, &[&'static str])>) {
+    match label {
+        None => metrics::counter!(name).absolute(0),
+        Some((key, values)) => {
+            for value in values {
+                metrics::counter!(name, key => *value).absolute(0);
+            }
+        }
+    }
+}
+
 /// Seconds buckets, 100 µs to 10 s.
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

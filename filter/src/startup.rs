@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use flowmesh_common::breaker::Breaker;
 use flowmesh_common::health::{Component, ComponentStatus, Health};
+use flowmesh_common::metrics as m;
 use flowmesh_common::topology::Topology;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,46 @@ pub const BREAKER_RABBITMQ: &str = "filter_rabbitmq";
 pub const BREAKER_FILE: &str = "filter_file";
 /// Breaker of the dead-letter file.
 pub const BREAKER_DEAD_LETTER: &str = "filter_dead_letter_file";
+
+/// Makes the filter's counter series exist at zero from the start.
+fn zero_series() {
+    m::zero_counters(m::FILTER_RECEIVED, None);
+    m::zero_counters(m::FILTER_DEAD_LETTERED, None);
+    m::zero_counters(
+        m::FILTER_FRAMES,
+        Some(("kind", &["text", "binary", "oversized"])),
+    );
+    m::zero_counters(m::FILTER_ACKED, Some(("destination", &["broker", "file"])));
+    m::zero_counters(m::FILTER_NACKED, Some(("destination", &["broker", "file"])));
+    m::zero_counters(
+        m::FILTER_REJECTED,
+        Some((
+            "field",
+            &[
+                "record",
+                "unknown",
+                "id",
+                "source",
+                "seq",
+                "timestamp",
+                "value",
+                "hash",
+                "traceparent",
+            ],
+        )),
+    );
+    m::zero_counters(m::FILTER_FILE_DUPLICATES, Some(("file", &["records"])));
+    for reason in ["size", "age"] {
+        for file in ["records", "dead-letter"] {
+            metrics::counter!(m::FILTER_FILE_ROTATIONS, "file" => file, "reason" => reason)
+                .absolute(0);
+        }
+    }
+    m::zero_counters(m::RECONNECTS, Some(("link", &["amqp"])));
+    metrics::gauge!(m::FILTER_CONNECTIONS).set(0.0);
+    metrics::gauge!(m::FILTER_PUBLISH_IN_FLIGHT).set(0.0);
+    metrics::gauge!(m::CONNECTION_UP, "link" => "amqp").set(0.0);
+}
 
 /// A filter with its listeners bound and its sinks started, not yet serving.
 pub struct Application {
@@ -50,6 +91,7 @@ impl Application {
             .await
             .with_context(|| format!("binding the HTTP port {}", config.http_addr))?;
 
+        zero_series();
         let breaker_settings = config.breaker();
         let (broker, broker_task) = BrokerSink::start(
             BrokerConfig {

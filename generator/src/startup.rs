@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use flowmesh_common::breaker::Breaker;
 use flowmesh_common::health::Health;
+use flowmesh_common::metrics as m;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -76,6 +77,20 @@ impl Application {
                 (source, recovered.last_seq + 1, window)
             }
         };
+        for name in [
+            m::GEN_GENERATED,
+            m::GEN_SENT,
+            m::GEN_RESENT,
+            m::GEN_ACKED,
+            m::GEN_NACKED,
+            m::GEN_REJECTED,
+            m::GEN_WINDOW_FULL_TOTAL,
+        ] {
+            m::zero_counters(name, None);
+        }
+        m::zero_counters(m::RECONNECTS, Some(("link", &["filter"])));
+        metrics::gauge!(m::GEN_WINDOW_FULL).set(0.0);
+        metrics::gauge!(m::CONNECTION_UP, "link" => "filter").set(0.0);
         let link = LinkState::new(Breaker::new(BREAKER_FILTER, config.breaker()));
         let health = Health::new();
         let probe = link.clone();
