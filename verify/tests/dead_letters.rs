@@ -84,3 +84,62 @@ async fn dead_letters_are_listed_replayed_after_a_fix_and_purged() {
     assert!(left.is_empty());
     delete_topology(&topology).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_redelivered_past_the_delivery_limit_reaches_the_dead_letter_queue_with_its_reason()
+ {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+    use lapin::types::FieldTable;
+
+    let prefix = unique_prefix("dlq-limit");
+    let topology = Topology::new(&prefix, 2);
+    let record = Record::new("dlq-limit", 1, chrono::Utc::now(), 99, None);
+    publish(
+        &topology,
+        &topology.exchange,
+        vec![(record.to_json().into_bytes(), record_properties(&record))],
+    )
+    .await;
+    // A consumer that always gives the message back, as a writer whose database keeps failing
+    // and that crashes before acking would.
+    let (connection, channel) = amqp_channel().await;
+    let queue = topology.queue_for("pg-writer").expect("queue").name.clone();
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "returner".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut returned = 0;
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(Duration::from_secs(3), consumer.next()).await
+    {
+        delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .expect("nack");
+        returned += 1;
+        assert!(returned < 20, "the delivery limit never applied");
+    }
+    let _ = connection.close(200, "ok".into()).await;
+    assert!(returned >= 2, "delivered {returned} times");
+
+    let letters = Broker::connect(&amqp_url(), topology.clone())
+        .await
+        .expect("connect")
+        .list()
+        .await
+        .expect("list");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].id, record.id);
+    assert_eq!(letters[0].reason, "delivery_limit");
+    assert_eq!(letters[0].origin, queue);
+    delete_topology(&topology).await;
+}
