@@ -483,16 +483,14 @@ fn last_line_end(file: &mut File, len: u64) -> io::Result<u64> {
     Ok(0)
 }
 
-/// `{stem}.{UTC time of rotation}.jsonl`, with `-N` added if that name is taken.
+/// `{stem}.{UTC time of rotation}-{NNN}.jsonl`: the counter tells apart rotations within one
+/// millisecond, and every name sorts in the order the files were written.
 fn rotated_path(dir: &Path, stem: &str) -> PathBuf {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
-    let mut candidate = dir.join(format!("{stem}.{stamp}.jsonl"));
-    let mut n = 1;
-    while candidate.exists() {
-        candidate = dir.join(format!("{stem}.{stamp}-{n}.jsonl"));
-        n += 1;
-    }
-    candidate
+    (0..)
+        .map(|n| dir.join(format!("{stem}.{stamp}-{n:03}.jsonl")))
+        .find(|candidate| !candidate.exists())
+        .expect("some counter is free")
 }
 
 /// Every file of a sink in write order: rotated files (oldest first), then the active one.
