@@ -218,26 +218,14 @@ impl Breaker {
     }
 
     /// Forces the breaker open now, as when the dependency's connection is known to be gone.
+    /// Not a call: `flowmesh_circuit_breaker_calls_total` does not count it.
     pub fn trip(&self) {
         for _ in 0..self.settings.failure_threshold.max(1) {
             if self.state() == BreakerState::Open {
                 break;
             }
-            self.record(false);
+            self.machine.on_error();
         }
-    }
-
-    /// Runs `call` under the breaker: refused without calling while open.
-    pub async fn call<T, E, F>(&self, call: F) -> Result<T, CallError<E>>
-    where
-        F: std::future::Future<Output = Result<T, E>>,
-    {
-        if !self.permit() {
-            return Err(CallError::Rejected);
-        }
-        let result = call.await;
-        self.record(result.is_ok());
-        result.map_err(CallError::Inner)
     }
 
     /// How long a refused caller should wait before trying again (the first open wait).
@@ -272,17 +260,6 @@ impl Breaker {
             "open_wait_ms": self.settings.open_wait.as_millis() as u64,
         }))
     }
-}
-
-/// The outcome of [`Breaker::call`] when it did not succeed.
-#[derive(Debug, thiserror::Error)]
-pub enum CallError<E> {
-    /// The breaker is open; the call was not made.
-    #[error("circuit breaker open")]
-    Rejected,
-    /// The call was made and failed.
-    #[error(transparent)]
-    Inner(E),
 }
 
 #[cfg(test)]

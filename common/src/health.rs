@@ -199,7 +199,6 @@ mod tests {
 #[derive(Debug, Clone, Default)]
 pub struct Reachability {
     up: Arc<AtomicBool>,
-    checked: Arc<AtomicBool>,
 }
 
 impl Reachability {
@@ -222,7 +221,6 @@ impl Reachability {
                         .await
                         .unwrap_or(false);
                 state.up.store(up, Ordering::SeqCst);
-                state.checked.store(true, Ordering::SeqCst);
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(every) => {}
@@ -237,16 +235,15 @@ impl Reachability {
         self.up.load(Ordering::SeqCst)
     }
 
-    /// Combines this reachability with a breaker into one component: DOWN if unreachable (once
-    /// checked) or the breaker is open.
+    /// Combines this reachability with a breaker into one component: DOWN while unreachable
+    /// (also before the first check has answered) or while the breaker is open.
     pub fn with_breaker(&self, breaker: &crate::breaker::Breaker) -> Component {
-        let mut component = breaker.component();
-        let checked = self.checked.load(Ordering::SeqCst);
         let reachable = self.is_up();
+        let mut component = breaker.component();
         component
             .details
             .insert("reachable".into(), Value::Bool(reachable));
-        if !reachable && (checked || component.status == ComponentStatus::Up) {
+        if !reachable {
             component.status = ComponentStatus::Down;
         }
         component

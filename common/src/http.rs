@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -25,10 +25,10 @@ struct AppState {
 /// The router of the probe port.
 pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
     Router::new()
-        .route("/metrics", get(metrics_text))
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .route("/health", get(health_json))
+        .route("/metrics", routing::get(metrics_text))
+        .route("/health/live", routing::get(live))
+        .route("/health/ready", routing::get(ready))
+        .route("/health", routing::get(health_json))
         .with_state(AppState { health, metrics })
 }
 
@@ -71,17 +71,12 @@ async fn live() -> Response {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    let report = state.health.report();
-    let code = if report.status == ComponentStatus::Down {
-        StatusCode::SERVICE_UNAVAILABLE
+    let (code, status) = if state.health.is_ready() {
+        (StatusCode::OK, "UP")
     } else {
-        StatusCode::OK
+        (StatusCode::SERVICE_UNAVAILABLE, "DOWN")
     };
-    (
-        code,
-        axum::Json(serde_json::json!({"status": report.status})),
-    )
-        .into_response()
+    (code, axum::Json(serde_json::json!({"status": status}))).into_response()
 }
 
 async fn health_json(State(state): State<AppState>) -> Response {
@@ -94,25 +89,43 @@ async fn health_json(State(state): State<AppState>) -> Response {
     (code, axum::Json(report)).into_response()
 }
 
-/// GETs `path` from `addr` with a plain HTTP/1.0 request and returns the status code.
+/// Largest response [`get`] reads; the probe port's answers are far smaller.
+const MAX_RESPONSE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// GETs `path` from `addr` with a plain HTTP/1.0 request: the status code and the body.
 ///
-/// This is the container healthcheck: the image needs no curl.
-pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+/// This is the container healthcheck's client (the image needs no curl) and the tests' one.
+pub async fn get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let request = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         let text = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(text.as_bytes()).await?;
-        let mut head = vec![0u8; 64];
-        let n = stream.read(&mut head).await?;
-        let line = String::from_utf8_lossy(&head[..n]);
-        line.split_whitespace()
+        let mut response = Vec::new();
+        stream
+            .take(MAX_RESPONSE_BYTES)
+            .read_to_end(&mut response)
+            .await?;
+        let response = String::from_utf8_lossy(&response);
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let code = head
+            .split_whitespace()
             .nth(1)
             .and_then(|code| code.parse::<u16>().ok())
-            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {line:?}")))
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))?;
+        Ok((code, body.to_owned()))
     };
     tokio::time::timeout(timeout, request)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "probe timed out"))?
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out"))?
+}
+
+/// The status code of `GET path` on `addr`.
+pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<u16> {
+    get(addr, path, timeout).await.map(|(code, _)| code)
 }
 
 /// Runs the self-probe against `/health/ready` on the service's own port; the process exit code

@@ -314,3 +314,36 @@ pub async fn delete_topology(topology: &Topology) {
     let _ = topology.delete(&channel).await;
     let _ = connection.close(200, "ok".into()).await;
 }
+
+/// A valid record timestamped now, with a fresh `traceparent`.
+pub fn record(source: &str, seq: u64, value: u8) -> flowmesh_common::record::Record {
+    flowmesh_common::record::Record::new(
+        source,
+        seq,
+        chrono::Utc::now(),
+        value,
+        Some(flowmesh_common::record::new_traceparent()),
+    )
+}
+
+/// A valid record whose hash satisfies `wanted`, found by trying successive milliseconds.
+pub fn record_where(
+    source: &str,
+    seq: u64,
+    value: u8,
+    wanted: impl Fn(&str) -> bool,
+) -> flowmesh_common::record::Record {
+    let base = chrono::Utc::now();
+    (0..)
+        .map(|ms| {
+            flowmesh_common::record::Record::new(
+                source,
+                seq,
+                base + chrono::Duration::milliseconds(ms),
+                value,
+                Some(flowmesh_common::record::new_traceparent()),
+            )
+        })
+        .find(|r| wanted(&r.hash))
+        .expect("some millisecond gives a wanted hash")
+}

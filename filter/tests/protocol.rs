@@ -5,17 +5,7 @@ use std::time::Duration;
 
 use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::record::Record;
-use flowmesh_filter::testing::{RawClient, TestFilter};
-
-fn record(source: &str, seq: u64, value: u8) -> Record {
-    Record::new(
-        source,
-        seq,
-        chrono::Utc::now(),
-        value,
-        Some(flowmesh_common::record::new_traceparent()),
-    )
-}
+use flowmesh_filter::testing::{RawClient, TestFilter, record};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_record_and_a_batch_frame_are_each_acked_once_per_record() {
@@ -194,12 +184,12 @@ async fn health_reports_each_breaker_and_readiness_follows_the_file_breaker() {
         200,
         "liveness never checks dependencies"
     );
-    let body = reqwest_like_get(filter.http_addr, "/health").await;
+    let body = get_body(filter.http_addr, "/health").await;
     let json: serde_json::Value = serde_json::from_str(&body).expect("health JSON");
     assert_eq!(json["status"], "DOWN");
     assert_eq!(json["components"]["file"]["details"]["state"], "open");
     assert_eq!(json["components"]["rabbitmq"]["details"]["state"], "closed");
-    let metrics = reqwest_like_get(filter.http_addr, "/metrics").await;
+    let metrics = get_body(filter.http_addr, "/metrics").await;
     assert!(
         metrics.contains(r#"flowmesh_circuit_breaker_state{breaker="filter_file",state="open"} 1"#),
         "{metrics}"
@@ -207,18 +197,9 @@ async fn health_reports_each_breaker_and_readiness_follows_the_file_breaker() {
     filter.finish().await;
 }
 
-/// GET over plain HTTP/1.0, returning the body.
-async fn reqwest_like_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+async fn get_body(addr: std::net::SocketAddr, path: &str) -> String {
+    flowmesh_common::http::get(addr, path, Duration::from_secs(5))
         .await
-        .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
+        .expect("GET")
+        .1
 }

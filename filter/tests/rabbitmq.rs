@@ -4,23 +4,13 @@
 use std::time::Duration;
 
 use flowmesh_common::protocol::ServerMessage;
-use flowmesh_common::record::{Record, new_traceparent};
+use flowmesh_common::record::Record;
 use flowmesh_common::testkit::Proxy;
 use flowmesh_filter::testing::{
-    RawClient, TestFilter, amqp_channel, amqp_url, drain_queue, eventually,
+    RawClient, TestFilter, amqp_channel, amqp_url, drain_queue, eventually, record,
 };
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
-
-fn record(source: &str, seq: u64, value: u8) -> Record {
-    Record::new(
-        source,
-        seq,
-        chrono::Utc::now(),
-        value,
-        Some(new_traceparent()),
-    )
-}
 
 /// The arguments SPEC §4 requires, written out by hand rather than taken from `Topology`.
 fn spec_arguments(prefix_dlx: &str, single_active: bool) -> FieldTable {

@@ -21,19 +21,7 @@ fn mongodb_url() -> Option<String> {
 }
 
 fn record(seq: u64, high: bool) -> Record {
-    let base = chrono::Utc::now();
-    (0..)
-        .map(|ms| {
-            Record::new(
-                "mongo-real",
-                seq,
-                base + chrono::Duration::milliseconds(ms),
-                95,
-                None,
-            )
-        })
-        .find(|r| nests(&r.hash) == high)
-        .expect("hash class")
+    flowmesh_filter::testing::record_where("mongo-real", seq, 95, |hash| nests(hash) == high)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
