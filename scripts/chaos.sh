@@ -9,19 +9,23 @@
 #   scripts/chaos.sh kill-filter     # some of them
 #
 # Environment: CHAOS_COUNT (records per scenario, default 3000), CHAOS_RATE (per second, 300).
-# Without MONGODB_URL, mongo-writer runs on its in-memory store and MongoDB is not reconciled.
+# MongoDB is the one deps.sh started (MONGODB_URL, default mongodb://127.0.0.1:27017); an empty
+# MONGODB_URL runs mongo-writer on its in-memory store, which verify cannot read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
+export MONGODB_URL=${MONGODB_URL-mongodb://127.0.0.1:27017}
 
 ALL=(kill-generator kill-filter kill-pg-writer kill-mongo-writer rabbitmq-restart postgres-down-30s
-     file-unwritable-30s mongodb-unreachable-30s slow-consumer self-check-deleted-row self-check-deleted-line)
+     postgres-down-restarts file-unwritable-30s mongodb-restart mongodb-failing-30s
+     mongodb-down-restarts two-sources-kill-mongo-writer slow-consumer self-check-deleted-row
+     self-check-deleted-line)
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=("${ALL[@]}")
 
 COUNT=${CHAOS_COUNT:-3000}
 RATE=${CHAOS_RATE:-300}
-BIN=target/release
+BIN=$(target_dir)/release
 cargo build --release --quiet --bins
 
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
@@ -35,9 +39,9 @@ declare -A PID
 log() { printf '[chaos] %s\n' "$*" >&2; }
 now() { date +%s.%N; }
 
-start() { # start SERVICE [extra env assignments…]
+start() { # start SERVICE [extra env assignments…]; generator2 is a second generator
   local name=$1; shift
-  env "$@" "$BIN/$name" >>"$RUN_DIR/$name.log" 2>&1 &
+  env "$@" "$BIN/${name%2}" >>"$RUN_DIR/$name.log" 2>&1 &
   PID[$name]=$!
 }
 kill9() { kill -9 "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; }
@@ -45,9 +49,31 @@ stop() { kill -TERM "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/n
 ready() { "$BIN/$1" --probe-ready --http-addr "$2" >/dev/null 2>&1; }
 wait_ready() { for _ in $(seq 150); do ready "$1" "$2" && return 0; sleep 0.2; done; log "$1 not ready"; return 1; }
 
-verify_json() {
-  "$BIN/verify" --json --source "$SOURCE" --expected "$COUNT" --data-dir "$RUN_DIR/filter" \
-    --database-url "$DATABASE_URL" 2>>"$RUN_DIR/verify.err" || true
+verify_json() { # one JSON report over every source of the scenario (counts summed)
+  local source reports=()
+  for source in "${SOURCES[@]}"; do
+    reports+=("$("$BIN/verify" --json --source "$source" --expected "$COUNT" --data-dir "$RUN_DIR/filter" \
+      --database-url "$DATABASE_URL" 2>>"$RUN_DIR/verify.err" || true)")
+  done
+  python3 - "${reports[@]}" <<'PY'
+import json, sys
+def merge(a, b):
+    if isinstance(a, dict):
+        return {k: merge(a[k], b.get(k)) for k in a}
+    if isinstance(a, bool) or isinstance(b, bool):
+        return bool(a) and bool(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a + b
+    return a
+try:
+    reports = [json.loads(r) for r in sys.argv[1:]]
+except ValueError:
+    reports = []
+merged = reports[0] if reports else {}
+for r in reports[1:]:
+    merged = merge(merged, r)
+print(json.dumps(merged) if reports and len(reports) == len(sys.argv) - 1 else "{}")
+PY
 }
 field() { python3 -c "import json,sys; d=json.loads(sys.argv[1] or '{}'); print(eval(sys.argv[2], {}, {'d': d}))" "$1" "$2"; }
 
@@ -55,6 +81,7 @@ setup() {
   local scenario=$1 n=$2
   RUN_DIR="$WORK/$scenario"; mkdir -p "$RUN_DIR"
   SOURCE="chaos-$scenario-$RANDOM"
+  SOURCES=("$SOURCE")
   local base=$((40000 + n * 10))
   export AMQP_PREFIX="flowmesh-chaos-$scenario"
   export FILTER_DATA_DIR="$RUN_DIR/filter" FILTER_LISTEN=127.0.0.1:$base FILTER_HTTP_ADDR=127.0.0.1:$((base + 2))
@@ -72,7 +99,7 @@ setup() {
 }
 
 teardown() {
-  for name in generator filter pg-writer mongo-writer; do [ -n "${PID[$name]:-}" ] && stop "$name"; done
+  for name in generator generator2 filter pg-writer mongo-writer; do [ -n "${PID[$name]:-}" ] && stop "$name"; done
   PID=()
   psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null 2>&1 || true
   for q in records.pg-writer records.mongo-writer dead-letter; do
@@ -81,6 +108,39 @@ teardown() {
 }
 
 pg_version() { ls /etc/postgresql | sort -V | tail -1; }
+pg_stop() { pg_ctlcluster --skip-systemctl-redirect "$(pg_version)" main stop -m fast 2>/dev/null || pg_ctlcluster "$(pg_version)" main stop -m fast; }
+pg_start() { pg_ctlcluster --skip-systemctl-redirect "$(pg_version)" main start 2>/dev/null || pg_ctlcluster "$(pg_version)" main start; }
+
+# Restarts SERVICE 8 times, 6 s apart, alternating SIGTERM and kill -9 (an operator, a rolling
+# deploy, a crash loop) while its database is away.
+restart_often() {
+  local i
+  for i in 1 2 3 4 5 6 7 8; do
+    sleep 6
+    if [ $((i % 2)) = 1 ]; then stop "$1"; else kill9 "$1"; fi
+    start "$1"
+  done
+}
+
+dead_letters() { # messages in this scenario's dead-letter queue
+  rabbitmqctl -q list_queues name messages 2>/dev/null \
+    | awk -v q="$AMQP_PREFIX.dead-letter" '$1 == q { print $2 }' | head -1
+}
+
+mongo_failpoint() { # MODE (JSON): arms or disarms failCommand on the writer's commands
+  # pymongo comes with SecantusDB: use the Python that runs the local server.
+  local pid python
+  pid=$(secantus_pid) || { log "no local SecantusDB: no failpoint armed"; return 0; }
+  python=$(tr '\0' '\n' <"/proc/$pid/cmdline" | head -1)
+  "$python" - "$MONGODB_URL" "$1" <<'PY'
+import json, sys
+from pymongo import MongoClient
+mode = json.loads(sys.argv[2])
+MongoClient(sys.argv[1]).admin.command({
+    "configureFailPoint": "failCommand", "mode": mode,
+    "data": {"failCommands": ["insert", "update", "find"], "errorCode": 91}})
+PY
+}
 
 # Each fault injects, waits, heals (restarting what it killed). Runs while records flow.
 fault() {
@@ -89,17 +149,36 @@ fault() {
     kill-filter)       kill9 filter; sleep 2; start filter ;;
     kill-pg-writer)    kill9 pg-writer; sleep 2; start pg-writer ;;
     kill-mongo-writer) kill9 mongo-writer; sleep 2; start mongo-writer ;;
+    two-sources-kill-mongo-writer)
+      # Two generators (two sources) interleave in the writer's queue; mongo-writer is killed
+      # three times while they run. Groups must never mix sources and must follow the rule
+      # per source (verify checks both).
+      for _ in 1 2 3; do kill9 mongo-writer; sleep 1; start mongo-writer; sleep 3; done ;;
     rabbitmq-restart)  rabbitmqctl -q stop_app; sleep 5; rabbitmqctl -q start_app; rabbitmqctl -q await_startup ;;
-    postgres-down-30s)
-      pg_ctlcluster --skip-systemctl-redirect "$(pg_version)" main stop -m fast 2>/dev/null || pg_ctlcluster "$(pg_version)" main stop -m fast
-      sleep 30
-      pg_ctlcluster --skip-systemctl-redirect "$(pg_version)" main start 2>/dev/null || pg_ctlcluster "$(pg_version)" main start ;;
+    postgres-down-30s) pg_stop; sleep 30; pg_start ;;
+    postgres-down-restarts)
+      # PostgreSQL away for about a minute while pg-writer is restarted 8 times: a writer that
+      # takes messages only while its store can write returns none of them, so none reach the
+      # delivery limit and the dead-letter queue stays empty.
+      pg_stop; restart_often pg-writer; sleep 6; pg_start ;;
     file-unwritable-30s)
       # Immutable files refuse writes even to open descriptors and even for root.
       chattr +i "$FILTER_DATA_DIR" "$FILTER_DATA_DIR"/* ; sleep 30; chattr -i "$FILTER_DATA_DIR" "$FILTER_DATA_DIR"/* ;;
-    mongodb-unreachable-30s)
-      if [ -n "${MONGODB_URL:-}" ]; then log "with a real MongoDB this scenario needs it stopped by hand; skipping the fault"
-      else touch "$RUN_DIR/mongodb-down"; sleep 30; rm -f "$RUN_DIR/mongodb-down"; fi ;;
+    mongodb-restart)
+      # kill -9 the local server, then start it again on the same data directory.
+      if [ -z "${MONGODB_URL:-}" ]; then touch "$RUN_DIR/mongodb-down"; sleep 5; rm -f "$RUN_DIR/mongodb-down"
+      elif kill9_secantus; then sleep 5; restart_secantus
+      else log "no local SecantusDB to kill (a real MongoDB?); nothing injected"; sleep 5; fi ;;
+    mongodb-down-restarts)
+      if [ -n "${MONGODB_URL:-}" ] && kill9_secantus; then
+        restart_often mongo-writer; sleep 6; restart_secantus
+      else
+        touch "$RUN_DIR/mongodb-down"; restart_often mongo-writer; sleep 6; rm -f "$RUN_DIR/mongodb-down"
+      fi ;;
+    mongodb-failing-30s)
+      # A failpoint makes every write and read of the writer fail (a transient error) for 30 s.
+      if [ -z "${MONGODB_URL:-}" ]; then touch "$RUN_DIR/mongodb-down"; sleep 30; rm -f "$RUN_DIR/mongodb-down"
+      else mongo_failpoint '{"times": 100000}'; sleep 30; mongo_failpoint '"off"'; fi ;;
     slow-consumer|self-check-*) sleep 3 ;;
   esac
 }
@@ -113,6 +192,11 @@ run() {
   start filter; start pg-writer "${pg_env[@]}"; start mongo-writer
   wait_ready filter "$FILTER_HTTP_ADDR"
   start generator
+  if [ "$scenario" = two-sources-kill-mongo-writer ]; then
+    SOURCES+=("$SOURCE-b")
+    start generator2 GENERATOR_SOURCE="$SOURCE-b" GENERATOR_SPOOL_DIR="$RUN_DIR/spool-b" \
+      GENERATOR_HTTP_ADDR="127.0.0.1:$((40000 + n * 10 + 5))"
+  fi
   sleep 3
   fault "$scenario"
   local healed; healed=$(now)
@@ -121,6 +205,11 @@ run() {
   for _ in $(seq 600); do kill -0 "${PID[generator]}" 2>/dev/null || break; sleep 0.5; done
   if kill -0 "${PID[generator]}" 2>/dev/null; then gen_status=124; else wait "${PID[generator]}" || gen_status=$?; fi
   PID[generator]=""
+  if [ -n "${PID[generator2]:-}" ]; then
+    for _ in $(seq 600); do kill -0 "${PID[generator2]}" 2>/dev/null || break; sleep 0.5; done
+    if kill -0 "${PID[generator2]}" 2>/dev/null; then gen_status=124; else wait "${PID[generator2]}" || gen_status=$?; fi
+    PID[generator2]=""
+  fi
   # Drain: wait until everything reconciles (or give up after 180 s).
   local report="" ok=False
   for _ in $(seq 360); do
@@ -140,20 +229,21 @@ run() {
       expect_failure=yes; report=$(verify_json) ;;
   esac
   ok=$(field "$report" "d.get('ok', False)")
-  local lost dup file pg mongo acked result
+  local lost dup file pg mongo acked result dead
+  dead=$(dead_letters); dead=${dead:-0}
   lost=$(field "$report" "d['lost'] + d['postgresql']['missing'] + (d['mongodb'] or {}).get('missing', 0)")
   dup=$(field "$report" "d['file']['duplicated'] + d['postgresql']['duplicated'] + (d['mongodb'] or {}).get('duplicated', 0)")
   file=$(field "$report" "d['file']['records']")
   pg=$(field "$report" "d['postgresql']['records']")
   mongo=$(field "$report" "d['mongodb']['records'] if d['mongodb'] else 'n/a'")
-  acked=$([ "$gen_status" = 0 ] && echo "$COUNT" || echo "exit $gen_status")
+  acked=$([ "$gen_status" = 0 ] && echo $((COUNT * ${#SOURCES[@]})) || echo "exit $gen_status")
   if [ "$expect_failure" = yes ]; then
     result=$([ "$ok" = False ] && [ "$lost" -ge 1 ] && echo "caught" || echo "NOT CAUGHT")
     recovered="-"
   else
-    result=$([ "$ok" = True ] && [ "$gen_status" = 0 ] && echo "ok" || echo "FAILED")
+    result=$([ "$ok" = True ] && [ "$gen_status" = 0 ] && [ "$dead" = 0 ] && echo "ok" || echo "FAILED")
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$COUNT" "$acked" "$file" "$pg" "$mongo" "$lost" "$dup" "$recovered" "$result" >>"$RESULTS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$((COUNT * ${#SOURCES[@]}))" "$acked" "$file" "$pg" "$mongo" "$lost" "$dup" "$dead" "$recovered" "$result" >>"$RESULTS"
   log "scenario $scenario: $result"
   teardown
 }
@@ -166,13 +256,13 @@ for scenario in "${SCENARIOS[@]}"; do
 done
 
 echo
-printf '%-26s %9s %7s %6s %10s %8s %5s %10s %11s  %s\n' scenario generated acked file postgresql mongodb lost duplicated recovery_s result
+printf '%-30s %9s %7s %6s %10s %8s %5s %10s %13s %11s  %s\n' scenario generated acked file postgresql mongodb lost duplicated dead_lettered recovery_s result
 failed=0; passed=0
-while IFS=$'\t' read -r s g a f p m l d r res; do
-  printf '%-26s %9s %7s %6s %10s %8s %5s %10s %11s  %s\n' "$s" "$g" "$a" "$f" "$p" "$m" "$l" "$d" "$r" "$res"
+while IFS=$'\t' read -r s g a f p m l d x r res; do
+  printf '%-30s %9s %7s %6s %10s %8s %5s %10s %13s %11s  %s\n' "$s" "$g" "$a" "$f" "$p" "$m" "$l" "$d" "$x" "$r" "$res"
   case $res in ok|caught) passed=$((passed + 1)) ;; *) failed=$((failed + 1)) ;; esac
 done <"$RESULTS"
-[ -z "${MONGODB_URL:-}" ] && echo "(mongodb: n/a — no MONGODB_URL; mongo-writer ran on its in-memory store, which verify cannot read)"
+[ -z "${MONGODB_URL:-}" ] && echo "(mongodb: n/a — MONGODB_URL empty; mongo-writer ran on its in-memory store, which verify cannot read)"
 echo "logs: $WORK"
 echo "chaos: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

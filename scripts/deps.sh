@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Makes sure RabbitMQ and PostgreSQL are installed and running on this machine (Debian), and
-# that the `flowmesh` database exists. Safe to run again and again: it only does what is missing.
-# Sourced by run.sh and test.sh; can also be run on its own.
+# Makes sure RabbitMQ, PostgreSQL and a MongoDB-speaking server are installed and running on this
+# machine (Debian), and that the `flowmesh` database exists. Safe to run again and again: it only
+# does what is missing. Sourced by run.sh and test.sh; can also be run on its own.
+#
+# MongoDB: when nothing answers on 127.0.0.1:27017, SecantusDB (a MongoDB-wire-compatible server
+# from PyPI, pinned below) is installed into a virtualenv under var/ and started with its data
+# in var/mongodb. A real mongod (or `docker compose`, which uses the official image) is used the
+# same way: whatever answers on MONGODB_URL is what the services and tests talk to.
 set -euo pipefail
 
 log() { printf '[deps] %s\n' "$*" >&2; }
@@ -63,6 +68,70 @@ ensure_postgres() {
   fi
 }
 
+SECANTUS_VERSION=0.7.0b3
+MONGODB_DIR=${MONGODB_DIR:-$PWD/var/mongodb}
+
+ensure_mongodb() {
+  if port_open 27017; then return 0; fi
+  local venv=$PWD/var/secantus-venv
+  if [ ! -x "$venv/bin/secantusd-py" ]; then
+    python3 -m venv "$venv" >/dev/null 2>&1 || { apt_install python3-venv; python3 -m venv "$venv"; }
+    log "installing SecantusDB $SECANTUS_VERSION (MongoDB wire protocol) into $venv"
+    "$venv/bin/pip" install --quiet "SecantusDB==$SECANTUS_VERSION"
+  fi
+  start_secantus
+}
+
+# Starts the local SecantusDB on its data directory (also used by the chaos suite to bring it
+# back after a kill -9).
+start_secantus() {
+  local venv=$PWD/var/secantus-venv
+  mkdir -p "$MONGODB_DIR/data"
+  log "starting SecantusDB on 127.0.0.1:27017 (data in $MONGODB_DIR/data)"
+  # Failpoints (configureFailPoint) let the chaos suite make writes fail; the server listens on
+  # loopback only. --sync-on-commit makes j:true writes reach the disk, as mongod's journal does.
+  setsid nohup "$venv/bin/secantusd-py" --host 127.0.0.1 --port 27017 \
+    --storage-path "$MONGODB_DIR/data" --sync-on-commit --enable-test-commands \
+    --log-level WARNING >>"$MONGODB_DIR/server.log" 2>&1 < /dev/null &
+  echo $! > "$MONGODB_DIR/server.pid"
+  wait_port 27017 SecantusDB 120
+}
+
+# Where cargo puts its builds (CARGO_TARGET_DIR and cargo's own configuration respected).
+target_dir() {
+  cargo metadata --format-version 1 --no-deps \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])'
+}
+
+# The pid of the SecantusDB serving port 27017, whoever started it; fails when there is none.
+secantus_pid() {
+  local pid
+  pid=$(cat "$MONGODB_DIR/server.pid" 2>/dev/null || true)
+  if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+    pid=$(ss -Hltnp 'sport = :27017' 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
+  fi
+  [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q secantusd && echo "$pid"
+}
+
+# For the chaos suite: kill -9 the local SecantusDB, remembering its command line (and so its
+# data directory) for restart_secantus. Fails when no SecantusDB serves 27017.
+kill9_secantus() {
+  local pid
+  pid=$(secantus_pid) || return 1
+  mapfile -d '' SECANTUS_CMD <"/proc/$pid/cmdline"
+  kill -9 "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+}
+
+# Starts SecantusDB again exactly as it ran before kill9_secantus.
+restart_secantus() {
+  log "restarting SecantusDB on its data directory"
+  mkdir -p "$MONGODB_DIR"
+  setsid nohup "${SECANTUS_CMD[@]}" >>"$MONGODB_DIR/server.log" 2>&1 </dev/null &
+  echo $! >"$MONGODB_DIR/server.pid"
+  wait_port 27017 SecantusDB 120
+}
+
 ensure_rust() {
   if ! command -v cargo >/dev/null 2>&1; then
     log "cargo not found: install Rust (https://rustup.rs) and run this again"; exit 1
@@ -81,4 +150,5 @@ ensure_rust
 ensure_tools
 ensure_rabbitmq
 ensure_postgres
-log "RabbitMQ and PostgreSQL are up"
+ensure_mongodb
+log "RabbitMQ, PostgreSQL and MongoDB are up"

@@ -17,7 +17,7 @@ echo "[observability] alert rules" >&2
 
 rabbitmq-plugins enable --quiet rabbitmq_prometheus >/dev/null
 cargo build --release --quiet --bins
-BIN=target/release
+BIN=$(target_dir)/release
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/flowmesh-obs.XXXXXX")
 PG_BASE=${PG_BASE:-postgres://postgres:postgres@127.0.0.1:5432}
 DB="flowmesh_obs_$RANDOM"

@@ -13,7 +13,7 @@ source scripts/deps.sh
 KIND=${1:?rabbitmq or stores}
 MINUTES=${2:-10}
 RATE=${RATE:-200}
-BIN=target/release
+BIN=$(target_dir)/release
 cargo build --release --quiet --bins
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/flowmesh-rss.XXXXXX")
 PG_BASE=${PG_BASE:-postgres://postgres:postgres@127.0.0.1:5432}

@@ -4,7 +4,9 @@
 # each service, which drains and exits).
 #
 # Environment (all optional): GENERATOR_RATE (default 5), LOG_FORMAT (json|text, default text
-# here for reading in a terminal), DATA_DIR (default ./var), AMQP_URL, DATABASE_URL, MONGODB_URL.
+# here for reading in a terminal), DATA_DIR (default ./var), AMQP_URL, DATABASE_URL, MONGODB_URL,
+# FILTER_TOKEN / FILTER_TOKEN_FILE (default: a random token in var/filter-token). Every port
+# listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,27 +19,44 @@ export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/
 DATA_DIR=${DATA_DIR:-var}
 export FILTER_DATA_DIR=${FILTER_DATA_DIR:-$DATA_DIR/filter}
 mkdir -p "$FILTER_DATA_DIR"
+# Loopback only, and a token on the WebSocket hop (a file readable by this user only, never a
+# flag): what the demo opens is not open to the network.
+export FILTER_LISTEN=${FILTER_LISTEN:-127.0.0.1:8080}
+for service in GENERATOR:9101 FILTER:9102 PG_WRITER:9103 MONGO_WRITER:9104; do
+  var=${service%%:*}_HTTP_ADDR
+  export "$var=${!var:-127.0.0.1:${service##*:}}"
+done
+if [ -z "${FILTER_TOKEN:-}" ] && [ -z "${FILTER_TOKEN_FILE:-}" ]; then
+  export FILTER_TOKEN_FILE=$DATA_DIR/filter-token
+  [ -s "$FILTER_TOKEN_FILE" ] || (umask 077; python3 -c 'import secrets; print(secrets.token_hex(24))' >"$FILTER_TOKEN_FILE")
+fi
 
 echo "[run] building (release)…" >&2
 cargo build --release --quiet --bins
-BIN=target/release
+BIN=$(target_dir)/release
 
-pids=()
+declare -A pids=()
 start() {
   local name=$1; shift
-  # Prefix every line with the service name. SIGINT is ignored inside, so Ctrl-C does not kill
-  # the prefixing sed before the services have logged their last lines; they are stopped below.
-  ( trap '' INT; "$BIN/$name" "$@" 2>&1 | sed -u "s/^/[$name] /" ) &
-  pids+=($!)
+  # The service runs as the subshell's own process (exec), so $! is its pid; every line is
+  # prefixed with its name. Both ignore SIGINT: Ctrl-C reaches this script, which stops the
+  # services in order below, and the prefixer outlives them to print their last lines.
+  ( trap '' INT; exec "$BIN/$name" "$@" ) > >(trap '' INT; exec sed -u "s/^/[$name] /") 2>&1 &
+  pids[$name]=$!
+}
+
+stop() {
+  local pid=${pids[$1]:-}
+  [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
 }
 
 stop_all() {
   trap - INT TERM
   echo "[run] stopping…" >&2
-  # Generator first (stops intake), then the rest.
-  pkill -TERM -x generator 2>/dev/null || true
+  # Generator first (stops intake), then the rest; only the processes this script started.
+  stop generator
   sleep 1
-  for name in filter pg-writer mongo-writer; do pkill -TERM -x "$name" 2>/dev/null || true; done
+  for name in filter pg-writer mongo-writer; do stop "$name"; done
   wait "${pids[@]}" 2>/dev/null || true
   echo "[run] stopped" >&2
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite against real RabbitMQ and PostgreSQL (installed and started when
-# missing): unit, in-process integration and end-to-end tests, a WebSocket client written in
-# Python that checks the filter's protocol from outside, and the chaos suite.
+# Runs the whole test suite against real RabbitMQ, PostgreSQL and a MongoDB-speaking server
+# (installed and started when missing): unit, in-process integration and end-to-end tests, a
+# WebSocket client written in Python that checks the filter's protocol from outside, and the
+# chaos suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,8 +11,12 @@ source scripts/deps.sh
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/flowmesh}
 
-if [ -z "${MONGODB_URL:-}" ]; then
-  echo "[test] MONGODB_URL is not set: the real-MongoDB tests will be SKIPPED (the in-memory store is tested instead)" >&2
+# MONGODB_URL set to an empty string on purpose skips the real-MongoDB tests; unset, it is the
+# server deps.sh started.
+if [ -z "${MONGODB_URL-unset}" ]; then
+  echo "[test] MONGODB_URL is empty: the real-MongoDB tests will be SKIPPED" >&2
+else
+  export MONGODB_URL=${MONGODB_URL:-mongodb://127.0.0.1:27017}
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then
@@ -21,7 +26,7 @@ else
 fi
 
 if [ -z "${MONGODB_URL:-}" ]; then
-  echo "[test] note: the real-MongoDB tests were SKIPPED (MONGODB_URL not set); MongoDB semantics were tested on the in-memory store" >&2
+  echo "[test] note: the real-MongoDB tests were SKIPPED (MONGODB_URL empty)" >&2
 fi
 
 bash scripts/protocol-check.sh

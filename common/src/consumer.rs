@@ -1,30 +1,37 @@
 //! The consuming side both writers share: read a writer queue with a prefetch, batch by size and
 //! a short linger, store through a circuit breaker with retries, ack after the store committed,
-//! and dead-letter (reject without requeue) what can never be stored.
+//! and dead-letter what can never be stored.
 //!
-//! While the store fails, the consumer holds its current batch and takes no more: everything
-//! else waits in RabbitMQ, and memory is bounded by the prefetch.
+//! **Consume only while the store can write.** A message handed to a writer that then stops,
+//! crashes or loses its connection comes back with its delivery count raised, and the queue's
+//! `x-delivery-limit` dead-letters it after a few such returns. So the consumer opens no
+//! consumer until the store answers (a writer restarted during an outage takes nothing), and
+//! when a store call fails it cancels its consumer: RabbitMQ hands it nothing more, it keeps
+//! only the batch in hand (plus what was already prefetched), retries that batch, and consumes
+//! again once the store has taken it.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
-use lapin::types::FieldTable;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
-use crate::health::{Component, ComponentStatus};
+use crate::link::LinkStatus;
 use crate::metrics as m;
 use crate::record::{Record, parse_timestamp};
 use crate::retry;
 use crate::telemetry::redact_url;
-use crate::topology::Topology;
+use crate::topology::{HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology};
 
 /// What a store did with a batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,6 +42,19 @@ pub struct StoreReport {
     pub duplicates: u64,
 }
 
+/// A store error that no retry can fix (a validation failure, a document too large): the
+/// consumer dead-letters the batch with this reason instead of retrying it forever.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
+/// How storing a batch ended.
+enum Stored {
+    Done(StoreReport),
+    /// The store refused it for good ([`Permanent`]).
+    Refused(String),
+}
+
 /// A database the consumer writes to. Storing must be idempotent by record id.
 pub trait RecordStore: Send + 'static {
     /// Stores `records` (in delivery order) durably, or fails without acking anything.
@@ -42,6 +62,76 @@ pub trait RecordStore: Send + 'static {
         &mut self,
         records: &[Record],
     ) -> impl Future<Output = anyhow::Result<StoreReport>> + Send;
+}
+
+/// Whether the store can take writes now: it answers and its breaker is not open. While it
+/// says no, the consumer opens no consumer.
+pub type StoreGate = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// What the consumer has done and holds, for progress lines. Shared with the shell.
+#[derive(Debug, Default)]
+pub struct ConsumerProgress {
+    /// Messages taken from the queue.
+    pub received: AtomicU64,
+    /// Records newly stored.
+    pub stored: AtomicU64,
+    /// Records that were stored already.
+    pub duplicates: AtomicU64,
+    /// Messages dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Messages in hand, unacked (the batch being stored).
+    pub held: AtomicU64,
+    /// True while a consumer is open on the queue.
+    pub consuming: AtomicBool,
+    /// Since when the store has been failing (none while it works).
+    failing_since: std::sync::Mutex<Option<Instant>>,
+    /// The channel, for a passive declare that tells the queue's depth.
+    channel: std::sync::Mutex<Option<lapin::Channel>>,
+}
+
+impl ConsumerProgress {
+    /// How long the store has been failing, if it is.
+    pub fn failing_for(&self) -> Option<Duration> {
+        self.failing_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|since| since.elapsed())
+    }
+
+    fn set_failing(&self, failing: bool) {
+        let mut since = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (failing, since.is_some()) {
+            (true, false) => *since = Some(Instant::now()),
+            (false, true) => *since = None,
+            _ => {}
+        }
+    }
+
+    fn set_channel(&self, channel: Option<lapin::Channel>) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+
+    /// Messages ready in `queue`, as RabbitMQ counts them now (none without a connection).
+    pub async fn queued(&self, queue: &str) -> Option<u32> {
+        let channel = self
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..lapin::options::QueueDeclareOptions::default()
+        };
+        let declared = tokio::time::timeout(
+            Duration::from_secs(2),
+            channel.queue_declare(queue.into(), passive, FieldTable::default()),
+        )
+        .await;
+        match declared {
+            Ok(Ok(queue)) => Some(queue.message_count()),
+            _ => None,
+        }
+    }
 }
 
 /// How the consumer reads its queue.
@@ -61,63 +151,30 @@ pub struct ConsumerSettings {
     pub linger: Duration,
 }
 
-/// The consumer's connection state, for health.
-#[derive(Debug, Clone, Default)]
-pub struct ConsumerStatus {
-    connected: Arc<AtomicBool>,
-}
-
-impl ConsumerStatus {
-    /// True while consuming.
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::SeqCst)
-    }
-
-    fn set(&self, up: bool) {
-        self.connected.store(up, Ordering::SeqCst);
-        metrics::gauge!(m::CONNECTION_UP, "link" => "amqp").set(if up { 1.0 } else { 0.0 });
-    }
-
-    /// Health of the RabbitMQ link.
-    pub fn component(&self, queue: &str) -> Component {
-        let up = self.is_connected();
-        Component::new(if up {
-            ComponentStatus::Up
-        } else {
-            ComponentStatus::Down
-        })
-        .with_details(serde_json::json!({"connected": up, "queue": queue}))
-    }
-}
-
 /// Consumes until `shutdown` fires. The batch in hand when it fires is stored and acked if the
 /// store works; otherwise it stays unacked and RabbitMQ delivers it again later.
 pub async fn run<S: RecordStore>(
     settings: ConsumerSettings,
     mut store: S,
     breaker: Breaker,
-    status: ConsumerStatus,
+    link: LinkStatus,
+    gate: StoreGate,
+    progress: Arc<ConsumerProgress>,
     shutdown: CancellationToken,
 ) {
-    m::zero_counters(m::RECONNECTS, Some(("link", &["amqp"])));
-    for outcome in ["stored", "duplicate", "dead_lettered"] {
-        metrics::counter!(m::WRITER_RECORDS, "writer" => settings.writer, "outcome" => outcome)
-            .absolute(0);
-    }
-    metrics::counter!(m::WRITER_STORE_FAILURES, "writer" => settings.writer).absolute(0);
-    status.set(false);
+    link.set_connected(false);
     let mut backoff = retry::reconnect().build();
     let mut attempts = 0u64;
     while !shutdown.is_cancelled() {
         if attempts > 0 {
-            metrics::counter!(m::RECONNECTS, "link" => "amqp").increment(1);
+            link.count_reconnect();
         }
         attempts += 1;
         let connected = tokio::select! {
             _ = shutdown.cancelled() => break,
             connected = connect(&settings) => connected,
         };
-        let (connection, channel, consumer) = match connected {
+        let (connection, channel) = match connected {
             Ok(parts) => parts,
             Err(err) => {
                 let wait = backoff.next().unwrap_or(Duration::from_secs(10));
@@ -129,10 +186,22 @@ pub async fn run<S: RecordStore>(
             }
         };
         backoff = retry::reconnect().build();
-        status.set(true);
-        tracing::info!(queue = %queue_name(&settings), "consuming");
-        let ended = consume(&settings, &mut store, &breaker, consumer, &shutdown).await;
-        status.set(false);
+        link.set_connected(true);
+        progress.set_channel(Some(channel.clone()));
+        let mut session = Session {
+            settings: &settings,
+            store: &mut store,
+            breaker: &breaker,
+            gate: &gate,
+            progress: &progress,
+            channel: &channel,
+            consumer: None,
+            cancelled: false,
+        };
+        let ended = session.consume(&shutdown).await;
+        session.set_consuming(false);
+        progress.set_channel(None);
+        link.set_connected(false);
         if let Err(reason) = ended {
             tracing::warn!(error = %reason, "consuming stopped; reconnecting (unacked messages will be redelivered)");
         }
@@ -142,41 +211,21 @@ pub async fn run<S: RecordStore>(
     tracing::info!("consumer stopped");
 }
 
-fn queue_name(settings: &ConsumerSettings) -> String {
-    settings
-        .topology
-        .queue_for(settings.writer)
-        .map(|q| q.name.clone())
-        .unwrap_or_default()
-}
-
-async fn connect(
-    settings: &ConsumerSettings,
-) -> Result<(Connection, lapin::Channel, lapin::Consumer), String> {
+async fn connect(settings: &ConsumerSettings) -> Result<(Connection, lapin::Channel), String> {
     let attempt = async {
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("flowmesh-{}", settings.writer).into());
         let connection = Connection::connect(&settings.url, properties).await?;
         let channel = connection.create_channel().await?;
         settings.topology.declare(&channel).await?;
+        // Confirms for what this channel publishes: messages dead-lettered with their reason.
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await?;
         channel
             .basic_qos(settings.prefetch, BasicQosOptions::default())
             .await?;
-        let consumer = channel
-            .basic_consume(
-                queue_name(settings).as_str().into(),
-                format!(
-                    "flowmesh-{}-{}",
-                    settings.writer,
-                    uuid::Uuid::new_v4().simple()
-                )
-                .as_str()
-                .into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok::<_, lapin::Error>((connection, channel, consumer))
+        Ok::<_, lapin::Error>((connection, channel))
     };
     match tokio::time::timeout(Duration::from_secs(10), attempt).await {
         Ok(Ok(parts)) => Ok(parts),
@@ -185,59 +234,215 @@ async fn connect(
     }
 }
 
-/// Runs one consuming session: Ok when stopped by `shutdown`, Err when the link failed.
-async fn consume<S: RecordStore>(
-    settings: &ConsumerSettings,
-    store: &mut S,
-    breaker: &Breaker,
-    mut consumer: lapin::Consumer,
-    shutdown: &CancellationToken,
-) -> Result<(), String> {
-    let writer = settings.writer;
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            next = consumer.next() => next,
+/// One connection's consuming: the consumer is opened only while the store can write and
+/// cancelled when it fails.
+struct Session<'a, S> {
+    settings: &'a ConsumerSettings,
+    store: &'a mut S,
+    breaker: &'a Breaker,
+    gate: &'a StoreGate,
+    progress: &'a ConsumerProgress,
+    channel: &'a lapin::Channel,
+    consumer: Option<lapin::Consumer>,
+    /// True once this session cancelled its consumer: the stream yields what was already
+    /// delivered, then ends.
+    cancelled: bool,
+}
+
+/// Why waiting for the next delivery stopped.
+enum Next {
+    Delivery(Box<Delivery>),
+    /// Our own cancel took effect and everything delivered before it was taken.
+    Drained,
+    Shutdown,
+}
+
+impl<S: RecordStore> Session<'_, S> {
+    /// Runs until `shutdown` (Ok) or until the link fails (Err).
+    async fn consume(&mut self, shutdown: &CancellationToken) -> Result<(), String> {
+        let writer = self.settings.writer;
+        loop {
+            let first = match self.next(shutdown, None).await? {
+                Next::Delivery(delivery) => *delivery,
+                Next::Drained => continue,
+                Next::Shutdown => return Ok(()),
+            };
+            let mut batch = vec![first];
+            let linger = tokio::time::Instant::now() + self.settings.linger;
+            while batch.len() < self.settings.batch_max {
+                match self.next(shutdown, Some(linger)).await? {
+                    Next::Delivery(delivery) => batch.push(*delivery),
+                    Next::Drained | Next::Shutdown => break,
+                }
+            }
+            self.progress
+                .received
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.progress
+                .held
+                .store(batch.len() as u64, Ordering::Relaxed);
+            let done = self.handle(batch, shutdown).await;
+            self.progress.held.store(0, Ordering::Relaxed);
+            if !done? {
+                // Shutdown while the store is down: the batch stays unacked for redelivery.
+                return Ok(());
+            }
+            metrics::gauge!(m::WRITER_HELD, "writer" => writer).set(0.0);
+        }
+    }
+
+    /// The next delivery, waiting first (without a consumer) until the store can write. With
+    /// `until`, gives up at that instant (as `Drained`).
+    async fn next(
+        &mut self,
+        shutdown: &CancellationToken,
+        until: Option<tokio::time::Instant>,
+    ) -> Result<Next, String> {
+        if self.consumer.is_none() {
+            if until.is_some() {
+                return Ok(Next::Drained);
+            }
+            if !self.wait_for_store(shutdown).await {
+                return Ok(Next::Shutdown);
+            }
+            self.open().await?;
+        }
+        let consumer = self.consumer.as_mut().expect("opened above");
+        let next = match until {
+            Some(at) => tokio::select! {
+                _ = tokio::time::sleep_until(at) => return Ok(Next::Drained),
+                next = consumer.next() => next,
+            },
+            None => tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Next::Shutdown),
+                next = consumer.next() => next,
+            },
         };
-        let mut batch = vec![take(first)?];
-        let linger = tokio::time::sleep(settings.linger);
-        tokio::pin!(linger);
-        while batch.len() < settings.batch_max {
+        match next {
+            Some(Ok(delivery)) => Ok(Next::Delivery(Box::new(delivery))),
+            Some(Err(err)) => Err(err.to_string()),
+            None if self.cancelled => {
+                self.consumer = None;
+                self.set_consuming(false);
+                Ok(Next::Drained)
+            }
+            None => Err("the consumer was cancelled by RabbitMQ".into()),
+        }
+    }
+
+    /// Waits until the store can write; false if shutdown came first.
+    async fn wait_for_store(&mut self, shutdown: &CancellationToken) -> bool {
+        let mut logged = false;
+        while !(self.gate)() {
+            if !logged {
+                tracing::info!(
+                    writer = self.settings.writer,
+                    "the store cannot write: not consuming until it can (messages wait in RabbitMQ)"
+                );
+                logged = true;
+            }
             tokio::select! {
-                _ = &mut linger => break,
-                next = consumer.next() => batch.push(take(next)?),
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
+        !shutdown.is_cancelled()
+    }
 
-        let mut records = Vec::with_capacity(batch.len());
-        let mut last_valid = None;
-        for (index, delivery) in batch.iter().enumerate() {
-            match std::str::from_utf8(&delivery.data)
-                .map_err(|e| e.to_string())
-                .and_then(|text| Record::from_json(text).map_err(|e| e.to_string()))
+    async fn open(&mut self) -> Result<(), String> {
+        let tag = format!(
+            "flowmesh-{}-{}",
+            self.settings.writer,
+            uuid::Uuid::new_v4().simple()
+        );
+        let consumer = self
+            .channel
+            .basic_consume(
+                self.settings.queue().as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("basic.consume failed: {e}"))?;
+        tracing::info!(queue = %self.settings.queue(), "consuming");
+        self.consumer = Some(consumer);
+        self.cancelled = false;
+        self.set_consuming(true);
+        Ok(())
+    }
+
+    /// Stops RabbitMQ handing over more messages (the store failed).
+    async fn pause(&mut self) {
+        if self.cancelled {
+            return;
+        }
+        if let Some(consumer) = &self.consumer {
+            let tag = consumer.tag();
+            match self
+                .channel
+                .basic_cancel(
+                    tag.as_str().into(),
+                    lapin::options::BasicCancelOptions::default(),
+                )
+                .await
             {
+                Ok(()) => {
+                    self.cancelled = true;
+                    tracing::info!(
+                        writer = self.settings.writer,
+                        "the store failed: stopped taking messages until it works again"
+                    );
+                }
+                Err(err) => tracing::warn!(error = %err, "could not cancel the consumer"),
+            }
+        }
+    }
+
+    /// Decodes, stores and settles one batch. Ok(false) when shutdown interrupted storing.
+    async fn handle(
+        &mut self,
+        batch: Vec<Delivery>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, String> {
+        let writer = self.settings.writer;
+        let mut records = Vec::with_capacity(batch.len());
+        // Deliveries that hold a record, still unsettled (the others are dead-lettered now).
+        let mut valid = Vec::with_capacity(batch.len());
+        for (index, delivery) in batch.iter().enumerate() {
+            match decode(&delivery.data) {
                 Ok(record) => {
                     records.push(record);
-                    last_valid = Some(index);
+                    valid.push(index);
                 }
                 Err(reason) => {
                     tracing::warn!(writer, error = %reason, "message can never be stored; dead-lettering it");
-                    metrics::counter!(m::WRITER_RECORDS, "writer" => writer, "outcome" => "dead_lettered").increment(1);
-                    delivery
-                        .reject(BasicRejectOptions { requeue: false })
-                        .await
-                        .map_err(|e| format!("reject failed: {e}"))?;
+                    self.count_dead_lettered(1);
+                    dead_letter(
+                        self.settings,
+                        self.channel,
+                        delivery,
+                        &format!("not a valid record: {reason}"),
+                    )
+                    .await?;
                 }
             }
         }
-        let Some(last_valid) = last_valid else {
-            continue;
+        let Some(&last_valid) = valid.last() else {
+            return Ok(true);
         };
-
-        let report = store_until_done(settings, store, breaker, &records, shutdown).await;
-        let Some(report) = report else {
-            // Shutdown while the store is down: leave the batch unacked for redelivery.
-            return Ok(());
+        metrics::gauge!(m::WRITER_HELD, "writer" => writer).set(batch.len() as f64);
+        let report = match self.store_until_done(&records, shutdown).await {
+            Some(Stored::Done(report)) => report,
+            Some(Stored::Refused(reason)) => {
+                tracing::error!(writer, error = %reason, records = records.len(), "the store refused the batch for good; dead-lettering it");
+                self.count_dead_lettered(records.len() as u64);
+                for &index in &valid {
+                    dead_letter(self.settings, self.channel, &batch[index], &reason).await?;
+                }
+                return Ok(true);
+            }
+            None => return Ok(false),
         };
         let now = chrono::Utc::now();
         for record in &records {
@@ -254,71 +459,145 @@ async fn consume<S: RecordStore>(
             .increment(report.duplicates);
         metrics::histogram!(m::WRITER_BATCH_RECORDS, "writer" => writer)
             .record(records.len() as f64);
-        // One multiple-ack on the last stored delivery settles the batch (rejected deliveries
-        // were settled already).
+        self.progress
+            .stored
+            .fetch_add(report.stored, Ordering::Relaxed);
+        self.progress
+            .duplicates
+            .fetch_add(report.duplicates, Ordering::Relaxed);
+        // One multiple-ack on the last stored delivery settles the batch (dead-lettered
+        // deliveries were settled already).
         batch[last_valid]
             .acker
             .ack(BasicAckOptions { multiple: true })
             .await
             .map_err(|e| format!("ack failed after commit (redelivery is harmless): {e}"))?;
+        Ok(true)
     }
-}
 
-fn take(next: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, String> {
-    match next {
-        Some(Ok(delivery)) => Ok(delivery),
-        Some(Err(err)) => Err(err.to_string()),
-        None => Err("the consumer was cancelled".into()),
+    fn set_consuming(&self, consuming: bool) {
+        self.progress.consuming.store(consuming, Ordering::SeqCst);
+        metrics::gauge!(m::WRITER_CONSUMING, "writer" => self.settings.writer).set(if consuming {
+            1.0
+        } else {
+            0.0
+        });
     }
-}
 
-/// Stores a batch, retrying with backoff through the breaker until it succeeds. `None` if
-/// shutdown came first.
-async fn store_until_done<S: RecordStore>(
-    settings: &ConsumerSettings,
-    store: &mut S,
-    breaker: &Breaker,
-    records: &[Record],
-    shutdown: &CancellationToken,
-) -> Option<StoreReport> {
-    let mut backoff = retry::bounded(
-        usize::MAX,
-        Duration::from_millis(100),
-        Duration::from_secs(5),
-    )
-    .build();
-    loop {
-        if !breaker.permit() {
-            tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-            }
-        }
-        let started = Instant::now();
-        match store.store(records).await {
-            Ok(report) => {
-                breaker.record(true);
-                metrics::histogram!(m::WRITER_STORE_SECONDS, "writer" => settings.writer)
-                    .record(started.elapsed().as_secs_f64());
-                return Some(report);
-            }
-            Err(err) => {
-                breaker.record(false);
-                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(
-                    writer = settings.writer,
-                    error = format!("{err:#}"),
-                    records = records.len(),
-                    retry_in_ms = wait.as_millis() as u64,
-                    "store failed; batch kept unacked and retried"
-                );
-                metrics::counter!(m::WRITER_STORE_FAILURES, "writer" => settings.writer)
-                    .increment(1);
+    fn count_dead_lettered(&self, n: u64) {
+        metrics::counter!(m::WRITER_RECORDS, "writer" => self.settings.writer, "outcome" => "dead_lettered")
+            .increment(n);
+        self.progress.dead_lettered.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Stores a batch, retrying with backoff through the breaker until it succeeds or the
+    /// store refuses it for good. `None` if shutdown came first. The first failure pauses the
+    /// consumer.
+    async fn store_until_done(
+        &mut self,
+        records: &[Record],
+        shutdown: &CancellationToken,
+    ) -> Option<Stored> {
+        let writer = self.settings.writer;
+        let mut backoff = retry::bounded(
+            usize::MAX,
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+        )
+        .build();
+        loop {
+            if !self.breaker.permit() {
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+            let started = Instant::now();
+            match self.store.store(records).await {
+                Ok(report) => {
+                    self.breaker.record(true);
+                    self.progress.set_failing(false);
+                    metrics::histogram!(m::WRITER_STORE_SECONDS, "writer" => writer)
+                        .record(started.elapsed().as_secs_f64());
+                    return Some(Stored::Done(report));
+                }
+                Err(err) if err.downcast_ref::<Permanent>().is_some() => {
+                    // The database answered: it is not down, the batch is bad.
+                    self.breaker.record(true);
+                    self.progress.set_failing(false);
+                    return Some(Stored::Refused(format!("{err:#}")));
+                }
+                Err(err) => {
+                    self.breaker.record(false);
+                    self.progress.set_failing(true);
+                    self.pause().await;
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(
+                        writer,
+                        error = format!("{err:#}"),
+                        records = records.len(),
+                        retry_in_ms = wait.as_millis() as u64,
+                        "store failed; batch kept unacked and retried"
+                    );
+                    metrics::counter!(m::WRITER_STORE_FAILURES, "writer" => writer).increment(1);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
             }
         }
+    }
+}
+
+fn decode(data: &[u8]) -> Result<Record, String> {
+    std::str::from_utf8(data)
+        .map_err(|e| e.to_string())
+        .and_then(|text| Record::from_json(text).map_err(|e| e.to_string()))
+}
+
+/// Sends `delivery` to the dead-letter exchange with `reason` and the queue it came from in its
+/// headers (publisher-confirmed), then acks it. If that fails, rejects it without requeue, so it
+/// still reaches the dead-letter queue (with RabbitMQ's `x-death` only).
+async fn dead_letter(
+    settings: &ConsumerSettings,
+    channel: &lapin::Channel,
+    delivery: &Delivery,
+    reason: &str,
+) -> Result<(), String> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        HEADER_DEAD_LETTER_REASON.into(),
+        AMQPValue::LongString(reason.into()),
+    );
+    headers.insert(
+        HEADER_DEAD_LETTER_QUEUE.into(),
+        AMQPValue::LongString(settings.queue().into()),
+    );
+    let properties = delivery.properties.clone().with_headers(headers);
+    let published = async {
+        channel
+            .basic_publish(
+                settings.topology.dead_letter_exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await?
+            .await
+    }
+    .await;
+    match published {
+        Ok(confirmation) if confirmation.is_ack() => delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("ack failed after dead-lettering: {e}")),
+        _ => delivery
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("reject failed: {e}")),
     }
 }

@@ -1,4 +1,4 @@
-//! Health of a service as `/health`, `/health/live` and `/health/ready` report it (SPEC §7).
+//! Health of a service as `/health`, `/health/live` and `/health/ready` report it (docs/contracts.md §7).
 //!
 //! Components are closures evaluated on every request, so health is never a stale copy of the
 //! truth: a breaker reports its state at the moment it is asked.
@@ -199,6 +199,8 @@ mod tests {
 #[derive(Debug, Clone, Default)]
 pub struct Reachability {
     up: Arc<AtomicBool>,
+    /// Since when checks have failed (set at the first check; none while up).
+    down_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Reachability {
@@ -221,6 +223,14 @@ impl Reachability {
                         .await
                         .unwrap_or(false);
                 state.up.store(up, Ordering::SeqCst);
+                {
+                    let mut since = state.down_since.lock().unwrap_or_else(|e| e.into_inner());
+                    match (up, since.is_some()) {
+                        (false, false) => *since = Some(std::time::Instant::now()),
+                        (true, _) => *since = None,
+                        _ => {}
+                    }
+                }
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(every) => {}
@@ -228,6 +238,14 @@ impl Reachability {
             }
         });
         this
+    }
+
+    /// How long checks have been failing, if they are.
+    pub fn down_for(&self) -> Option<std::time::Duration> {
+        self.down_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|since| since.elapsed())
     }
 
     /// True when the last check succeeded.

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::health::{ComponentStatus, Health};
 
+pub mod guard;
+
 #[derive(Clone)]
 struct AppState {
     health: Health,
@@ -32,7 +34,8 @@ pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
         .with_state(AppState { health, metrics })
 }
 
-/// Serves the probe port on `listener` until `shutdown` fires.
+/// Serves the probe port on `listener` until `shutdown` fires, with a bounded number of
+/// connections and a read timeout (see [`guard`]).
 pub fn spawn(
     listener: TcpListener,
     health: Health,
@@ -40,6 +43,8 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let app = router(health, metrics);
+    let listener =
+        guard::GuardedListener::new(listener, guard::MAX_CONNECTIONS, guard::READ_TIMEOUT);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

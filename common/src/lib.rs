@@ -2,19 +2,25 @@
 //! configuration conventions, telemetry, the HTTP probe port, circuit breakers, retry policies,
 //! the RabbitMQ topology and shutdown handling.
 
+pub mod args;
 pub mod breaker;
 pub mod config;
 pub mod consumer;
 pub mod health;
 pub mod http;
+pub mod link;
 pub mod metrics;
+pub mod progress;
 pub mod protocol;
 pub mod record;
 pub mod retry;
+pub mod routing;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
+pub mod writer;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -1,4 +1,4 @@
-//! The one catalogue of metric names (SPEC §7). Every metric a service exports is declared here,
+//! The one catalogue of metric names (docs/contracts.md §7). Every metric a service exports is declared here,
 //! with its type, labels and meaning; `docs/metrics.md` lists the same entries (a test checks it).
 //!
 //! Labels are bounded: breaker names, destinations, outcomes and field names, never ids.
@@ -16,6 +16,19 @@ pub enum Kind {
     Histogram,
 }
 
+/// Which services export a metric (and have its series zeroed at start-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// The generator.
+    Generator,
+    /// The filter.
+    Filter,
+    /// Each writer (`pg-writer`, `mongo-writer`); its `writer` label is the service's name.
+    Writer,
+    /// Any service (breakers, links): zeroed by the type that owns the label value.
+    Shared,
+}
+
 /// One catalogue entry.
 #[derive(Debug, Clone, Copy)]
 pub struct MetricDef {
@@ -23,104 +36,154 @@ pub struct MetricDef {
     pub name: &'static str,
     /// Series type.
     pub kind: Kind,
+    /// Which services export it.
+    pub owner: Owner,
     /// Label names.
     pub labels: &'static [&'static str],
+    /// Per label, every value it takes; empty where the value is only known at run time
+    /// (`writer` is the service's name; breaker and link names are zeroed by their types).
+    pub values: &'static [&'static [&'static str]],
     /// What it means.
     pub help: &'static str,
 }
 
 macro_rules! catalogue {
-    ($( $(#[$doc:meta])* $ident:ident = $name:literal, $kind:ident, [$($label:literal),*], $help:literal; )*) => {
+    ($( $(#[$doc:meta])* $ident:ident = $name:literal, $kind:ident, $owner:ident,
+        [$($label:literal $(= [$($value:literal),*])?),*], $help:literal; )*) => {
         $( $(#[$doc])* #[doc = $help] pub const $ident: &str = $name; )*
         /// Every metric flowmesh exports.
         pub const CATALOGUE: &[MetricDef] = &[
-            $( MetricDef { name: $name, kind: Kind::$kind, labels: &[$($label),*], help: $help }, )*
+            $( MetricDef {
+                name: $name,
+                kind: Kind::$kind,
+                owner: Owner::$owner,
+                labels: &[$($label),*],
+                values: &[$( &[$($($value),*)?] ),*],
+                help: $help,
+            }, )*
         ];
     };
 }
 
 catalogue! {
-    BREAKER_STATE = "flowmesh_circuit_breaker_state", Gauge, ["breaker", "state"],
+    BREAKER_STATE = "flowmesh_circuit_breaker_state", Gauge, Shared, ["breaker", "state"],
         "1 for the breaker's current state (closed, open, half_open), 0 for the others.";
-    BREAKER_CALLS = "flowmesh_circuit_breaker_calls_total", Counter, ["breaker", "outcome"],
+    BREAKER_CALLS = "flowmesh_circuit_breaker_calls_total", Counter, Shared, ["breaker", "outcome"],
         "Calls a breaker let through, by outcome (success, failure).";
-    BREAKER_NOT_PERMITTED = "flowmesh_circuit_breaker_not_permitted_calls_total", Counter, ["breaker"],
+    BREAKER_NOT_PERMITTED = "flowmesh_circuit_breaker_not_permitted_calls_total", Counter, Shared, ["breaker"],
         "Calls a breaker refused because it was open.";
-    BREAKER_TRANSITIONS = "flowmesh_circuit_breaker_transitions_total", Counter, ["breaker", "state"],
+    BREAKER_TRANSITIONS = "flowmesh_circuit_breaker_transitions_total", Counter, Shared, ["breaker", "state"],
         "State changes of a breaker, by the state entered.";
-    RECONNECTS = "flowmesh_reconnects_total", Counter, ["link"],
+    RECONNECTS = "flowmesh_reconnects_total", Counter, Shared, ["link"],
         "Connection attempts after the first, by link (filter, amqp).";
-    CONNECTION_UP = "flowmesh_connection_up", Gauge, ["link"],
+    CONNECTION_UP = "flowmesh_connection_up", Gauge, Shared, ["link"],
         "1 while the link's connection is established, else 0.";
 
-    GEN_GENERATED = "flowmesh_generator_records_generated_total", Counter, [],
+    GEN_GENERATED = "flowmesh_generator_records_generated_total", Counter, Generator, [],
         "Records the generator made.";
-    GEN_SENT = "flowmesh_generator_records_sent_total", Counter, [],
+    GEN_SENT = "flowmesh_generator_records_sent_total", Counter, Generator, [],
         "Records written to the WebSocket, first sends and re-sends alike.";
-    GEN_RESENT = "flowmesh_generator_records_resent_total", Counter, [],
+    GEN_RESENT = "flowmesh_generator_records_resent_total", Counter, Generator, [],
         "Records sent again after a nack or a reconnect.";
-    GEN_ACKED = "flowmesh_generator_records_acked_total", Counter, [],
+    GEN_ACKED = "flowmesh_generator_records_acked_total", Counter, Generator, [],
         "Records the filter acked (forgotten by the generator).";
-    GEN_NACKED = "flowmesh_generator_records_nacked_total", Counter, [],
+    GEN_NACKED = "flowmesh_generator_records_nacked_total", Counter, Generator, [],
         "Records the filter nacked (kept and re-sent later).";
-    GEN_REJECTED = "flowmesh_generator_records_rejected_total", Counter, [],
+    GEN_REJECTED = "flowmesh_generator_records_rejected_total", Counter, Generator, [],
         "Records the filter rejected as invalid.";
-    GEN_IN_FLIGHT = "flowmesh_generator_in_flight_records", Gauge, [],
+    GEN_IN_FLIGHT = "flowmesh_generator_in_flight_records", Gauge, Generator, [],
         "Generated records not yet acked (the in-flight window).";
-    GEN_WINDOW_FULL = "flowmesh_generator_window_full", Gauge, [],
+    GEN_WINDOW_FULL = "flowmesh_generator_window_full", Gauge, Generator, [],
         "1 while generation is paused because the in-flight window is full.";
-    GEN_WINDOW_FULL_TOTAL = "flowmesh_generator_window_full_total", Counter, [],
+    GEN_WINDOW_FULL_TOTAL = "flowmesh_generator_window_full_total", Counter, Generator, [],
         "Times generation paused on a full in-flight window.";
-    GEN_FRAME_RECORDS = "flowmesh_generator_frame_records", Histogram, [],
+    GEN_FRAME_RECORDS = "flowmesh_generator_frame_records", Histogram, Generator, [],
         "Records per WebSocket frame sent.";
 
-    FILTER_CONNECTIONS = "flowmesh_filter_connections", Gauge, [],
+    FILTER_CONNECTIONS = "flowmesh_filter_connections", Gauge, Filter, [],
         "Open WebSocket connections.";
-    FILTER_FRAMES = "flowmesh_filter_frames_total", Counter, ["kind"],
+    FILTER_FRAMES = "flowmesh_filter_frames_total", Counter, Filter, ["kind" = ["text", "binary", "oversized"]],
         "Frames received, by kind (text, binary, oversized).";
-    FILTER_RECEIVED = "flowmesh_filter_records_received_total", Counter, [],
+    FILTER_RECEIVED = "flowmesh_filter_records_received_total", Counter, Filter, [],
         "Records received, valid or not.";
-    FILTER_ACKED = "flowmesh_filter_records_acked_total", Counter, ["destination"],
+    FILTER_ACKED = "flowmesh_filter_records_acked_total", Counter, Filter, ["destination" = ["broker", "file"]],
         "Records durably routed and acked, by destination (broker, file).";
-    FILTER_NACKED = "flowmesh_filter_records_nacked_total", Counter, ["destination"],
+    FILTER_NACKED = "flowmesh_filter_records_nacked_total", Counter, Filter, ["destination" = ["broker", "file"]],
         "Records nacked (not stored), by the destination they were meant for.";
-    FILTER_REJECTED = "flowmesh_filter_records_rejected_total", Counter, ["field"],
+    FILTER_REJECTED = "flowmesh_filter_records_rejected_total", Counter, Filter, ["field" = ["record", "unknown", "id", "source", "seq", "timestamp", "value", "hash", "traceparent"]],
         "Invalid records rejected and dead-lettered, by the field at fault.";
-    FILTER_DEAD_LETTERED = "flowmesh_filter_dead_lettered_total", Counter, [],
+    FILTER_CONNECTIONS_REFUSED = "flowmesh_filter_connections_refused_total", Counter, Filter,
+        ["reason" = ["max_connections", "max_connections_per_peer"]],
+        "Upgrades answered with HTTP 503 because a connection limit was reached.";
+    FILTER_CLOSED_INVALID = "flowmesh_filter_connections_closed_invalid_total", Counter, Filter, [],
+        "Connections closed (1008) for sending more invalid records than FILTER_MAX_INVALID.";
+    FILTER_DEAD_LETTERED = "flowmesh_filter_dead_lettered_total", Counter, Filter, [],
         "Invalid records written to the dead-letter file.";
-    FILTER_PUBLISH_SECONDS = "flowmesh_filter_publish_duration_seconds", Histogram, [],
+    FILTER_PUBLISH_SECONDS = "flowmesh_filter_publish_duration_seconds", Histogram, Filter, [],
         "Time from publishing a frame's records to RabbitMQ's last confirm.";
-    FILTER_PUBLISH_IN_FLIGHT = "flowmesh_filter_publish_in_flight", Gauge, [],
+    FILTER_PUBLISH_IN_FLIGHT = "flowmesh_filter_publish_in_flight", Gauge, Filter, [],
         "Published records awaiting RabbitMQ's confirm.";
-    FILTER_FILE_COMMIT_SECONDS = "flowmesh_filter_file_commit_duration_seconds", Histogram, ["file"],
+    FILTER_FILE_COMMIT_SECONDS = "flowmesh_filter_file_commit_duration_seconds", Histogram, Filter, ["file"],
         "Time to write, flush (and fsync) one group commit of a file sink.";
-    FILTER_FILE_COMMIT_RECORDS = "flowmesh_filter_file_commit_records", Histogram, ["file"],
+    FILTER_FILE_COMMIT_RECORDS = "flowmesh_filter_file_commit_records", Histogram, Filter, ["file"],
         "Records per group commit of a file sink.";
-    FILTER_FILE_DUPLICATES = "flowmesh_filter_file_duplicates_total", Counter, ["file"],
+    FILTER_FILE_DUPLICATES = "flowmesh_filter_file_duplicates_total", Counter, Filter, ["file" = ["records"]],
         "Re-sent records already in the file: acked again, not written twice.";
-    FILTER_FILE_ROTATIONS = "flowmesh_filter_file_rotations_total", Counter, ["file", "reason"],
+    FILTER_FILE_FULL = "flowmesh_filter_file_full", Gauge, Filter, ["file" = ["records", "dead-letter"]],
+        "1 while a file sink's files have reached their size cap and it refuses writes.";
+    FILTER_FILE_ROTATIONS = "flowmesh_filter_file_rotations_total", Counter, Filter,
+        ["file" = ["records", "dead-letter"], "reason" = ["size", "age"]],
         "File rotations, by reason (size, age).";
 
-    WRITER_RECORDS = "flowmesh_writer_records_total", Counter, ["writer", "outcome"],
+    WRITER_RECORDS = "flowmesh_writer_records_total", Counter, Writer,
+        ["writer", "outcome" = ["stored", "duplicate", "dead_lettered"]],
         "Records a writer handled, by outcome (stored, duplicate, dead_lettered).";
-    WRITER_BATCH_RECORDS = "flowmesh_writer_batch_records", Histogram, ["writer"],
+    WRITER_BATCH_RECORDS = "flowmesh_writer_batch_records", Histogram, Writer, ["writer"],
         "Records per stored batch.";
-    WRITER_STORE_SECONDS = "flowmesh_writer_store_duration_seconds", Histogram, ["writer"],
+    WRITER_STORE_SECONDS = "flowmesh_writer_store_duration_seconds", Histogram, Writer, ["writer"],
         "Time to store one batch in the database (successful attempts).";
-    WRITER_STORE_FAILURES = "flowmesh_writer_store_failures_total", Counter, ["writer"],
+    WRITER_HELD = "flowmesh_writer_held_messages", Gauge, Writer, ["writer"],
+        "Messages the writer holds unacked: the batch being stored.";
+    WRITER_CONSUMING = "flowmesh_writer_consuming", Gauge, Writer, ["writer"],
+        "1 while the writer has a consumer open on its queue (only while its store can write).";
+    WRITER_STORE_FAILURES = "flowmesh_writer_store_failures_total", Counter, Writer, ["writer"],
         "Failed attempts to store a batch (each is retried).";
-    WRITER_END_TO_END_SECONDS = "flowmesh_writer_end_to_end_latency_seconds", Histogram, ["writer"],
+    WRITER_END_TO_END_SECONDS = "flowmesh_writer_end_to_end_latency_seconds", Histogram, Writer, ["writer"],
         "From a record's timestamp to its commit in the writer's database.";
 }
 
-/// Makes counter series exist at zero, for every combination of the given label values, so
-/// dashboards and alerts see `0` instead of nothing before the first event.
-pub fn zero_counters(name: &'static str, label: Option<(&'static str, &[&'static str])>) {
-    match label {
-        None => metrics::counter!(name).absolute(0),
-        Some((key, values)) => {
-            for value in values {
-                metrics::counter!(name, key => *value).absolute(0);
+/// Makes every counter and gauge `service` exports exist at zero, for every combination of its
+/// label values, so dashboards and alerts see `0` instead of nothing before the first event.
+fn zero_series(service: &'static str) {
+    let owner = match service {
+        "generator" => Owner::Generator,
+        "filter" => Owner::Filter,
+        _ => Owner::Writer,
+    };
+    for def in CATALOGUE.iter().filter(|d| d.owner == owner) {
+        let mut series: Vec<Vec<metrics::Label>> = vec![Vec::new()];
+        for (label, values) in def.labels.iter().zip(def.values) {
+            let values: &[&'static str] = match (*label, values.is_empty()) {
+                ("writer", true) => &[service],
+                (_, true) => &[],
+                (_, false) => values,
+            };
+            series = series
+                .into_iter()
+                .flat_map(|labels| {
+                    values.iter().map(move |value| {
+                        let mut labels = labels.clone();
+                        labels.push(metrics::Label::new(*label, *value));
+                        labels
+                    })
+                })
+                .collect();
+        }
+        for labels in series {
+            match def.kind {
+                Kind::Counter => metrics::counter!(def.name, labels).absolute(0),
+                Kind::Gauge => metrics::gauge!(def.name, labels).set(0.0),
+                Kind::Histogram => {}
             }
         }
     }
@@ -140,10 +203,17 @@ const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 static HANDLE: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
 
-/// Installs the process-wide Prometheus recorder once and returns its handle.
+/// Installs the process-wide Prometheus recorder (once) and makes `service`'s series exist at
+/// zero; returns the handle that renders `/metrics`.
 ///
-/// Services in one test process share it, which is why this is idempotent.
-pub fn install() -> Result<PrometheusHandle, BuildError> {
+/// Services in one test process share the recorder, which is why this is idempotent.
+pub fn install(service: &'static str) -> Result<PrometheusHandle, BuildError> {
+    let handle = recorder()?;
+    zero_series(service);
+    Ok(handle)
+}
+
+fn recorder() -> Result<PrometheusHandle, BuildError> {
     let mut slot = HANDLE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(handle) = slot.as_ref() {
         return Ok(handle.clone());
@@ -206,6 +276,13 @@ mod tests {
                 def.name
             );
             assert!(!def.labels.iter().any(|l| l.contains("id")), "{}", def.name);
+        }
+    }
+
+    #[test]
+    fn label_values_are_declared_for_every_label_or_for_none() {
+        for def in CATALOGUE {
+            assert_eq!(def.labels.len(), def.values.len(), "{}", def.name);
         }
     }
 

@@ -1,8 +1,10 @@
-//! The WebSocket hop of SPEC §2: what the filter answers for every record it receives, and how a
+//! The WebSocket hop of docs/contracts.md §2: what the filter answers for every record it receives, and how a
 //! frame from the generator is split into records.
 
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::record::{Record, RecordError};
 
@@ -63,30 +65,131 @@ pub enum Item {
     },
 }
 
-/// Splits a text frame into records: one object, or an array of them (a batch).
+/// Default largest number of records in one frame; a frame with more is rejected whole.
+pub const DEFAULT_MAX_BATCH: usize = 10_000;
+
+/// How many bytes of an invalid input are kept in dead-letter lines and echoed in errors.
+pub const EXCERPT_BYTES: usize = 256;
+
+/// Splits a text frame into records: one object, or an array of at most `max_batch` of them.
 ///
-/// Err when the frame is not JSON or not an object/array: then no `seq` can be known.
-pub fn parse_frame(text: &str) -> Result<Vec<Item>, RecordError> {
-    let value: Value = serde_json::from_str(text).map_err(|err| RecordError::Invalid {
+/// Err when the frame is not JSON, not an object/array, or holds more than `max_batch`
+/// elements: then the whole frame is refused with one answer. Memory stays a small multiple of
+/// the frame: elements are sliced out of the text without building a JSON tree of the whole
+/// frame, and elements past the limit are counted, not kept.
+pub fn parse_frame(text: &str, max_batch: usize) -> Result<Vec<Item>, RecordError> {
+    let not_json = |err: serde_json::Error| RecordError::Invalid {
         field: "record",
         reason: format!("frame is not valid JSON: {err}"),
-    })?;
-    let elements = match value {
-        Value::Array(items) => items,
-        object @ Value::Object(_) => vec![object],
-        other => return Err(RecordError::NotAnObject(crate::record::json_type(&other))),
+    };
+    let elements: Vec<&RawValue> = match text.trim_start().as_bytes().first() {
+        Some(b'[') => {
+            let mut deserializer = serde_json::Deserializer::from_str(text);
+            let elements = Elements { max: max_batch }
+                .deserialize(&mut deserializer)
+                .map_err(not_json)?;
+            deserializer.end().map_err(not_json)?;
+            match elements {
+                Ok(elements) => elements,
+                Err(count) => {
+                    return Err(RecordError::Invalid {
+                        field: "record",
+                        reason: format!(
+                            "frame holds {count} records, more than the limit of {max_batch}"
+                        ),
+                    });
+                }
+            }
+        }
+        Some(b'{') => vec![serde_json::from_str(text).map_err(not_json)?],
+        _ => {
+            let value: Value = serde_json::from_str(text).map_err(not_json)?;
+            return Err(RecordError::NotAnObject(crate::record::json_type(&value)));
+        }
     };
     Ok(elements
         .into_iter()
-        .map(|element| match Record::from_value(&element) {
-            Ok(record) => Item::Valid(record),
-            Err(error) => Item::Invalid {
-                seq: element.get("seq").and_then(Value::as_u64),
-                error,
-                raw: element.to_string(),
-            },
+        .map(|raw| {
+            let parsed: Result<Value, _> = serde_json::from_str(raw.get());
+            let element = match parsed {
+                Ok(element) => element,
+                Err(err) => {
+                    return Item::Invalid {
+                        seq: None,
+                        error: not_json(err),
+                        raw: excerpt(raw.get()),
+                    };
+                }
+            };
+            match Record::from_value(&element) {
+                Ok(record) => Item::Valid(record),
+                Err(error) => Item::Invalid {
+                    seq: element.get("seq").and_then(Value::as_u64),
+                    error,
+                    raw: excerpt(raw.get()),
+                },
+            }
         })
         .collect())
+}
+
+/// Collects the elements of a JSON array as raw slices, up to `max`; beyond that only counts
+/// them (`Err(count)`), keeping nothing.
+struct Elements {
+    max: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Elements {
+    type Value = Result<Vec<&'de RawValue>, usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Elements {
+    type Value = Result<Vec<&'de RawValue>, usize>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of records")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut kept = Vec::new();
+        while kept.len() < self.max {
+            match seq.next_element::<&'de RawValue>()? {
+                Some(element) => kept.push(element),
+                None => return Ok(Ok(kept)),
+            }
+        }
+        let mut count = kept.len();
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            count += 1;
+        }
+        Ok(if count > self.max {
+            Err(count)
+        } else {
+            Ok(kept)
+        })
+    }
+}
+
+/// `text` if it is short; else its first [`EXCERPT_BYTES`] bytes, its length and its MD5, so a
+/// dead-letter line or an error stays small whatever the input.
+pub fn excerpt(text: &str) -> String {
+    if text.len() <= EXCERPT_BYTES {
+        return text.to_owned();
+    }
+    let mut end = EXCERPT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… ({} bytes, md5 {:x})",
+        &text[..end],
+        text.len(),
+        md5::compute(text.as_bytes())
+    )
 }
 
 #[cfg(test)]
@@ -120,7 +223,7 @@ mod tests {
         let at = crate::record::parse_timestamp("2026-11-22T04:00:00.123Z").expect("ts");
         let good = Record::new("g", 1, at, 5, None).to_json();
         let frame = format!(r#"[{good}, {{"seq": 2}}, 17]"#);
-        let items = parse_frame(&frame).expect("frame");
+        let items = parse_frame(&frame, DEFAULT_MAX_BATCH).expect("frame");
         assert!(matches!(items[0], Item::Valid(_)));
         assert!(matches!(items[1], Item::Invalid { seq: Some(2), .. }));
         assert!(matches!(items[2], Item::Invalid { seq: None, .. }));
@@ -128,8 +231,38 @@ mod tests {
 
     #[test]
     fn a_frame_that_is_not_json_or_not_a_record_shape_is_an_error() {
-        assert!(parse_frame("nope").is_err());
-        assert!(parse_frame("42").is_err());
-        assert!(parse_frame("[]").expect("empty batch").is_empty());
+        assert!(parse_frame("nope", DEFAULT_MAX_BATCH).is_err());
+        assert!(parse_frame("42", DEFAULT_MAX_BATCH).is_err());
+        assert!(
+            parse_frame("[]", DEFAULT_MAX_BATCH)
+                .expect("empty batch")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_frame_with_more_records_than_the_limit_is_refused_whole_without_keeping_them() {
+        let frame = format!("[{}]", vec!["0"; 524_000].join(","));
+        let err = parse_frame(&frame, 10_000).expect_err("too many");
+        assert_eq!(err.field(), "record");
+        assert!(err.to_string().contains("524000 records"), "{err}");
+        let exactly = format!("[{}]", ["0"; 3].join(","));
+        assert_eq!(parse_frame(&exactly, 3).expect("at the limit").len(), 3);
+    }
+
+    #[test]
+    fn long_invalid_input_is_kept_as_a_short_excerpt() {
+        let huge = format!("{{\"{}\": 1}}", "x".repeat(100_000));
+        let items = parse_frame(&format!("[{huge}]"), 10).expect("frame");
+        match &items[0] {
+            Item::Invalid { raw, .. } => {
+                assert!(raw.len() < EXCERPT_BYTES + 80, "{}", raw.len());
+                assert!(raw.contains("100007 bytes, md5"), "{raw}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(excerpt("short"), "short");
+        let multibyte = "é".repeat(300);
+        assert!(excerpt(&multibyte).starts_with("ééé"));
     }
 }

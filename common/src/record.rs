@@ -91,7 +91,7 @@ impl RecordError {
     }
 }
 
-/// The two-char hash of SPEC §1: the last two hex chars of the lowercase hex MD5 of
+/// The two-char hash of docs/contracts.md §1: the last two hex chars of the lowercase hex MD5 of
 /// `"{timestamp}|{value}"`.
 pub fn record_hash(timestamp: &str, value: u8) -> String {
     let digest = md5::compute(format!("{timestamp}|{value}"));
@@ -140,7 +140,7 @@ impl Record {
         }
     }
 
-    /// Validates one JSON value against every rule of SPEC §1.
+    /// Validates one JSON value against every rule of docs/contracts.md §1.
     pub fn from_value(value: &Value) -> Result<Self, RecordError> {
         let Value::Object(map) = value else {
             return Err(RecordError::NotAnObject(json_type(value)));
@@ -253,11 +253,6 @@ impl Record {
             .as_deref()
             .and_then(|tp| tp.get(3..35))
             .unwrap_or("")
-    }
-
-    /// True when the record goes to RabbitMQ under the default rule of SPEC §3 (`value > 90`).
-    pub fn routes_to_broker(&self) -> bool {
-        self.value > 90
     }
 }
 

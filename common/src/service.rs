@@ -13,14 +13,20 @@ use crate::config::{self, Validate};
 use crate::telemetry::{self, LogFormat};
 use crate::{http, shutdown};
 
-/// What `main` needs to know of a service's configuration.
-pub trait ServiceConfig: Parser + Validate + Send + 'static {
+/// The settings `main` needs, declared per service by [`service_args!`](crate::service_args).
+pub trait ServiceArgs {
     /// The service's own HTTP port.
     fn http_addr(&self) -> SocketAddr;
     /// The log format asked for.
     fn log_format(&self) -> LogFormat;
     /// True when the process should only probe its running twin's readiness.
     fn probe_ready(&self) -> bool;
+}
+
+/// A service's whole configuration, as `main` sees it.
+pub trait ServiceConfig: Parser + Validate + Send + 'static {
+    /// The service's probe-port settings.
+    fn service_args(&self) -> &dyn ServiceArgs;
 }
 
 /// Runs a service: `run` gets the configuration and the shutdown token and returns the exit code.
@@ -34,13 +40,14 @@ where
         Ok(config) => config,
         Err(code) => return code,
     };
-    if config.probe_ready() {
-        let addr = config.http_addr();
+    let args = config.service_args();
+    let (probe_ready, addr, log_format) = (args.probe_ready(), args.http_addr(), args.log_format());
+    if probe_ready {
         return tokio::task::spawn_blocking(move || http::probe_ready_exit_code(addr))
             .await
             .unwrap_or(ExitCode::FAILURE);
     }
-    telemetry::init(service, config.log_format());
+    telemetry::init(service, log_format);
     match run(config, shutdown::on_signals()).await {
         Ok(code) => code,
         Err(err) => {
@@ -50,20 +57,14 @@ where
     }
 }
 
-/// Implements [`ServiceConfig`] for a config struct with `http_addr`, `log_format` and
-/// `probe_ready` fields.
+/// Implements [`ServiceConfig`] for a config struct whose field `$($field).+` (`service`, or
+/// `writer.service`) holds the `ServiceArgs` that [`service_args!`](crate::service_args) declared.
 #[macro_export]
 macro_rules! service_config {
-    ($config:ty) => {
+    ($config:ty, $($field:ident).+) => {
         impl $crate::service::ServiceConfig for $config {
-            fn http_addr(&self) -> std::net::SocketAddr {
-                self.http_addr
-            }
-            fn log_format(&self) -> $crate::telemetry::LogFormat {
-                self.log_format
-            }
-            fn probe_ready(&self) -> bool {
-                self.probe_ready
+            fn service_args(&self) -> &dyn $crate::service::ServiceArgs {
+                &self.$($field).+
             }
         }
     };

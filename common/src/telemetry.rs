@@ -104,26 +104,40 @@ impl Visit for Fields<'_> {
     }
 }
 
-/// Removes the password from a URL before it is logged: `amqp://user:***@host/`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+/// Query parameters whose values are secrets (compared case-insensitively, as substrings).
+const SECRET_PARAMS: &[&str] = &[
+    "password", "passwd", "pwd", "secret", "token", "key", "auth",
+];
+
+/// A URL fit for logs: its password and the values of secret-looking query parameters become
+/// `***` (`amqp://user:***@host/`), whatever characters they hold. A URL that does not parse is
+/// not printed at all.
+pub fn redact_url(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else {
+        return "<unparsable URL>".into();
     };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{tail}")
-            } else {
-                format!("{scheme}://{user}@{host}{tail}")
-            }
-        }
-        None => url.to_owned(),
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
     }
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(key, value)| {
+            let lower = key.to_ascii_lowercase();
+            let secret = SECRET_PARAMS.iter().any(|p| lower.contains(p));
+            (
+                key.into_owned(),
+                if secret {
+                    "***".into()
+                } else {
+                    value.into_owned()
+                },
+            )
+        })
+        .collect();
+    if !pairs.is_empty() {
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string().replace("%2A%2A%2A", "***")
 }
 
 #[cfg(test)]
@@ -139,5 +153,74 @@ mod tests {
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
         assert_eq!(redact_url("mongodb://a:p@ss@h"), "mongodb://a:***@h");
+        let slashed = redact_url("postgres://u:Xy/Zq:w%40rd@h:5432/db");
+        assert!(
+            !slashed.contains("Xy") && !slashed.contains("w%40rd"),
+            "{slashed}"
+        );
+        let encoded = redact_url("postgres://u:Xy%2FZq@h:5432/db");
+        assert_eq!(encoded, "postgres://u:***@h:5432/db");
+        let query =
+            redact_url("mongodb://h/?authSource=admin&tlsCertificateKeyFilePassword=x1&token=y2");
+        assert!(!query.contains("x1") && !query.contains("y2"), "{query}");
+        assert_eq!(redact_url("not a url"), "<unparsable URL>");
+    }
+}
+
+/// Lets through at most `per_second` log lines a second and counts the rest, so a flood of bad
+/// input cannot flood the logs (the metrics still count every event).
+#[derive(Debug)]
+pub struct LogLimit {
+    per_second: u32,
+    state: std::sync::Mutex<LimitState>,
+}
+
+#[derive(Debug)]
+struct LimitState {
+    window: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    /// A limit of `per_second` lines a second.
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            state: std::sync::Mutex::new(LimitState {
+                window: std::time::Instant::now(),
+                logged: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// `Some(n)` when this line may be logged, `n` being how many were left out before it;
+    /// `None` when it is to be left out.
+    pub fn check(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.window.elapsed() >= std::time::Duration::from_secs(1) {
+            state.window = std::time::Instant::now();
+            state.logged = 0;
+        }
+        if state.logged < self.per_second {
+            state.logged += 1;
+            Some(std::mem::take(&mut state.suppressed))
+        } else {
+            state.suppressed += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::LogLimit;
+
+    #[test]
+    fn a_flood_is_cut_to_the_limit_and_the_rest_is_counted() {
+        let limit = LogLimit::new(3);
+        let allowed = (0..1000).filter(|_| limit.check().is_some()).count();
+        assert_eq!(allowed, 3);
     }
 }

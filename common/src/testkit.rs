@@ -1,5 +1,7 @@
-//! Test support (feature `testkit`): a TCP proxy that can cut a dependency away and bring it
-//! back, and fresh names so parallel tests never share a queue or an exchange.
+//! Test support (feature `testkit`), for the tests of every crate: fresh names so parallel
+//! tests never share a queue or an exchange, RabbitMQ helpers (publish, drain, delete),
+//! records, `eventually`, a self-cleaning writer fixture, and a TCP proxy that can cut a
+//! dependency away and bring it back.
 //!
 //! Tests run against the real RabbitMQ and PostgreSQL; the proxy sits between a service and
 //! the real server so a test can take the dependency away without stopping it for everyone.
@@ -7,9 +9,20 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::Breaker;
+use crate::link::LinkStatus;
+use crate::topology::Topology;
+use crate::writer::{Database, Writer};
 
 /// A fresh, unique prefix for a test's private AMQP topology or database objects.
 pub fn unique_prefix(test: &str) -> String {
@@ -92,4 +105,276 @@ async fn accept_loop(
             }
         });
     }
+}
+
+/// The RabbitMQ the tests use: `AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A channel to the test RabbitMQ, for inspecting queues.
+pub async fn amqp_channel() -> (Connection, Channel) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ reachable at AMQP_URL");
+    let channel = connection.create_channel().await.expect("channel");
+    (connection, channel)
+}
+
+/// Consumes messages from `queue` (acking them) until `expect` have arrived and the queue has
+/// been quiet for a moment, or until `within` has passed. A consumer rather than `basic.get`,
+/// which single-active-consumer quorum queues refuse.
+pub async fn drain_queue(
+    channel: &Channel,
+    queue: &str,
+    expect: usize,
+    within: Duration,
+) -> Vec<lapin::message::Delivery> {
+    let tag = format!("test-drain-{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("basic.consume");
+    let deadline = tokio::time::Instant::now() + within;
+    let mut got = Vec::new();
+    loop {
+        let quiet = if got.len() >= expect {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(3600)
+        };
+        let wait = deadline.min(tokio::time::Instant::now() + quiet);
+        match tokio::time::timeout_at(wait, consumer.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                delivery.ack(BasicAckOptions::default()).await.expect("ack");
+                got.push(delivery);
+            }
+            Ok(Some(Err(err))) => panic!("consuming {queue}: {err}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    got
+}
+
+/// Polls `condition` every 20 ms until it holds, failing the test after `within`.
+pub async fn eventually(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Parses every line of a JSON Lines file (none if it does not exist).
+pub fn read_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every line is JSON"))
+        .collect()
+}
+
+/// Declares `topology`, then publishes each message to `exchange` and waits for its confirm.
+pub async fn publish(
+    topology: &Topology,
+    exchange: &str,
+    messages: Vec<(Vec<u8>, lapin::BasicProperties)>,
+) {
+    let (connection, channel) = amqp_channel().await;
+    topology.declare(&channel).await.expect("declare");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    for (body, properties) in messages {
+        channel
+            .basic_publish(
+                exchange.into(),
+                "".into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let _ = connection.close(200, "ok".into()).await;
+}
+
+/// Publishes records to the records exchange as the filter would (same properties).
+pub async fn publish_records(topology: &Topology, records: &[crate::record::Record]) {
+    let messages = records
+        .iter()
+        .map(|r| {
+            (
+                r.to_json().into_bytes(),
+                crate::topology::record_properties(r),
+            )
+        })
+        .collect();
+    publish(topology, &topology.exchange, messages).await;
+}
+
+/// Deletes a test's private topology.
+pub async fn delete_topology(topology: &Topology) {
+    let (connection, channel) = amqp_channel().await;
+    let _ = topology.delete(&channel).await;
+    let _ = connection.close(200, "ok".into()).await;
+}
+
+/// A valid record timestamped now, with a fresh `traceparent`.
+pub fn record(source: &str, seq: u64, value: u8) -> crate::record::Record {
+    crate::record::Record::new(
+        source,
+        seq,
+        chrono::Utc::now(),
+        value,
+        Some(crate::record::new_traceparent()),
+    )
+}
+
+/// A valid record whose hash satisfies `wanted`, found by trying successive milliseconds.
+pub fn record_where(
+    source: &str,
+    seq: u64,
+    value: u8,
+    wanted: impl Fn(&str) -> bool,
+) -> crate::record::Record {
+    let base = chrono::Utc::now();
+    (0..)
+        .map(|ms| {
+            crate::record::Record::new(
+                source,
+                seq,
+                base + chrono::Duration::milliseconds(ms),
+                value,
+                Some(crate::record::new_traceparent()),
+            )
+        })
+        .find(|r| wanted(&r.hash))
+        .expect("some millisecond gives a wanted hash")
+}
+
+/// A writer running in-process on its private topology; [`finish`](Self::finish) stops it and
+/// deletes the topology.
+pub struct TestWriter {
+    /// The database breaker.
+    pub breaker: Breaker,
+    /// The RabbitMQ link.
+    pub link: LinkStatus,
+    /// The probe port.
+    pub http_addr: SocketAddr,
+    topology: Topology,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestWriter {
+    /// Runs `writer` until [`stop`](Self::stop) or [`finish`](Self::finish).
+    pub fn start<D: Database>(writer: Writer<D>) -> Self {
+        let breaker = writer.breaker();
+        let link = writer.link();
+        let http_addr = writer.http_addr();
+        let topology = writer.settings().consumer.topology.clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(writer.run_until_stopped(shutdown.clone()));
+        Self {
+            breaker,
+            link,
+            http_addr,
+            topology,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Waits until the writer is connected to RabbitMQ.
+    pub async fn wait_connected(&self) {
+        let link = self.link.clone();
+        eventually(
+            "the writer connected to RabbitMQ",
+            Duration::from_secs(30),
+            || link.is_connected(),
+        )
+        .await;
+    }
+
+    /// Stops the writer and waits for a clean stop; the topology stays (for a restart).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the writer stops within 30 s")
+            .expect("writer task")
+            .expect("the writer stopped cleanly");
+    }
+
+    /// Stops the writer and deletes its topology.
+    pub async fn finish(self) {
+        let topology = self.topology.clone();
+        self.stop().await;
+        delete_topology(&topology).await;
+    }
+}
+
+/// Starts a [`Proxy`] in front of the server that `url` names (`scheme://user:pass@host:port/…`)
+/// and returns it with `url` pointed at the proxy instead.
+pub async fn proxy_url(url: &str) -> (Proxy, String) {
+    let authority = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or(authority).to_owned();
+    let upstream = tokio::net::lookup_host(&host)
+        .await
+        .expect("the server's address resolves")
+        .next()
+        .expect("an address");
+    let proxy = Proxy::start(upstream).await.expect("proxy starts");
+    let proxied = url.replacen(&host, &proxy.addr().to_string(), 1);
+    (proxy, proxied)
+}
+
+/// Messages ready in `queue` (a passive declare), as RabbitMQ counts them.
+pub async fn queue_depth(queue: &str) -> u32 {
+    let (connection, channel) = amqp_channel().await;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    let depth = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .expect("the queue exists")
+        .message_count();
+    let _ = connection.close(200, "ok".into()).await;
+    depth
+}
+
+/// Takes what the test's dead-letter queue holds (waiting for `expect` messages at most
+/// `within`), on a connection of its own.
+pub async fn drain_dead_letters(
+    topology: &Topology,
+    expect: usize,
+    within: Duration,
+) -> Vec<lapin::message::Delivery> {
+    let (connection, channel) = amqp_channel().await;
+    let dead = drain_queue(&channel, &topology.dead_letter_queue.name, expect, within).await;
+    let _ = connection.close(200, "ok".into()).await;
+    dead
 }

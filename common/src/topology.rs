@@ -1,4 +1,4 @@
-//! The RabbitMQ topology of SPEC §4, from one definition, and the message properties every
+//! The RabbitMQ topology of docs/contracts.md §4, from one definition, and the message properties every
 //! publisher uses.
 //!
 //! Names derive from a prefix (`flowmesh` in production) so tests can declare a fresh, isolated
@@ -23,6 +23,10 @@ pub const HEADER_SOURCE: &str = "source";
 pub const HEADER_SEQ: &str = "seq";
 /// AMQP header carrying the W3C `traceparent`.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// Header a writer puts on a message it dead-letters itself: why.
+pub const HEADER_DEAD_LETTER_REASON: &str = "x-flowmesh-reason";
+/// Header a writer puts on a message it dead-letters itself: the queue it came from.
+pub const HEADER_DEAD_LETTER_QUEUE: &str = "x-flowmesh-queue";
 /// Content type of every record message.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 

@@ -6,13 +6,11 @@
 //! is an ack: a nack, a returned (unroutable) message or a lost connection nacks the record back
 //! to the client, which sends it again. Nothing is ever acked on hope.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use flowmesh_common::breaker::Breaker;
-use flowmesh_common::health::Component;
+use flowmesh_common::link::LinkStatus;
 use flowmesh_common::metrics as m;
 use flowmesh_common::record::Record;
 use flowmesh_common::retry;
@@ -57,50 +55,28 @@ pub struct BrokerJob {
 #[derive(Debug, Clone)]
 pub struct BrokerSink {
     sender: mpsc::Sender<BrokerJob>,
-    status: BrokerStatus,
-}
-
-/// The publisher's state as health sees it. Holding it does not keep the publisher running.
-#[derive(Debug, Clone)]
-pub struct BrokerStatus {
     breaker: Breaker,
-    connected: Arc<AtomicBool>,
-}
-
-impl BrokerStatus {
-    /// The breaker guarding RabbitMQ.
-    pub fn breaker(&self) -> &Breaker {
-        &self.breaker
-    }
-
-    /// True while an AMQP connection with a confirming channel is up.
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::SeqCst)
-    }
-
-    /// Health: DOWN while disconnected or while the breaker is open.
-    pub fn component(&self) -> Component {
-        self.breaker.link_component(self.is_connected())
-    }
+    link: LinkStatus,
 }
 
 impl BrokerSink {
     /// Starts the publisher and its connection supervisor.
     pub fn start(config: BrokerConfig, breaker: Breaker) -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_JOBS);
-        let connected = Arc::new(AtomicBool::new(false));
+        let link = LinkStatus::new("amqp");
         let task = tokio::spawn(
             Publisher {
                 config,
                 breaker: breaker.clone(),
-                connected: connected.clone(),
+                link: link.clone(),
             }
             .run(receiver),
         );
         (
             Self {
                 sender,
-                status: BrokerStatus { breaker, connected },
+                breaker,
+                link,
             },
             task,
         )
@@ -108,12 +84,13 @@ impl BrokerSink {
 
     /// The breaker guarding RabbitMQ.
     pub fn breaker(&self) -> &Breaker {
-        &self.status.breaker
+        &self.breaker
     }
 
-    /// The publisher's state, for health and tests.
-    pub fn status(&self) -> BrokerStatus {
-        self.status.clone()
+    /// The connection's state, for health and tests. Holding it does not keep the publisher
+    /// running.
+    pub fn link(&self) -> LinkStatus {
+        self.link.clone()
     }
 
     /// Queues a job, waiting for room (backpressure). Fails only when the publisher stopped.
@@ -140,7 +117,7 @@ type Confirmed = (
 struct Publisher {
     config: BrokerConfig,
     breaker: Breaker,
-    connected: Arc<AtomicBool>,
+    link: LinkStatus,
 }
 
 impl Publisher {
@@ -164,7 +141,7 @@ impl Publisher {
                             tracing::info!(url = %redact_url(&self.config.url), "connected to RabbitMQ");
                             link = Some(new_link);
                             backoff = retry::reconnect().build();
-                            self.set_connected(true);
+                            self.link.set_connected(true);
                         }
                         Err(err) => {
                             let wait = backoff.next().unwrap_or(Duration::from_secs(10));
@@ -175,7 +152,7 @@ impl Publisher {
                 }
                 _ = sleep_until(next_attempt), if link.is_none() && connecting.is_none() => {
                     next_attempt = None;
-                    metrics::counter!(m::RECONNECTS, "link" => "amqp").increment(1);
+                    self.link.count_reconnect();
                     connecting = Some(Box::pin(connect(self.config.clone())));
                 }
                 err = async { link.as_mut().expect("guarded").failed.recv().await }, if link.is_some() => {
@@ -225,13 +202,8 @@ impl Publisher {
                 .close(200, "filter shutting down".into())
                 .await;
         }
-        self.set_connected(false);
+        self.link.set_connected(false);
         tracing::info!("RabbitMQ publisher drained and closed");
-    }
-
-    fn set_connected(&self, up: bool) {
-        self.connected.store(up, Ordering::SeqCst);
-        metrics::gauge!(m::CONNECTION_UP, "link" => "amqp").set(if up { 1.0 } else { 0.0 });
     }
 
     fn drop_link(&self, link: &mut Option<Link>, reason: &str) {
@@ -240,7 +212,7 @@ impl Publisher {
                 error = reason,
                 "RabbitMQ connection lost; unconfirmed records will be nacked"
             );
-            self.set_connected(false);
+            self.link.set_connected(false);
             self.breaker.trip();
             tokio::spawn(async move {
                 let _ = old.connection.close(320, "reconnecting".into()).await;

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use flowmesh_common::breaker::BreakerSettings;
-use flowmesh_common::config::{Secret, Validate, parse_bytes, parse_duration};
-use flowmesh_common::telemetry::LogFormat;
+use flowmesh_common::args::{BrokerArgs, TokenArgs};
+use flowmesh_common::config::{Validate, parse_bytes, parse_duration};
+
+flowmesh_common::service_args!("FILTER", "0.0.0.0:9102");
+flowmesh_common::breaker_args!("FILTER", failures = 5, open_wait = "1s");
 
 /// When a record written to the file sink counts as stored (and is acked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -28,18 +30,46 @@ pub struct FilterConfig {
     #[arg(long, env = "FILTER_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
-    /// Address of the HTTP port serving /metrics and /health.
-    #[arg(long, env = "FILTER_HTTP_ADDR", default_value = "0.0.0.0:9102")]
-    pub http_addr: SocketAddr,
+    /// PEM certificate chain: with `--tls-key`, the filter serves `wss://` only.
+    #[arg(long, env = "FILTER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
 
-    /// Bearer token clients must present on the WebSocket upgrade; none means no check.
-    #[arg(long, env = "FILTER_TOKEN", hide_env_values = true)]
-    pub token: Option<Secret>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "FILTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Bearer token clients must present on the WebSocket upgrade; none means no check (for a
+    /// trusted network only).
+    #[command(flatten)]
+    pub token: TokenArgs,
 
     /// Largest WebSocket frame or message accepted (B, KiB, MiB); larger ones close the
     /// connection with code 1009.
     #[arg(long, env = "FILTER_MAX_FRAME_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
     pub max_frame_bytes: u64,
+
+    /// Records in one frame at most; a frame with more is rejected whole (one reject with
+    /// `seq: null`, one dead-letter line).
+    #[arg(long, env = "FILTER_MAX_BATCH", default_value_t = flowmesh_common::protocol::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+
+    /// Invalid records (or non-record frames) one connection may send; past that it is closed
+    /// with code 1008.
+    #[arg(long, env = "FILTER_MAX_INVALID", default_value_t = 10_000)]
+    pub max_invalid: usize,
+
+    /// Open WebSocket connections at most; more get HTTP 503 at the upgrade.
+    #[arg(long, env = "FILTER_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Open connections from one IP address at most; more get HTTP 503 at the upgrade.
+    #[arg(long, env = "FILTER_MAX_CONNECTIONS_PER_PEER", default_value_t = 64)]
+    pub max_connections_per_peer: usize,
+
+    /// Longest a write to a client may take; a client that stops reading its answers is
+    /// disconnected (1008).
+    #[arg(long, env = "FILTER_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
 
     /// Records of one connection received but not yet answered. When reached, the filter
     /// stops reading that connection (TCP backpressure).
@@ -54,22 +84,9 @@ pub struct FilterConfig {
     #[arg(long, env = "FILTER_PEER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub peer_timeout: Duration,
 
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: String,
-
-    /// Prefix of every exchange and queue name (`flowmesh` → `flowmesh.records`, …).
-    #[arg(long, env = "AMQP_PREFIX", default_value = "flowmesh")]
-    pub amqp_prefix: String,
-
-    /// `x-delivery-limit` declared on the writer queues.
-    #[arg(long, env = "AMQP_DELIVERY_LIMIT", default_value_t = 5)]
-    pub delivery_limit: u32,
+    /// RabbitMQ.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
 
     /// Published records awaiting RabbitMQ's confirm at most; more wait (backpressure).
     #[arg(long, env = "FILTER_MAX_UNCONFIRMED", default_value_t = 20_000)]
@@ -92,45 +109,35 @@ pub struct FilterConfig {
     #[arg(long, env = "FILTER_DURABILITY", value_enum, default_value = "fsync")]
     pub durability: Durability,
 
+    /// Cap on the dead-letter files together; when reached, invalid records are nacked (or,
+    /// without a seq, rejected unrecorded), the dead-letter breaker opens and
+    /// `flowmesh_filter_file_full{file="dead-letter"}` is 1 until old files are removed.
+    #[arg(long, env = "FILTER_DEAD_LETTER_MAX_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub dead_letter_max_bytes: u64,
+
     /// Ids of the most recently written records remembered (and reloaded from the files at
     /// startup) so records re-sent after a crash or a lost ack are not written twice. Should
     /// exceed the sum of the generators' in-flight windows; 0 turns the check off.
     #[arg(long, env = "FILTER_DEDUPE_WINDOW", default_value_t = 100_000)]
     pub dedupe_window: usize,
 
-    /// Consecutive failures that open a sink's circuit breaker.
-    #[arg(long, env = "FILTER_BREAKER_FAILURES", default_value_t = 5)]
-    pub breaker_failures: u32,
+    /// The sinks' breakers (also the `retry_after_ms` of nacks while open).
+    #[command(flatten)]
+    pub breaker: BreakerArgs,
 
-    /// First open wait of a breaker (also the `retry_after_ms` of nacks); doubles up to the max.
-    #[arg(long, env = "FILTER_BREAKER_OPEN_WAIT", default_value = "1s", value_parser = parse_duration)]
-    pub breaker_open_wait: Duration,
-
-    /// Longest open wait of a breaker.
-    #[arg(long, env = "FILTER_BREAKER_MAX_OPEN_WAIT", default_value = "30s", value_parser = parse_duration)]
-    pub breaker_max_open_wait: Duration,
-
-    /// Time allowed to drain on SIGTERM/SIGINT before exiting anyway.
-    #[arg(long, env = "FILTER_GRACE", default_value = "20s", value_parser = parse_duration)]
-    pub grace: Duration,
-
-    /// Log format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
-    pub log_format: LogFormat,
-
-    /// Probe this filter's own `/health/ready` on `--http-addr` and exit 0 when ready (for
-    /// container healthchecks).
-    #[arg(long)]
-    pub probe_ready: bool,
+    /// Probe port, grace, logs.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 impl FilterConfig {
-    /// The breaker settings both sinks use.
-    pub fn breaker(&self) -> BreakerSettings {
-        BreakerSettings {
-            failure_threshold: self.breaker_failures,
-            open_wait: self.breaker_open_wait,
-            max_open_wait: self.breaker_max_open_wait,
+    /// The TLS configuration when a certificate and key are configured.
+    pub fn tls(
+        &self,
+    ) -> anyhow::Result<Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(flowmesh_common::tls::server_config(cert, key)?)),
+            _ => Ok(None),
         }
     }
 }
@@ -140,20 +147,20 @@ impl Validate for FilterConfig {
         if self.max_frame_bytes < 1024 {
             return Err("--max-frame-bytes (FILTER_MAX_FRAME_BYTES): must be at least 1KiB".into());
         }
+        if self.max_connections == 0 || self.max_connections_per_peer == 0 {
+            return Err("--max-connections and --max-connections-per-peer (FILTER_MAX_CONNECTIONS, FILTER_MAX_CONNECTIONS_PER_PEER): must be at least 1".into());
+        }
+        if self.write_timeout.is_zero() {
+            return Err("--write-timeout (FILTER_WRITE_TIMEOUT): must be positive".into());
+        }
+        if self.max_batch == 0 {
+            return Err("--max-batch (FILTER_MAX_BATCH): must be at least 1".into());
+        }
         if self.max_in_flight == 0 {
             return Err("--max-in-flight (FILTER_MAX_IN_FLIGHT): must be at least 1".into());
         }
         if self.max_unconfirmed == 0 {
             return Err("--max-unconfirmed (FILTER_MAX_UNCONFIRMED): must be at least 1".into());
-        }
-        if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
-            return Err("--amqp-url (AMQP_URL): must start with amqp:// or amqps://".into());
-        }
-        if self.amqp_prefix.is_empty() {
-            return Err("--amqp-prefix (AMQP_PREFIX): must not be empty".into());
-        }
-        if self.delivery_limit == 0 {
-            return Err("--delivery-limit (AMQP_DELIVERY_LIMIT): must be at least 1".into());
         }
         if self.file_max_bytes < 1024 {
             return Err("--file-max-bytes (FILTER_FILE_MAX_BYTES): must be at least 1KiB".into());
@@ -161,21 +168,17 @@ impl Validate for FilterConfig {
         if self.file_max_age < Duration::from_secs(1) {
             return Err("--file-max-age (FILTER_FILE_MAX_AGE): must be at least 1s".into());
         }
-        if self.breaker_failures == 0 {
-            return Err("--breaker-failures (FILTER_BREAKER_FAILURES): must be at least 1".into());
-        }
-        if self.breaker_open_wait.is_zero() || self.breaker_max_open_wait < self.breaker_open_wait {
-            return Err(
-                "--breaker-open-wait (FILTER_BREAKER_OPEN_WAIT): must be positive and at most --breaker-max-open-wait"
-                    .into(),
-            );
-        }
         if self.ping_interval.is_zero() || self.peer_timeout <= self.ping_interval {
             return Err(
                 "--peer-timeout (FILTER_PEER_TIMEOUT): must be longer than --ping-interval".into(),
             );
         }
-        Ok(())
+        self.token.resolve()?;
+        self.tls().map_err(|e| {
+            format!("--tls-cert / --tls-key (FILTER_TLS_CERT, FILTER_TLS_KEY): {e:#}")
+        })?;
+        self.broker.validate()?;
+        self.breaker.validate()
     }
 }
 
@@ -184,16 +187,12 @@ impl FilterConfig {
     pub fn for_tests(data_dir: PathBuf, amqp_prefix: &str) -> Self {
         let mut config = Self::parse_from(["filter"]);
         config.listen = "127.0.0.1:0".parse().expect("literal address");
-        config.http_addr = "127.0.0.1:0".parse().expect("literal address");
+        config.service.http_addr = "127.0.0.1:0".parse().expect("literal address");
         config.data_dir = data_dir;
-        config.amqp_prefix = amqp_prefix.to_owned();
-        if let Ok(url) = std::env::var("AMQP_URL") {
-            config.amqp_url = url;
-        }
-        config.breaker_open_wait = Duration::from_millis(300);
-        config.breaker_max_open_wait = Duration::from_secs(1);
+        config.broker = BrokerArgs::for_tests(amqp_prefix);
+        config.breaker.shorten_for_tests();
         config
     }
 }
 
-flowmesh_common::service_config!(FilterConfig);
+flowmesh_common::service_config!(FilterConfig, service);

@@ -16,7 +16,7 @@ use flowmesh_common::metrics as m;
 use tokio::sync::mpsc;
 
 use crate::config::Durability;
-use crate::reply::{Destination, Replier, Reply};
+use crate::reply::Completion;
 
 /// Lines per group commit at most.
 const MAX_COMMIT_LINES: usize = 20_000;
@@ -41,6 +41,9 @@ pub struct FileSinkConfig {
     /// How many recently written record ids are remembered (and reloaded from the files at
     /// startup) to drop re-sent records instead of writing them twice; 0 turns this off.
     pub dedupe_window: usize,
+    /// Cap on the active and rotated files together; a commit that would pass it fails (the
+    /// sink's breaker opens, `flowmesh_filter_file_full` is 1) until files are removed.
+    pub max_total_bytes: Option<u64>,
 }
 
 impl FileSinkConfig {
@@ -48,26 +51,6 @@ impl FileSinkConfig {
     pub fn active_path(&self) -> PathBuf {
         self.dir.join(format!("{}.jsonl", self.stem))
     }
-}
-
-/// What to do once a job's lines are committed (or failed to be).
-#[derive(Debug)]
-pub enum Completion {
-    /// Routed records: ack on success, nack on failure.
-    Records {
-        /// Their seqs, in line order.
-        seqs: Vec<u64>,
-        /// The connection to answer.
-        replier: Replier,
-    },
-    /// Invalid records: reject once dead-lettered; if that failed, nack those with a seq so
-    /// they come back and are dead-lettered later.
-    Rejects {
-        /// Seq (if any) and reason of each line.
-        rejects: Vec<(Option<u64>, String)>,
-        /// The connection to answer.
-        replier: Replier,
-    },
 }
 
 /// Lines to append and what to do after.
@@ -186,32 +169,11 @@ where
 }
 
 fn complete(completion: Completion, result: &io::Result<()>, retry_after: Duration) {
-    match (completion, result) {
-        (Completion::Records { seqs, replier }, Ok(())) => replier.ack(seqs, Destination::File),
-        (Completion::Records { seqs, replier }, Err(err)) => replier.nack(
-            seqs,
-            Destination::File,
-            format!("file sink failed: {err}"),
-            retry_after,
-        ),
-        (Completion::Rejects { rejects, replier }, Ok(())) => {
-            for (seq, error) in rejects {
-                replier.send(Reply::Reject { seq, error });
-            }
-        }
-        (Completion::Rejects { rejects, replier }, Err(err)) => {
-            for (seq, error) in rejects {
-                match seq {
-                    Some(seq) => replier.send(Reply::Nack {
-                        seqs: vec![seq],
-                        destination: Destination::File,
-                        reason: format!("dead-letter file failed: {err}"),
-                        retry_after,
-                    }),
-                    // Not a record at all: nothing can be re-sent, so the reject stands.
-                    None => replier.send(Reply::Reject { seq: None, error }),
-                }
-            }
+    match result {
+        Ok(()) => completion.stored(),
+        Err(err) => {
+            let reason = format!("{} failed: {err}", completion.sink());
+            completion.not_stored(&reason, retry_after);
         }
     }
 }
@@ -222,6 +184,8 @@ struct Writer {
     file: Option<BufWriter<File>>,
     /// Length of the active file after the last successful commit.
     committed_len: Option<u64>,
+    /// Length of all the sink's files, once read (for `max_total_bytes`).
+    total_len: Option<u64>,
     opened_at: Instant,
     /// Ids of the records written last (bounded by `dedupe_window`).
     recent: RecentIds,
@@ -274,6 +238,7 @@ impl Writer {
             config,
             file: None,
             committed_len: None,
+            total_len: None,
             opened_at: Instant::now(),
             recent: RecentIds::default(),
             recent_loaded: false,
@@ -289,6 +254,7 @@ impl Writer {
     }
 
     fn try_commit(&mut self, lines: &[(Option<String>, String)]) -> io::Result<()> {
+        self.check_room(lines)?;
         self.rotate_if_due()?;
         self.load_recent();
         let durability = self.config.durability;
@@ -320,12 +286,50 @@ impl Writer {
         self.recent = recent;
         result?;
         self.committed_len = Some(self.committed_len.unwrap_or(0) + written);
+        if let Some(total) = self.total_len.as_mut() {
+            *total += written;
+        }
         for key in fresh_keys {
             self.recent.insert(key, self.config.dedupe_window);
         }
         if duplicates > 0 {
             metrics::counter!(m::FILTER_FILE_DUPLICATES, "file" => self.config.stem)
                 .increment(duplicates);
+        }
+        Ok(())
+    }
+
+    /// Fails when `lines` would take the files past `max_total_bytes`. The total is read from the
+    /// directory at first and again whenever the cap is hit, so removing old files frees room.
+    fn check_room(&mut self, lines: &[(Option<String>, String)]) -> io::Result<()> {
+        let Some(cap) = self.config.max_total_bytes else {
+            return Ok(());
+        };
+        let needed: u64 = lines.iter().map(|(_, line)| line.len() as u64 + 1).sum();
+        let fits = |total: u64| total + needed <= cap;
+        if !self.total_len.is_some_and(fits) {
+            let total = sink_files(&self.config.dir, self.config.stem)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|path| std::fs::metadata(path).ok())
+                .map(|meta| meta.len())
+                .sum();
+            self.total_len = Some(total);
+        }
+        let full = !self.total_len.is_some_and(fits);
+        metrics::gauge!(m::FILTER_FILE_FULL, "file" => self.config.stem).set(if full {
+            1.0
+        } else {
+            0.0
+        });
+        if full {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "the {} files reached their cap of {cap} bytes",
+                    self.config.stem
+                ),
+            ));
         }
         Ok(())
     }

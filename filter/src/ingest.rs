@@ -1,4 +1,4 @@
-//! The WebSocket server of SPEC §2: bearer-token check at the upgrade, frame-size limit, and for
+//! The WebSocket server of docs/contracts.md §2: bearer-token check at the upgrade, frame-size limit, and for
 //! every record exactly one ack, nack or reject on the connection it came from.
 //!
 //! Each connection has a reader (the intake: it alone watches the shutdown token) and a writer
@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flowmesh_common::config::Secret;
@@ -28,8 +29,10 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::reply::{Replier, Reply};
+use crate::admission::{Admission, Refusal, Ticket};
+use crate::reply::{Destination, Replier, Reply};
 use crate::router::Router;
+use crate::transport::Transport;
 
 /// Answers coalesced into one writer pass at most.
 const MAX_REPLIES_PER_PASS: usize = 1024;
@@ -51,6 +54,33 @@ pub struct IngestSettings {
     pub peer_timeout: Duration,
     /// Longest a closing connection waits for its in-flight answers.
     pub drain_timeout: Duration,
+    /// Records in one frame at most; a larger frame is rejected whole.
+    pub max_batch: usize,
+    /// Invalid records one connection may send before it is closed with 1008.
+    pub max_invalid: usize,
+    /// Connections in all and per peer address.
+    pub admission: Arc<Admission>,
+    /// Longest a write to a client may take; a client that stops reading is disconnected.
+    pub write_timeout: Duration,
+    /// TLS, when the filter serves `wss://`.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// What every connection answered, for progress lines.
+    pub tally: Arc<IntakeTally>,
+}
+
+/// Answers given and connections open, summed over every connection (for progress lines).
+#[derive(Debug, Default)]
+pub struct IntakeTally {
+    /// Records acked as stored in RabbitMQ.
+    pub acked_broker: AtomicU64,
+    /// Records acked as written to the file.
+    pub acked_file: AtomicU64,
+    /// Records nacked.
+    pub nacked: AtomicU64,
+    /// Records rejected as invalid.
+    pub rejected: AtomicU64,
+    /// Connections open now.
+    pub connections: AtomicU64,
 }
 
 /// Accepts connections until `shutdown` fires; each runs on `tracker`.
@@ -67,7 +97,13 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tracker.spawn(connection(stream, peer, settings.clone(), router.clone(), shutdown.clone()));
+                    // Dead peers (no FIN, no RST) are found by the kernel as well as by pings.
+                    let keepalive = socket2::TcpKeepalive::new()
+                        .with_time(Duration::from_secs(30))
+                        .with_interval(Duration::from_secs(10));
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+                    let ticket = settings.admission.enter(peer.ip());
+                    tracker.spawn(connection(stream, peer, ticket, settings.clone(), router.clone(), shutdown.clone()));
                 }
                 Err(err) => {
                     // Usually out of file descriptors: back off briefly instead of spinning.
@@ -81,12 +117,27 @@ pub async fn serve(
 }
 
 #[allow(clippy::result_large_err)] // the callback type is tungstenite's
-fn check_upgrade(token: Option<&Secret>, request: &Request) -> Result<(), ErrorResponse> {
+fn check_upgrade(
+    token: Option<&Secret>,
+    admitted: Result<(), Refusal>,
+    request: &Request,
+) -> Result<(), ErrorResponse> {
     let refuse = |status: StatusCode, text: &str| {
         let mut response = ErrorResponse::new(Some(text.to_owned()));
         *response.status_mut() = status;
         response
     };
+    if let Err(refusal) = admitted {
+        metrics::counter!(m::FILTER_CONNECTIONS_REFUSED, "reason" => refusal.as_str()).increment(1);
+        let mut response = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("too many connections ({})", refusal.as_str()),
+        );
+        if let Ok(value) = "1".parse() {
+            response.headers_mut().insert("retry-after", value);
+        }
+        return Err(response);
+    }
     if request.uri().path() != INGEST_PATH {
         return Err(refuse(
             StatusCode::NOT_FOUND,
@@ -111,13 +162,16 @@ fn check_upgrade(token: Option<&Secret>, request: &Request) -> Result<(), ErrorR
     Ok(())
 }
 
+/// Compares without an early exit, so the time taken tells nothing about the token (the
+/// length may differ: `subtle` answers false then, also in constant time per length).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(subtle::ConstantTimeEq::ct_eq(a, b))
 }
 
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
+    ticket: Result<Ticket, Refusal>,
     settings: Arc<IngestSettings>,
     router: Router,
     shutdown: CancellationToken,
@@ -126,12 +180,25 @@ async fn connection(
         .max_frame_size(Some(settings.max_frame_bytes))
         .max_message_size(Some(settings.max_frame_bytes));
     let token = settings.token.clone();
+    let admitted = ticket.as_ref().map(|_| ()).map_err(|refusal| *refusal);
     #[allow(clippy::result_large_err)]
     let callback = move |request: &Request, response: Response| {
-        check_upgrade(token.as_ref(), request).map(|()| response)
+        check_upgrade(token.as_ref(), admitted, request).map(|()| response)
     };
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
-    let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let upgrade = async {
+        let stream = match &settings.tls {
+            None => Transport::Plain(stream),
+            Some(tls) => Transport::Tls(Box::new(
+                tokio_rustls::TlsAcceptor::from(tls.clone())
+                    .accept(stream)
+                    .await
+                    .map_err(tokio_tungstenite::tungstenite::Error::Io)?,
+            )),
+        };
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await
+    };
+    // One deadline for the TLS and the WebSocket handshakes together.
+    let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(err)) => {
             tracing::info!(%peer, error = %err, "WebSocket upgrade refused or failed");
@@ -144,7 +211,10 @@ async fn connection(
     };
     tracing::info!(%peer, "client connected");
     metrics::gauge!(m::FILTER_CONNECTIONS).increment(1.0);
+    let tally = settings.tally.clone();
+    tally.connections.fetch_add(1, Ordering::Relaxed);
     Session::new(settings).run(ws, router, shutdown).await;
+    tally.connections.fetch_sub(1, Ordering::Relaxed);
     metrics::gauge!(m::FILTER_CONNECTIONS).decrement(1.0);
     tracing::info!(%peer, "client disconnected");
 }
@@ -156,17 +226,24 @@ enum Control {
 struct Session {
     settings: Arc<IngestSettings>,
     permits: Arc<Semaphore>,
+    /// Cancelled when the connection is being given up (shutdown, a client that stopped
+    /// reading): waits for in-flight room end then.
+    abandon: CancellationToken,
 }
 
 impl Session {
     fn new(settings: Arc<IngestSettings>) -> Self {
         let permits = Arc::new(Semaphore::new(settings.max_in_flight));
-        Self { settings, permits }
+        Self {
+            settings,
+            permits,
+            abandon: CancellationToken::new(),
+        }
     }
 
     async fn run(
         self,
-        ws: WebSocketStream<TcpStream>,
+        ws: WebSocketStream<Transport>,
         router: Router,
         shutdown: CancellationToken,
     ) {
@@ -174,18 +251,56 @@ impl Session {
         let (reply_tx, reply_rx) = mpsc::unbounded_channel();
         let replier = Replier::new(reply_tx);
         let (control_tx, control_rx) = mpsc::channel(1);
+        let stalled = CancellationToken::new();
+        {
+            let (abandon, shutdown, stalled) =
+                (self.abandon.clone(), shutdown.clone(), stalled.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = stalled.cancelled() => {}
+                    _ = abandon.cancelled() => {}
+                }
+                abandon.cancel();
+            });
+        }
         let writer = tokio::spawn(write_loop(
             sink,
             reply_rx,
             control_rx,
             self.permits.clone(),
             self.settings.ping_interval,
+            self.settings.tally.clone(),
+            Stall {
+                timeout: self.settings.write_timeout,
+                stalled: stalled.clone(),
+            },
         ));
 
+        let mut invalid = 0usize;
         let close = loop {
+            if self.abandon.is_cancelled() && !shutdown.is_cancelled() && !stalled.is_cancelled() {
+                break Some(close_frame(
+                    CloseCode::Policy,
+                    "no room for the client's records",
+                ));
+            }
+            if invalid > self.settings.max_invalid {
+                metrics::counter!(m::FILTER_CLOSED_INVALID).increment(1);
+                tracing::warn!(
+                    invalid,
+                    budget = self.settings.max_invalid,
+                    "too many invalid records; closing with 1008"
+                );
+                break Some(close_frame(CloseCode::Policy, "too many invalid records"));
+            }
             let deadline = tokio::time::sleep(self.settings.peer_timeout);
             let message = tokio::select! {
                 _ = shutdown.cancelled() => break Some(close_frame(CloseCode::Away, "filter shutting down")),
+                _ = stalled.cancelled() => {
+                    tracing::warn!(timeout_ms = self.settings.write_timeout.as_millis() as u64, "client stopped reading its answers; disconnecting");
+                    break Some(close_frame(CloseCode::Policy, "client stopped reading"));
+                }
                 _ = deadline => {
                     tracing::warn!(timeout_s = self.settings.peer_timeout.as_secs(), "client silent too long; disconnecting");
                     break Some(close_frame(CloseCode::Policy, "peer timeout"));
@@ -196,11 +311,13 @@ impl Session {
                 None | Some(Ok(Message::Close(_))) => break None,
                 Some(Ok(Message::Text(text))) => {
                     metrics::counter!(m::FILTER_FRAMES, "kind" => "text").increment(1);
-                    self.handle_text(text.as_str(), &router, &replier).await;
+                    invalid += self.handle_text(text.as_str(), &router, &replier).await;
                 }
                 Some(Ok(Message::Binary(bytes))) => {
                     metrics::counter!(m::FILTER_FRAMES, "kind" => "binary").increment(1);
-                    self.admit(1).await;
+                    if !self.admit(1).await {
+                        continue;
+                    }
                     let error = RecordError::Invalid {
                         field: "record",
                         reason: "arrived in a binary frame; records travel in text frames".into(),
@@ -212,6 +329,7 @@ impl Session {
                             &replier,
                         )
                         .await;
+                    invalid += 1;
                 }
                 Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
                 Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
@@ -249,31 +367,58 @@ impl Session {
         {
             abort.abort();
         }
+        // Ends the watcher task of this connection.
+        self.abandon.cancel();
     }
 
-    async fn handle_text(&self, text: &str, router: &Router, replier: &Replier) {
-        match protocol::parse_frame(text) {
+    /// Routes one text frame; returns how many invalid records (or frames) it held.
+    async fn handle_text(&self, text: &str, router: &Router, replier: &Replier) -> usize {
+        match protocol::parse_frame(text, self.settings.max_batch) {
             Err(error) => {
-                self.admit(1).await;
+                if !self.admit(1).await {
+                    return 0;
+                }
                 router.reject_frame(error, text.to_owned(), replier).await;
+                1
             }
             Ok(mut items) => {
+                let invalid = items
+                    .iter()
+                    .filter(|item| matches!(item, protocol::Item::Invalid { .. }))
+                    .count();
                 // A batch larger than the window is admitted in parts so it can never deadlock.
                 let part = (self.settings.max_in_flight / 2).max(1);
                 while !items.is_empty() {
                     let rest = items.split_off(items.len().min(part));
-                    self.admit(items.len()).await;
+                    if !self.admit(items.len()).await {
+                        return 0;
+                    }
                     router.route(items, replier).await;
                     items = rest;
                 }
+                invalid
             }
         }
     }
 
-    /// Waits for `n` in-flight permits; the writer gives them back as answers go out.
-    async fn admit(&self, n: usize) {
-        if let Ok(permit) = self.permits.acquire_many(n as u32).await {
-            permit.forget();
+    /// Waits for `n` in-flight permits; the writer gives them back as answers go out. False
+    /// when the connection is given up first (shutdown, a stalled client) or no room came
+    /// within the peer timeout: then the records are not routed, and the client, whose
+    /// connection closes, sends them again.
+    async fn admit(&self, n: usize) -> bool {
+        tokio::select! {
+            permit = self.permits.acquire_many(n as u32) => {
+                if let Ok(permit) = permit {
+                    permit.forget();
+                }
+                true
+            }
+            _ = self.abandon.cancelled() => false,
+            _ = tokio::time::sleep(self.settings.peer_timeout) => {
+                tracing::warn!("no room for the client's records within the peer timeout; closing");
+                self.abandon.cancel();
+                false
+            }
         }
     }
 }
@@ -285,7 +430,13 @@ fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
     }
 }
 
-type WsSink = SplitSink<WebSocketStream<TcpStream>, Message>;
+type WsSink = SplitSink<WebSocketStream<Transport>, Message>;
+
+/// How long a write may take, and what to cancel when one takes longer.
+struct Stall {
+    timeout: Duration,
+    stalled: CancellationToken,
+}
 
 async fn write_loop(
     mut sink: WsSink,
@@ -293,6 +444,8 @@ async fn write_loop(
     mut control: mpsc::Receiver<Control>,
     permits: Arc<Semaphore>,
     ping_interval: Duration,
+    tally: Arc<IntakeTally>,
+    stall: Stall,
 ) {
     let mut ping = tokio::time::interval(ping_interval);
     ping.tick().await;
@@ -307,11 +460,15 @@ async fn write_loop(
                         Err(_) => break,
                     }
                 }
-                writable = send_replies(&mut sink, batch, &permits, writable).await;
+                writable = send_replies(&mut sink, batch, &permits, &tally, &stall, writable).await;
             }
             _ = ping.tick() => {
-                if writable && sink.send(Message::Ping(Default::default())).await.is_err() {
-                    writable = false;
+                if writable {
+                    let sent = tokio::time::timeout(stall.timeout, sink.send(Message::Ping(Default::default()))).await;
+                    writable = matches!(sent, Ok(Ok(())));
+                    if sent.is_err() {
+                        stall.stalled.cancel();
+                    }
                 }
             }
             Some(Control::Close(frame)) = control.recv() => {
@@ -319,10 +476,13 @@ async fn write_loop(
                 while let Ok(reply) = replies.try_recv() {
                     rest.push(reply);
                 }
-                writable = send_replies(&mut sink, rest, &permits, writable).await;
+                writable = send_replies(&mut sink, rest, &permits, &tally, &stall, writable).await;
                 if writable {
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    let _ = sink.close().await;
+                    let _ = tokio::time::timeout(stall.timeout, async {
+                        let _ = sink.send(Message::Close(Some(frame))).await;
+                        let _ = sink.close().await;
+                    })
+                    .await;
                 }
                 return;
             }
@@ -336,6 +496,8 @@ async fn send_replies(
     sink: &mut WsSink,
     batch: Vec<Reply>,
     permits: &Semaphore,
+    tally: &IntakeTally,
+    stall: &Stall,
     writable: bool,
 ) -> bool {
     if batch.is_empty() {
@@ -350,6 +512,11 @@ async fn send_replies(
             Reply::Ack { seqs, destination } => {
                 metrics::counter!(m::FILTER_ACKED, "destination" => destination.as_str())
                     .increment(seqs.len() as u64);
+                let count = match destination {
+                    Destination::Broker => &tally.acked_broker,
+                    Destination::File => &tally.acked_file,
+                };
+                count.fetch_add(seqs.len() as u64, Ordering::Relaxed);
                 acked.extend(seqs);
             }
             Reply::Nack {
@@ -360,12 +527,16 @@ async fn send_replies(
             } => {
                 metrics::counter!(m::FILTER_NACKED, "destination" => destination.as_str())
                     .increment(seqs.len() as u64);
+                tally.nacked.fetch_add(seqs.len() as u64, Ordering::Relaxed);
                 nacked
                     .entry((reason, retry_after.as_millis() as u64))
                     .or_default()
                     .extend(seqs);
             }
-            Reply::Reject { seq, error } => frames.push(ServerMessage::Reject { seq, error }),
+            Reply::Reject { seq, error } => {
+                tally.rejected.fetch_add(1, Ordering::Relaxed);
+                frames.push(ServerMessage::Reject { seq, error })
+            }
         }
     }
     if !acked.is_empty() {
@@ -380,18 +551,17 @@ async fn send_replies(
     }
     let mut ok = writable;
     if ok {
-        for frame in frames {
-            if sink
-                .feed(Message::Text(frame.to_json().into()))
-                .await
-                .is_err()
-            {
-                ok = false;
-                break;
+        let written = tokio::time::timeout(stall.timeout, async {
+            for frame in frames {
+                sink.feed(Message::Text(frame.to_json().into())).await?;
             }
-        }
-        if ok && sink.flush().await.is_err() {
-            ok = false;
+            sink.flush().await
+        })
+        .await;
+        ok = matches!(written, Ok(Ok(())));
+        if written.is_err() {
+            // The client stopped reading: its connection is closed, its answers dropped.
+            stall.stalled.cancel();
         }
     }
     permits.add_permits(settled);

@@ -1,6 +1,8 @@
 //! The flowmesh filter: a WebSocket server that validates records and routes them to RabbitMQ
-//! (`value > 90`) or a JSON Lines file, answering each with an ack, nack or reject.
+//! or a JSON Lines file (by `flowmesh_common::routing`), answering each with an ack, nack or
+//! reject.
 
+pub mod admission;
 pub mod broker;
 pub mod config;
 pub mod file_sink;
@@ -8,6 +10,7 @@ pub mod ingest;
 pub mod reply;
 pub mod router;
 pub mod startup;
+pub mod transport;
 
 pub use config::FilterConfig;
 pub use startup::Application;

@@ -9,24 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-/// Where a record was routed, for metrics and logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Destination {
-    /// RabbitMQ.
-    Broker,
-    /// The JSON Lines file.
-    File,
-}
-
-impl Destination {
-    /// The metric label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Broker => "broker",
-            Self::File => "file",
-        }
-    }
-}
+pub use flowmesh_common::routing::Destination;
 
 /// One answer for one or more records of a connection.
 #[derive(Debug)]
@@ -106,6 +89,68 @@ impl Replier {
                 reason: reason.into(),
                 retry_after,
             });
+        }
+    }
+}
+
+/// What to do once a job's lines are committed (or failed to be).
+#[derive(Debug)]
+pub enum Completion {
+    /// Routed records: ack on success, nack on failure.
+    Records {
+        /// Their seqs, in line order.
+        seqs: Vec<u64>,
+        /// The connection to answer.
+        replier: Replier,
+    },
+    /// Invalid records: reject once dead-lettered; if that failed, nack those with a seq so
+    /// they come back and are dead-lettered later.
+    Rejects {
+        /// Seq (if any) and reason of each line.
+        rejects: Vec<(Option<u64>, String)>,
+        /// The connection to answer.
+        replier: Replier,
+    },
+}
+
+impl Completion {
+    /// Which sink the job was for, for nack reasons.
+    pub fn sink(&self) -> &'static str {
+        match self {
+            Self::Records { .. } => "file sink",
+            Self::Rejects { .. } => "dead-letter file",
+        }
+    }
+
+    /// The job was stored: ack the records, or send the rejects.
+    pub fn stored(self) {
+        match self {
+            Self::Records { seqs, replier } => replier.ack(seqs, Destination::File),
+            Self::Rejects { rejects, replier } => {
+                for (seq, error) in rejects {
+                    replier.send(Reply::Reject { seq, error });
+                }
+            }
+        }
+    }
+
+    /// The job was not stored: nack what can come back, reject what cannot (a frame that was
+    /// not a record has nothing to re-send, so its reject stands).
+    pub fn not_stored(self, reason: &str, retry_after: Duration) {
+        match self {
+            Self::Records { seqs, replier } => {
+                replier.nack(seqs, Destination::File, reason, retry_after)
+            }
+            Self::Rejects { rejects, replier } => {
+                for (seq, error) in rejects {
+                    match seq {
+                        Some(seq) => {
+                            replier.nack(vec![seq], Destination::File, reason, retry_after)
+                        }
+                        None => replier.send(Reply::Reject { seq: None, error }),
+                    }
+                }
+            }
         }
     }
 }

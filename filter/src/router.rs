@@ -1,15 +1,24 @@
-//! Routing (SPEC §3): `value > 90` → RabbitMQ, every other valid record → the file sink, every
-//! invalid one → the dead-letter file and a reject. A sink whose breaker is open is not called:
-//! its records are nacked at once with a `retry_after_ms`.
+//! Routing (docs/contracts.md §3, the rule owned by `flowmesh_common::routing`): each valid
+//! record to RabbitMQ or the file sink, every invalid one to the dead-letter file and a reject.
+//! A sink whose breaker is open is not called: its records are nacked at once with a
+//! `retry_after_ms`.
 
 use flowmesh_common::metrics as m;
-use flowmesh_common::protocol::Item;
+use flowmesh_common::protocol::{Item, excerpt};
 use flowmesh_common::record::{Record, RecordError, format_timestamp};
+use flowmesh_common::routing::Routing;
+use flowmesh_common::telemetry::LogLimit;
 use serde_json::json;
 
 use crate::broker::{BrokerJob, BrokerSink};
-use crate::file_sink::{Completion, FileJob, FileSink};
-use crate::reply::{Destination, Replier, Reply};
+use crate::file_sink::{FileJob, FileSink};
+use crate::reply::{Completion, Destination, Replier};
+
+/// Warnings about invalid records logged per second at most.
+const WARNINGS_PER_SECOND: u32 = 10;
+
+/// When a client should re-send what a stopped or open sink could not take.
+const UNSTORED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Hands each record to its destination. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -17,6 +26,8 @@ pub struct Router {
     broker: BrokerSink,
     file: FileSink,
     dead_letters: FileSink,
+    /// Warnings about invalid records: a few a second, the rest counted (metrics count all).
+    warnings: std::sync::Arc<LogLimit>,
 }
 
 impl Router {
@@ -26,6 +37,7 @@ impl Router {
             broker,
             file,
             dead_letters,
+            warnings: std::sync::Arc::new(LogLimit::new(WARNINGS_PER_SECOND)),
         }
     }
 
@@ -38,8 +50,10 @@ impl Router {
         let mut dead = Vec::new();
         for item in items {
             match item {
-                Item::Valid(record) if record.routes_to_broker() => to_broker.push(record),
-                Item::Valid(record) => to_file.push(record),
+                Item::Valid(record) => match Routing::DEFAULT.destination(&record) {
+                    Destination::Broker => to_broker.push(record),
+                    Destination::File => to_file.push(record),
+                },
                 Item::Invalid { seq, error, raw } => dead.push((seq, error, raw)),
             }
         }
@@ -54,10 +68,16 @@ impl Router {
         }
     }
 
+    /// The dead-letter file's breaker.
+    pub fn dead_letter_breaker(&self) -> flowmesh_common::breaker::Breaker {
+        self.dead_letters.breaker().clone()
+    }
+
     /// Handles a frame that held no record at all (not JSON, binary, wrong shape).
     pub async fn reject_frame(&self, error: RecordError, raw: String, replier: &Replier) {
         metrics::counter!(m::FILTER_RECEIVED).increment(1);
-        self.dead_letter(vec![(None, error, raw)], replier).await;
+        self.dead_letter(vec![(None, error, excerpt(&raw))], replier)
+            .await;
     }
 
     async fn dead_letter(&self, dead: Vec<(Option<u64>, RecordError, String)>, replier: &Replier) {
@@ -66,19 +86,22 @@ impl Router {
         let mut rejects = Vec::with_capacity(dead.len());
         for (seq, error, raw) in dead {
             metrics::counter!(m::FILTER_REJECTED, "field" => error.field()).increment(1);
-            tracing::warn!(seq, field = error.field(), error = %error, "invalid record rejected");
+            let reason = excerpt(&error.to_string());
+            if let Some(left_out) = self.warnings.check() {
+                tracing::warn!(seq, field = error.field(), error = %reason, left_out, "invalid record rejected");
+            }
             lines.push(
                 json!({
                     "dead_lettered_at": now,
                     "origin": "filter",
                     "field": error.field(),
-                    "reason": error.to_string(),
+                    "reason": reason,
                     "seq": seq,
                     "raw": raw,
                 })
                 .to_string(),
             );
-            rejects.push((seq, error.to_string()));
+            rejects.push((seq, reason));
         }
         let count = lines.len() as u64;
         let job = FileJob {
@@ -92,10 +115,13 @@ impl Router {
         if self.dead_letters.breaker().permit() {
             match self.dead_letters.submit(job).await {
                 Ok(()) => metrics::counter!(m::FILTER_DEAD_LETTERED).increment(count),
-                Err(job) => answer_unstored(job.completion, "dead-letter file stopped"),
+                Err(job) => job
+                    .completion
+                    .not_stored("dead-letter file stopped", UNSTORED_RETRY),
             }
         } else {
-            answer_unstored(job.completion, "dead-letter file breaker open");
+            job.completion
+                .not_stored("dead-letter file breaker open", UNSTORED_RETRY);
         }
     }
 
@@ -118,7 +144,8 @@ impl Router {
             },
         };
         if let Err(job) = self.file.submit(job).await {
-            answer_unstored(job.completion, "file sink stopped");
+            job.completion
+                .not_stored("file sink stopped", UNSTORED_RETRY);
         }
     }
 
@@ -144,25 +171,6 @@ impl Router {
                 "RabbitMQ publisher stopped",
                 self.broker.breaker().retry_after(),
             );
-        }
-    }
-}
-
-/// Answers a dead-letter job that could not even be queued: nack what can come back, reject
-/// what cannot.
-fn answer_unstored(completion: Completion, reason: &str) {
-    let retry_after = std::time::Duration::from_secs(1);
-    match completion {
-        Completion::Records { seqs, replier } => {
-            replier.nack(seqs, Destination::File, reason, retry_after)
-        }
-        Completion::Rejects { rejects, replier } => {
-            for (seq, error) in rejects {
-                match seq {
-                    Some(seq) => replier.nack(vec![seq], Destination::File, reason, retry_after),
-                    None => replier.send(Reply::Reject { seq: None, error }),
-                }
-            }
         }
     }
 }

@@ -7,64 +7,25 @@ use std::sync::Arc;
 use anyhow::Context;
 use flowmesh_common::breaker::Breaker;
 use flowmesh_common::health::{Component, ComponentStatus, Health};
-use flowmesh_common::metrics as m;
-use flowmesh_common::topology::Topology;
+use flowmesh_common::link::LinkStatus;
+use flowmesh_common::progress::Tally;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{BrokerConfig, BrokerSink, BrokerStatus};
+use crate::admission::Admission;
+use crate::broker::{BrokerConfig, BrokerSink};
 use crate::config::FilterConfig;
 use crate::file_sink::{FileSink, FileSinkConfig};
-use crate::ingest::{self, IngestSettings};
+use crate::ingest::{self, IngestSettings, IntakeTally};
 use crate::router::Router;
 
 /// Breaker names (metric label values), one per guarded dependency.
-pub const BREAKER_RABBITMQ: &str = "filter_rabbitmq";
+pub const BREAKER_BROKER: &str = "filter_rabbitmq";
 /// Breaker of the records file.
 pub const BREAKER_FILE: &str = "filter_file";
 /// Breaker of the dead-letter file.
 pub const BREAKER_DEAD_LETTER: &str = "filter_dead_letter_file";
-
-/// Makes the filter's counter series exist at zero from the start.
-fn zero_series() {
-    m::zero_counters(m::FILTER_RECEIVED, None);
-    m::zero_counters(m::FILTER_DEAD_LETTERED, None);
-    m::zero_counters(
-        m::FILTER_FRAMES,
-        Some(("kind", &["text", "binary", "oversized"])),
-    );
-    m::zero_counters(m::FILTER_ACKED, Some(("destination", &["broker", "file"])));
-    m::zero_counters(m::FILTER_NACKED, Some(("destination", &["broker", "file"])));
-    m::zero_counters(
-        m::FILTER_REJECTED,
-        Some((
-            "field",
-            &[
-                "record",
-                "unknown",
-                "id",
-                "source",
-                "seq",
-                "timestamp",
-                "value",
-                "hash",
-                "traceparent",
-            ],
-        )),
-    );
-    m::zero_counters(m::FILTER_FILE_DUPLICATES, Some(("file", &["records"])));
-    for reason in ["size", "age"] {
-        for file in ["records", "dead-letter"] {
-            metrics::counter!(m::FILTER_FILE_ROTATIONS, "file" => file, "reason" => reason)
-                .absolute(0);
-        }
-    }
-    m::zero_counters(m::RECONNECTS, Some(("link", &["amqp"])));
-    metrics::gauge!(m::FILTER_CONNECTIONS).set(0.0);
-    metrics::gauge!(m::FILTER_PUBLISH_IN_FLIGHT).set(0.0);
-    metrics::gauge!(m::CONNECTION_UP, "link" => "amqp").set(0.0);
-}
 
 /// A filter with its listeners bound and its sinks started, not yet serving.
 pub struct Application {
@@ -81,48 +42,48 @@ pub struct Application {
 impl Application {
     /// Binds both ports and starts the sinks (RabbitMQ connects in the background).
     pub async fn build(config: FilterConfig) -> anyhow::Result<Self> {
-        let metrics =
-            flowmesh_common::metrics::install().context("installing the metrics recorder")?;
-        drop(metrics);
+        flowmesh_common::metrics::install("filter").context("installing the metrics recorder")?;
         let ws_listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding the WebSocket port {}", config.listen))?;
-        let http_listener = TcpListener::bind(config.http_addr)
+        let http_addr = config.service.http_addr;
+        let http_listener = TcpListener::bind(http_addr)
             .await
-            .with_context(|| format!("binding the HTTP port {}", config.http_addr))?;
+            .with_context(|| format!("binding the HTTP port {http_addr}"))?;
 
-        zero_series();
-        let breaker_settings = config.breaker();
+        let breaker_settings = config.breaker.settings();
         let (broker, broker_task) = BrokerSink::start(
             BrokerConfig {
-                url: config.amqp_url.clone(),
-                topology: Topology::new(&config.amqp_prefix, config.delivery_limit),
+                url: config.broker.url.expose().to_owned(),
+                topology: config.broker.topology(),
                 max_unconfirmed: config.max_unconfirmed,
             },
-            Breaker::new(BREAKER_RABBITMQ, breaker_settings.clone()),
+            Breaker::new(BREAKER_BROKER, breaker_settings.clone()),
         );
-        let file_config = |stem, dedupe_window| FileSinkConfig {
+        let file_config = |stem, dedupe_window, max_total_bytes| FileSinkConfig {
             dir: config.data_dir.clone(),
             stem,
             max_bytes: config.file_max_bytes,
             max_age: config.file_max_age,
             durability: config.durability,
             dedupe_window,
+            max_total_bytes,
         };
-        let records_config = file_config("records", config.dedupe_window);
+        let records_config = file_config("records", config.dedupe_window, None);
         let records_path = records_config.active_path();
         let (file, file_task) = FileSink::start(
             records_config,
             Breaker::new(BREAKER_FILE, breaker_settings.clone()),
         );
         let (dead_letters, dead_task) = FileSink::start(
-            file_config("dead-letter", 0),
+            file_config("dead-letter", 0, Some(config.dead_letter_max_bytes)),
             Breaker::new(BREAKER_DEAD_LETTER, breaker_settings),
         );
 
         let health = Health::new();
-        let broker_probe = broker.status();
-        health.require("rabbitmq", move || broker_probe.component());
+        let broker_link = broker.link();
+        let broker_breaker = broker.breaker().clone();
+        health.require("rabbitmq", move || broker_link.guarded_by(&broker_breaker));
         let file_breaker = file.breaker().clone();
         let durability = format!("{:?}", config.durability).to_lowercase();
         health.require("file", move || {
@@ -165,9 +126,14 @@ impl Application {
         self.health.clone()
     }
 
-    /// The RabbitMQ publisher's state (tests read its breaker and connection).
-    pub fn broker(&self) -> BrokerStatus {
-        self.broker.status()
+    /// The RabbitMQ publisher's link (tests wait for its connection).
+    pub fn broker(&self) -> LinkStatus {
+        self.broker.link()
+    }
+
+    /// The breaker guarding RabbitMQ.
+    pub fn broker_breaker(&self) -> Breaker {
+        self.broker.breaker().clone()
     }
 
     /// The records file sink's breaker (tests force it open).
@@ -188,25 +154,43 @@ impl Application {
             file,
             sink_tasks,
         } = self;
-        let metrics = flowmesh_common::metrics::install().context("metrics recorder")?;
+        let metrics = flowmesh_common::metrics::install("filter").context("metrics recorder")?;
         let http_stop = CancellationToken::new();
         let http =
             flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
         health.require("intake", || Component::new(ComponentStatus::Up));
 
         let settings = Arc::new(IngestSettings {
-            token: config.token.clone(),
+            token: config.token.resolve().map_err(anyhow::Error::msg)?,
             max_frame_bytes: config.max_frame_bytes as usize,
             max_in_flight: config.max_in_flight,
             ping_interval: config.ping_interval,
             peer_timeout: config.peer_timeout,
-            drain_timeout: config.grace,
+            drain_timeout: config.service.grace,
+            max_batch: config.max_batch,
+            max_invalid: config.max_invalid,
+            admission: Admission::new(config.max_connections, config.max_connections_per_peer),
+            write_timeout: config.write_timeout,
+            tls: config.tls()?,
+            tally: Arc::new(IntakeTally::default()),
         });
+        spawn_progress_line(
+            config.service.progress_every,
+            settings.tally.clone(),
+            broker.link(),
+            [
+                broker.breaker().clone(),
+                file.breaker().clone(),
+                router.dead_letter_breaker(),
+            ],
+            http_stop.clone(),
+        );
         tracing::info!(
             listen = %ws_listener.local_addr()?,
-            http = %config.http_addr,
+            http = %config.service.http_addr,
             data_dir = %config.data_dir.display(),
-            auth = config.token.is_some(),
+            auth = settings.token.is_some(),
+            tls = settings.tls.is_some(),
             "filter started"
         );
         let tracker = TaskTracker::new();
@@ -221,7 +205,7 @@ impl Application {
 
         health.set_draining();
         tracker.close();
-        if tokio::time::timeout(config.grace, tracker.wait())
+        if tokio::time::timeout(config.service.grace, tracker.wait())
             .await
             .is_err()
         {
@@ -230,7 +214,10 @@ impl Application {
         drop(broker);
         drop(file);
         for task in sink_tasks {
-            if tokio::time::timeout(config.grace, task).await.is_err() {
+            if tokio::time::timeout(config.service.grace, task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("a sink did not drain within the grace period");
             }
         }
@@ -239,4 +226,58 @@ impl Application {
         tracing::info!("filter stopped");
         Ok(())
     }
+}
+
+/// Logs the filter's progress line every `every`.
+fn spawn_progress_line(
+    every: std::time::Duration,
+    tally: Arc<IntakeTally>,
+    broker: LinkStatus,
+    breakers: [Breaker; 3],
+    stop: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (mut to_broker, mut to_file, mut nacked, mut rejected) = Default::default();
+    flowmesh_common::progress::spawn(every, stop, move |over| {
+        let (broker_total, file_total) = (
+            tally.acked_broker.load(Relaxed),
+            tally.acked_file.load(Relaxed),
+        );
+        let (nacked_total, rejected_total) =
+            (tally.nacked.load(Relaxed), tally.rejected.load(Relaxed));
+        let to_broker_since = Tally::since(&mut to_broker, broker_total);
+        let to_file_since = Tally::since(&mut to_file, file_total);
+        let acked = to_broker_since + to_file_since;
+        let nacked_since = Tally::since(&mut nacked, nacked_total);
+        let rejected_since = Tally::since(&mut rejected, rejected_total);
+        let connections = tally.connections.load(Relaxed);
+        let message = match broker.down_for() {
+            Some(down) => format!(
+                "waiting for RabbitMQ for {} s: records for it are nacked; {acked} acked to the file in the last {} s",
+                down.as_secs(),
+                over.as_secs()
+            ),
+            None => format!(
+                "{acked} acked in the last {} s ({to_broker_since} to RabbitMQ, {to_file_since} to the file); {connections} connection(s)",
+                over.as_secs()
+            ),
+        };
+        let [broker_breaker, file_breaker, dead_letter_breaker] = &breakers;
+        tracing::info!(
+            acked,
+            acked_total = broker_total + file_total,
+            nacked = nacked_since,
+            nacked_total,
+            rejected = rejected_since,
+            rejected_total,
+            rate_per_s = flowmesh_common::progress::rate(acked, over),
+            connections,
+            rabbitmq_connected = broker.is_connected(),
+            breaker_rabbitmq = broker_breaker.state().as_str(),
+            breaker_file = file_breaker.state().as_str(),
+            breaker_dead_letter_file = dead_letter_breaker.state().as_str(),
+            "progress: {message}"
+        );
+        async {}
+    });
 }

@@ -1,5 +1,6 @@
 //! Test support (feature `testkit`): an in-process filter on free ports with a private AMQP
-//! topology and a temporary data directory, a raw WebSocket client, and queue inspection.
+//! topology and a temporary data directory, and a raw WebSocket client. What tests of other
+//! crates need as well (RabbitMQ helpers, records) lives in `flowmesh_common::testkit`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,86 +8,15 @@ use std::time::Duration;
 use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::topology::Topology;
 use futures_util::{SinkExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::BrokerStatus;
 use crate::{Application, FilterConfig};
-
-/// The RabbitMQ the tests use: `AMQP_URL`, or the local default.
-pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-/// A channel to the test RabbitMQ, for inspecting queues.
-pub async fn amqp_channel() -> (Connection, Channel) {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ reachable at AMQP_URL");
-    let channel = connection.create_channel().await.expect("channel");
-    (connection, channel)
-}
-
-/// Consumes messages from `queue` (acking them) until `expect` have arrived and the queue has
-/// been quiet for a moment, or until `within` has passed. A consumer rather than `basic.get`,
-/// which single-active-consumer quorum queues refuse.
-pub async fn drain_queue(
-    channel: &Channel,
-    queue: &str,
-    expect: usize,
-    within: Duration,
-) -> Vec<lapin::message::Delivery> {
-    let tag = format!("test-drain-{}", uuid::Uuid::new_v4().simple());
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("basic.consume");
-    let deadline = tokio::time::Instant::now() + within;
-    let mut got = Vec::new();
-    loop {
-        let quiet = if got.len() >= expect {
-            Duration::from_millis(300)
-        } else {
-            Duration::from_secs(3600)
-        };
-        let wait = deadline.min(tokio::time::Instant::now() + quiet);
-        match tokio::time::timeout_at(wait, consumer.next()).await {
-            Ok(Some(Ok(delivery))) => {
-                delivery.ack(BasicAckOptions::default()).await.expect("ack");
-                got.push(delivery);
-            }
-            Ok(Some(Err(err))) => panic!("consuming {queue}: {err}"),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    let _ = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await;
-    got
-}
-
-/// Polls `condition` every 20 ms until it holds, failing the test after `within`.
-pub async fn eventually(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use flowmesh_common::link::LinkStatus;
+use flowmesh_common::testkit::{amqp_channel, eventually, read_lines};
 
 /// A filter running in-process.
 pub struct TestFilter {
@@ -98,8 +28,10 @@ pub struct TestFilter {
     pub topology: Topology,
     /// Its data directory (removed on drop).
     pub dir: tempfile::TempDir,
-    /// The publisher's state.
-    pub broker: BrokerStatus,
+    /// The publisher's link to RabbitMQ.
+    pub broker: LinkStatus,
+    /// The breaker guarding RabbitMQ.
+    pub broker_breaker: flowmesh_common::breaker::Breaker,
     /// The records file breaker.
     pub file_breaker: flowmesh_common::breaker::Breaker,
     shutdown: CancellationToken,
@@ -114,11 +46,12 @@ impl TestFilter {
         let prefix = flowmesh_common::testkit::unique_prefix(name);
         let mut config = FilterConfig::for_tests(dir.path().to_path_buf(), &prefix);
         configure(&mut config);
-        let topology = Topology::new(&config.amqp_prefix, config.delivery_limit);
+        let topology = config.broker.topology();
         let app = Application::build(config).await.expect("filter builds");
         let ws_addr = app.ws_addr();
         let http_addr = app.http_addr();
         let broker = app.broker();
+        let broker_breaker = app.broker_breaker();
         let file_breaker = app.file_breaker();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
@@ -128,6 +61,7 @@ impl TestFilter {
             topology,
             dir,
             broker,
+            broker_breaker,
             file_breaker,
             shutdown,
             task,
@@ -180,16 +114,7 @@ impl TestFilter {
     }
 }
 
-/// Parses every line of a JSON Lines file (none if it does not exist).
-pub fn read_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("every line is JSON"))
-        .collect()
-}
-
-/// A bare WebSocket client speaking SPEC §2 by hand.
+/// A bare WebSocket client speaking docs/contracts.md §2 by hand.
 pub struct RawClient {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
@@ -263,87 +188,4 @@ impl RawClient {
             }
         }
     }
-}
-
-/// Declares `topology`, then publishes each message to `exchange` and waits for its confirm.
-pub async fn publish(
-    topology: &Topology,
-    exchange: &str,
-    messages: Vec<(Vec<u8>, lapin::BasicProperties)>,
-) {
-    let (connection, channel) = amqp_channel().await;
-    topology.declare(&channel).await.expect("declare");
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    for (body, properties) in messages {
-        channel
-            .basic_publish(
-                exchange.into(),
-                "".into(),
-                lapin::options::BasicPublishOptions::default(),
-                &body,
-                properties,
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-    }
-    let _ = connection.close(200, "ok".into()).await;
-}
-
-/// Publishes records to the records exchange as the filter would (same properties).
-pub async fn publish_records(topology: &Topology, records: &[flowmesh_common::record::Record]) {
-    let messages = records
-        .iter()
-        .map(|r| {
-            (
-                r.to_json().into_bytes(),
-                flowmesh_common::topology::record_properties(r),
-            )
-        })
-        .collect();
-    publish(topology, &topology.exchange, messages).await;
-}
-
-/// Deletes a test's private topology.
-pub async fn delete_topology(topology: &Topology) {
-    let (connection, channel) = amqp_channel().await;
-    let _ = topology.delete(&channel).await;
-    let _ = connection.close(200, "ok".into()).await;
-}
-
-/// A valid record timestamped now, with a fresh `traceparent`.
-pub fn record(source: &str, seq: u64, value: u8) -> flowmesh_common::record::Record {
-    flowmesh_common::record::Record::new(
-        source,
-        seq,
-        chrono::Utc::now(),
-        value,
-        Some(flowmesh_common::record::new_traceparent()),
-    )
-}
-
-/// A valid record whose hash satisfies `wanted`, found by trying successive milliseconds.
-pub fn record_where(
-    source: &str,
-    seq: u64,
-    value: u8,
-    wanted: impl Fn(&str) -> bool,
-) -> flowmesh_common::record::Record {
-    let base = chrono::Utc::now();
-    (0..)
-        .map(|ms| {
-            flowmesh_common::record::Record::new(
-                source,
-                seq,
-                base + chrono::Duration::milliseconds(ms),
-                value,
-                Some(flowmesh_common::record::new_traceparent()),
-            )
-        })
-        .find(|r| wanted(&r.hash))
-        .expect("some millisecond gives a wanted hash")
 }

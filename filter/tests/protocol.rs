@@ -1,11 +1,13 @@
-//! SPEC §2 over a real socket: a hand-written client against an in-process filter that talks to
+//! docs/contracts.md §2 over a real socket: a hand-written client against an in-process filter that talks to
 //! the real RabbitMQ.
 
 use std::time::Duration;
 
 use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::record::Record;
-use flowmesh_filter::testing::{RawClient, TestFilter, record};
+use flowmesh_common::routing::{Destination, Routing};
+use flowmesh_common::testkit::record;
+use flowmesh_filter::testing::{RawClient, TestFilter};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_record_and_a_batch_frame_are_each_acked_once_per_record() {
@@ -26,7 +28,10 @@ async fn a_single_record_and_a_batch_frame_are_each_acked_once_per_record() {
     client.expect_acks(&(2..=101).collect::<Vec<_>>()).await;
 
     let in_file = filter.file_records().len();
-    let to_broker = batch.iter().filter(|r| r.value > 90).count();
+    let to_broker = batch
+        .iter()
+        .filter(|r| Routing::DEFAULT.destination(r) == Destination::Broker)
+        .count();
     assert_eq!(in_file + to_broker, 101);
     filter.finish().await;
 }
@@ -87,7 +92,10 @@ async fn frames_that_are_not_records_are_rejected_with_a_null_seq() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_file_breaker_nacks_with_retry_after_and_nothing_is_stored() {
-    let filter = TestFilter::start("nack", |c| c.breaker_open_wait = Duration::from_secs(30)).await;
+    let filter = TestFilter::start("nack", |c| {
+        c.breaker.breaker_open_wait = Duration::from_secs(30)
+    })
+    .await;
     filter.wait_connected().await;
     filter.file_breaker.trip();
     let mut client = RawClient::connect(&filter.url(), None)
@@ -129,7 +137,7 @@ async fn an_oversized_frame_closes_the_connection_with_1009() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_or_wrong_token_is_refused_with_401_and_the_right_one_is_accepted() {
     let filter = TestFilter::start("token", |c| {
-        c.token = Some("s3cret".parse().expect("secret"))
+        c.token.value = Some("s3cret-of-24-characters".parse().expect("secret"))
     })
     .await;
     for token in [None, Some("wrong")] {
@@ -141,7 +149,7 @@ async fn a_missing_or_wrong_token_is_refused_with_401_and_the_right_one_is_accep
             Ok(_) => panic!("connection with token {token:?} must be refused"),
         }
     }
-    let mut client = RawClient::connect(&filter.url(), Some("s3cret"))
+    let mut client = RawClient::connect(&filter.url(), Some("s3cret-of-24-characters"))
         .await
         .expect("accepted");
     client.send_text(record("token", 1, 1).to_json()).await;
@@ -164,8 +172,10 @@ async fn a_wrong_path_is_404() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_each_breaker_and_readiness_follows_the_file_breaker() {
-    let filter =
-        TestFilter::start("health", |c| c.breaker_open_wait = Duration::from_secs(30)).await;
+    let filter = TestFilter::start("health", |c| {
+        c.breaker.breaker_open_wait = Duration::from_secs(30)
+    })
+    .await;
     filter.wait_connected().await;
     let get = |path: &'static str| {
         let addr = filter.http_addr;
@@ -202,4 +212,153 @@ async fn get_body(addr: std::net::SocketAddr, path: &str) -> String {
         .await
         .expect("GET")
         .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_of_half_a_million_items_gets_one_reject_and_one_short_dead_letter_line() {
+    let filter = TestFilter::start("bigframe", |_| {}).await;
+    filter.wait_connected().await;
+    let mut client = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("connect");
+    // 1 MiB of `[0,0,0,…]`: about 524 000 items, far over FILTER_MAX_BATCH.
+    let frame = format!("[{}]", vec!["0"; 524_000].join(","));
+    assert!(frame.len() <= 1 << 20);
+    client.send_text(frame).await;
+    match client.next().await {
+        Ok(ServerMessage::Reject { seq: None, error }) => {
+            assert!(error.contains("more than the limit"), "{error}");
+            assert!(error.len() < 400, "the error echoes a bounded excerpt");
+        }
+        other => panic!("expected one reject for the whole frame, got {other:?}"),
+    }
+    // The connection is still good.
+    client.send_text(record("bigframe", 1, 5).to_json()).await;
+    client.expect_acks(&[1]).await;
+    let dead_letter = filter.dir.path().join("dead-letter.jsonl");
+    let size = std::fs::metadata(&dead_letter)
+        .expect("dead-letter file")
+        .len();
+    assert!(
+        size < 2048,
+        "one short dead-letter line, not the frame: {size} bytes"
+    );
+    assert_eq!(filter.dead_letters().len(), 1);
+    filter.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_too_many_invalid_records_is_closed_with_1008() {
+    let filter = TestFilter::start("flood", |c| c.max_invalid = 50).await;
+    filter.wait_connected().await;
+    let mut client = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("connect");
+    let mut bad = serde_json::to_value(record("flood", 1, 5)).expect("json");
+    bad["value"] = 250.into();
+    let frame = serde_json::to_string(&vec![bad; 60]).expect("json");
+    client.send_text(frame).await;
+    let closed = loop {
+        match client.next().await {
+            Ok(ServerMessage::Reject { .. }) => continue,
+            Err(code) => break code,
+            Ok(other) => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(closed, Some(1008));
+    // Others are unaffected.
+    let mut other = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("connect");
+    other.send_text(record("flood", 2, 5).to_json()).await;
+    other.expect_acks(&[2]).await;
+    filter.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_get_503_and_a_freed_place_is_given_again() {
+    let filter = TestFilter::start("limits", |c| c.max_connections_per_peer = 2).await;
+    filter.wait_connected().await;
+    let first = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("first");
+    let mut second = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("second");
+    match RawClient::connect(&filter.url(), None).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+        }
+        Err(other) => panic!("expected HTTP 503, got {other}"),
+        Ok(_) => panic!("a third connection from one peer must be refused"),
+    }
+    // The admitted ones work; closing one frees its place.
+    second.send_text(record("limits", 1, 5).to_json()).await;
+    second.expect_acks(&[1]).await;
+    drop(first);
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(client) = RawClient::connect(&filter.url(), None).await {
+            again = Some(client);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut again = again.expect("a freed place is given again");
+    again.send_text(record("limits", 2, 5).to_json()).await;
+    again.expect_acks(&[2]).await;
+    let metrics = get_body(filter.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains(
+            r#"flowmesh_filter_connections_refused_total{reason="max_connections_per_peer"}"#
+        ),
+        "the refusal is counted"
+    );
+    filter.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_answers_is_disconnected() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let filter = TestFilter::start("stall", |c| {
+        c.write_timeout = Duration::from_millis(500);
+        c.max_invalid = usize::MAX;
+    })
+    .await;
+    filter.wait_connected().await;
+    // A tiny receive buffer, and a client that never reads: the filter's answers back up.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(filter.ws_addr).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(filter.url(), stream)
+        .await
+        .expect("upgrade");
+    let frame = format!("[{}]", vec!["{}"; 2000].join(","));
+    let http = filter.http_addr;
+    let sending = tokio::spawn(async move {
+        for _ in 0..50 {
+            if ws.send(Message::Text(frame.clone().into())).await.is_err() {
+                break;
+            }
+        }
+        ws
+    });
+    // Well inside the peer timeout (30 s): only the write timeout can explain a disconnect.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut seen_open = false;
+    loop {
+        let metrics = get_body(http, "/metrics").await;
+        seen_open |= metrics.contains("flowmesh_filter_connections 1");
+        if seen_open && metrics.contains("flowmesh_filter_connections 0") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled client was never disconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sending.abort();
+    filter.finish().await;
 }

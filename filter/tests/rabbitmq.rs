@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::record::Record;
-use flowmesh_common::testkit::Proxy;
-use flowmesh_filter::testing::{
-    RawClient, TestFilter, amqp_channel, amqp_url, drain_queue, eventually, record,
+use flowmesh_common::testkit::{
+    amqp_channel, amqp_url, drain_queue, eventually, proxy_url, record,
 };
+use flowmesh_filter::testing::{RawClient, TestFilter};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 
-/// The arguments SPEC §4 requires, written out by hand rather than taken from `Topology`.
+/// The arguments docs/contracts.md §4 requires, written out by hand rather than taken from `Topology`.
 fn spec_arguments(prefix_dlx: &str, single_active: bool) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
@@ -50,7 +50,7 @@ async fn the_queues_of_the_spec_exist_with_their_arguments() {
                 spec_arguments(&topology.dead_letter_exchange, single),
             )
             .await
-            .unwrap_or_else(|e| panic!("{name} lacks the SPEC arguments: {e}"));
+            .unwrap_or_else(|e| panic!("{name} lacks the contract arguments: {e}"));
         // And a different delivery limit is refused, so the check above can fail.
         let mut other = spec_arguments(&topology.dead_letter_exchange, single);
         other.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(6));
@@ -124,21 +124,8 @@ async fn published_messages_carry_the_properties_and_headers_of_the_spec_in_both
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_flows_when_it_returns()
  {
-    let upstream = amqp_url();
-    let host = upstream
-        .split('@')
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or("127.0.0.1:5672")
-        .to_owned();
-    let upstream_addr = tokio::net::lookup_host(&host)
-        .await
-        .expect("resolve")
-        .next()
-        .expect("address");
-    let proxy = Proxy::start(upstream_addr).await.expect("proxy");
-    let proxied = upstream.replacen(&host, &proxy.addr().to_string(), 1);
-    let filter = TestFilter::start("outage", |c| c.amqp_url = proxied).await;
+    let (proxy, proxied) = proxy_url(&amqp_url()).await;
+    let filter = TestFilter::start("outage", |c| c.broker.url = proxied.as_str().into()).await;
     filter.wait_connected().await;
     let mut client = RawClient::connect(&filter.url(), None)
         .await
@@ -148,6 +135,7 @@ async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_
 
     proxy.cut();
     let broker = filter.broker.clone();
+    let breaker = filter.broker_breaker.clone();
     eventually(
         "the filter notices the lost connection",
         Duration::from_secs(30),
@@ -170,7 +158,7 @@ async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_
             other => panic!("expected a nack while the broker is away, got {other:?}"),
         }
         seq += 1;
-        if broker.breaker().state() == flowmesh_common::breaker::BreakerState::Open {
+        if breaker.state() == flowmesh_common::breaker::BreakerState::Open {
             break seq - 1;
         }
         assert!(seq < 50, "the breaker never opened");

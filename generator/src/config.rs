@@ -1,14 +1,15 @@
 //! The generator's settings: every one a `--flag` with an environment variable.
 
-use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
-use flowmesh_common::breaker::BreakerSettings;
-use flowmesh_common::config::{Secret, Validate, parse_bytes, parse_duration};
+use flowmesh_common::args::TokenArgs;
+use flowmesh_common::config::{Validate, parse_bytes, parse_duration};
 use flowmesh_common::record::validate_source;
-use flowmesh_common::telemetry::LogFormat;
+
+flowmesh_common::service_args!("GENERATOR", "0.0.0.0:9101");
+flowmesh_common::breaker_args!("GENERATOR", failures = 3, open_wait = "2s");
 
 /// How fast records are made.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,9 +44,13 @@ pub struct GeneratorConfig {
     #[arg(long, env = "FILTER_URL", default_value = "ws://127.0.0.1:8080/ingest")]
     pub filter_url: String,
 
+    /// PEM file of CA certificates to trust for a `wss://` filter, besides the system's roots.
+    #[arg(long, env = "FILTER_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+
     /// Bearer token sent on the WebSocket upgrade.
-    #[arg(long, env = "FILTER_TOKEN", hide_env_values = true)]
-    pub token: Option<Secret>,
+    #[command(flatten)]
+    pub token: TokenArgs,
 
     /// Records per second (e.g. `5`, `0.5`, `20000`) or `max`.
     #[arg(long, env = "GENERATOR_RATE", default_value = "5")]
@@ -83,10 +88,6 @@ pub struct GeneratorConfig {
     #[arg(long, env = "GENERATOR_MAX_FRAME_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
     pub max_frame_bytes: u64,
 
-    /// Address of the HTTP port serving /metrics and /health.
-    #[arg(long, env = "GENERATOR_HTTP_ADDR", default_value = "0.0.0.0:9101")]
-    pub http_addr: SocketAddr,
-
     /// How often the generator pings the filter.
     #[arg(long, env = "GENERATOR_PING_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub ping_interval: Duration,
@@ -95,49 +96,36 @@ pub struct GeneratorConfig {
     #[arg(long, env = "GENERATOR_PEER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub peer_timeout: Duration,
 
-    /// Consecutive failed connection attempts that open the breaker.
-    #[arg(long, env = "GENERATOR_BREAKER_FAILURES", default_value_t = 3)]
-    pub breaker_failures: u32,
+    /// The filter link's breaker (opened by consecutive failed connection attempts).
+    #[command(flatten)]
+    pub breaker: BreakerArgs,
 
-    /// First open wait of the breaker; doubles (jittered) up to the max.
-    #[arg(long, env = "GENERATOR_BREAKER_OPEN_WAIT", default_value = "2s", value_parser = parse_duration)]
-    pub breaker_open_wait: Duration,
-
-    /// Longest open wait of the breaker.
-    #[arg(long, env = "GENERATOR_BREAKER_MAX_OPEN_WAIT", default_value = "30s", value_parser = parse_duration)]
-    pub breaker_max_open_wait: Duration,
-
-    /// Time allowed on SIGTERM/SIGINT for in-flight records to be acked before exiting.
-    #[arg(long, env = "GENERATOR_GRACE", default_value = "20s", value_parser = parse_duration)]
-    pub grace: Duration,
-
-    /// Log format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
-    pub log_format: LogFormat,
-
-    /// Probe this generator's own `/health/ready` on `--http-addr` and exit 0 when ready.
-    #[arg(long)]
-    pub probe_ready: bool,
+    /// Probe port, grace (for in-flight records to be acked), logs.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 impl GeneratorConfig {
-    /// The breaker settings of the filter link.
-    pub fn breaker(&self) -> BreakerSettings {
-        BreakerSettings {
-            failure_threshold: self.breaker_failures,
-            open_wait: self.breaker_open_wait,
-            max_open_wait: self.breaker_max_open_wait,
-        }
-    }
-
     /// The defaults with a loopback HTTP port 0, pointed at `filter_url`: what tests start from.
     pub fn for_tests(filter_url: &str) -> Self {
         let mut config = Self::parse_from(["generator"]);
         config.filter_url = filter_url.to_owned();
-        config.http_addr = "127.0.0.1:0".parse().expect("literal address");
-        config.breaker_open_wait = Duration::from_millis(200);
-        config.breaker_max_open_wait = Duration::from_secs(1);
+        config.service.http_addr = "127.0.0.1:0".parse().expect("literal address");
+        config.breaker.shorten_for_tests();
         config
+    }
+}
+
+impl GeneratorConfig {
+    /// TLS for a `wss://` filter URL (none for `ws://`).
+    pub fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+        if self.filter_url.starts_with("wss://") {
+            Ok(Some(flowmesh_common::tls::client_config(
+                self.ca_file.as_deref(),
+            )?))
+        } else {
+            Ok(None)
+        }
     }
 }
 
@@ -163,24 +151,16 @@ impl Validate for GeneratorConfig {
                 "--max-frame-bytes (GENERATOR_MAX_FRAME_BYTES): must be at least 1KiB".into(),
             );
         }
-        if self.breaker_failures == 0 {
-            return Err(
-                "--breaker-failures (GENERATOR_BREAKER_FAILURES): must be at least 1".into(),
-            );
-        }
-        if self.breaker_open_wait.is_zero() || self.breaker_max_open_wait < self.breaker_open_wait {
-            return Err(
-                "--breaker-open-wait (GENERATOR_BREAKER_OPEN_WAIT): must be positive and at most --breaker-max-open-wait"
-                    .into(),
-            );
-        }
         if self.ping_interval.is_zero() || self.peer_timeout <= self.ping_interval {
             return Err(
                 "--peer-timeout (GENERATOR_PEER_TIMEOUT): must be longer than --ping-interval"
                     .into(),
             );
         }
-        Ok(())
+        self.token.resolve()?;
+        self.tls()
+            .map_err(|e| format!("--ca-file (FILTER_CA_FILE): {e:#}"))?;
+        self.breaker.validate()
     }
 }
 
@@ -218,4 +198,4 @@ mod tests {
     }
 }
 
-flowmesh_common::service_config!(GeneratorConfig);
+flowmesh_common::service_config!(GeneratorConfig, service);

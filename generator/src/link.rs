@@ -3,16 +3,16 @@
 //! reader (acks, nacks, rejects back into the window).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::BackoffBuilder;
 use flowmesh_common::breaker::Breaker;
 use flowmesh_common::config::Secret;
-use flowmesh_common::health::Component;
+use flowmesh_common::link::LinkStatus;
 use flowmesh_common::metrics as m;
 use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::retry;
+use flowmesh_common::telemetry::redact_url;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -42,57 +42,23 @@ pub struct LinkSettings {
     pub ping_interval: Duration,
     /// Silence after which the filter is considered dead.
     pub peer_timeout: Duration,
-}
-
-/// The link's shared state, for health.
-#[derive(Debug, Clone)]
-pub struct LinkState {
-    breaker: Breaker,
-    connected: Arc<AtomicBool>,
-}
-
-impl LinkState {
-    /// A disconnected link guarded by `breaker`.
-    pub fn new(breaker: Breaker) -> Self {
-        Self {
-            breaker,
-            connected: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// The breaker guarding the filter.
-    pub fn breaker(&self) -> &Breaker {
-        &self.breaker
-    }
-
-    /// True while a WebSocket connection is open.
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::SeqCst)
-    }
-
-    fn set_connected(&self, up: bool) {
-        self.connected.store(up, Ordering::SeqCst);
-        metrics::gauge!(m::CONNECTION_UP, "link" => "filter").set(if up { 1.0 } else { 0.0 });
-    }
-
-    /// Health: DOWN while disconnected (records wait in the window), else the breaker's view.
-    pub fn component(&self) -> Component {
-        self.breaker.link_component(self.is_connected())
-    }
+    /// TLS for `wss://` URLs: the system's roots plus `FILTER_CA_FILE`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Keeps a connection to the filter until `stop` fires, re-sending everything unacked on each
 /// new connection.
 pub async fn supervise(
     settings: LinkSettings,
-    state: LinkState,
+    state: LinkStatus,
+    breaker: Breaker,
     window: Arc<Window>,
     stop: CancellationToken,
 ) {
     let mut backoff = retry::reconnect().build();
     let mut first = true;
     while !stop.is_cancelled() {
-        if !state.breaker.permit() {
+        if !breaker.permit() {
             // Open: no attempts until the open wait has passed.
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -100,7 +66,7 @@ pub async fn supervise(
             }
         }
         if !first {
-            metrics::counter!(m::RECONNECTS, "link" => "filter").increment(1);
+            state.count_reconnect();
         }
         first = false;
         let connected = tokio::select! {
@@ -109,25 +75,25 @@ pub async fn supervise(
         };
         match connected {
             Ok(ws) => {
-                state.breaker.record(true);
+                breaker.record(true);
                 backoff = retry::reconnect().build();
                 state.set_connected(true);
-                tracing::info!(url = %settings.url, "connected to the filter");
+                tracing::info!(url = %redact_url(&settings.url), "connected to the filter");
                 window.requeue_all();
                 let ended = run_connection(ws, &settings, &window, &stop).await;
                 state.set_connected(false);
                 match ended {
                     Ok(()) => tracing::info!("connection to the filter closed"),
                     Err(reason) => {
-                        state.breaker.record(false);
+                        breaker.record(false);
                         tracing::warn!(error = %reason, "connection to the filter lost; unacked records will be re-sent");
                     }
                 }
             }
             Err(reason) => {
-                state.breaker.record(false);
+                breaker.record(false);
                 let wait = backoff.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(url = %settings.url, error = %reason, retry_in_ms = wait.as_millis() as u64, "cannot connect to the filter");
+                tracing::warn!(url = %redact_url(&settings.url), error = %reason, retry_in_ms = wait.as_millis() as u64, "cannot connect to the filter");
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}
@@ -153,7 +119,12 @@ async fn connect(settings: &LinkSettings) -> Result<Ws, String> {
     let config = WebSocketConfig::default()
         .max_frame_size(Some(settings.max_frame_bytes.max(64 * 1024)))
         .max_message_size(Some(settings.max_frame_bytes.max(64 * 1024)));
-    let attempt = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+    let connector = settings
+        .tls
+        .clone()
+        .map(tokio_tungstenite::Connector::Rustls);
+    let attempt =
+        tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector);
     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok((ws, _response))) => Ok(ws),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => Err(format!(

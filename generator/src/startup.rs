@@ -7,12 +7,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use flowmesh_common::breaker::Breaker;
 use flowmesh_common::health::Health;
-use flowmesh_common::metrics as m;
+use flowmesh_common::link::LinkStatus;
+use flowmesh_common::progress::Tally;
+use flowmesh_common::telemetry::redact_url;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::GeneratorConfig;
-use crate::link::{self, LinkSettings, LinkState};
+use crate::link::{self, LinkSettings};
 use crate::source::{self, RecordSource};
 use crate::spool::Spool;
 use crate::window::{Window, WindowCounts};
@@ -37,7 +39,8 @@ pub struct Application {
     source: String,
     http_listener: TcpListener,
     health: Health,
-    link: LinkState,
+    link: LinkStatus,
+    breaker: Breaker,
     window: Arc<Window>,
     next_seq: u64,
 }
@@ -45,10 +48,12 @@ pub struct Application {
 impl Application {
     /// Binds the probe port.
     pub async fn build(config: GeneratorConfig) -> anyhow::Result<Self> {
-        flowmesh_common::metrics::install().context("installing the metrics recorder")?;
-        let http_listener = TcpListener::bind(config.http_addr)
+        flowmesh_common::metrics::install("generator")
+            .context("installing the metrics recorder")?;
+        let http_addr = config.service.http_addr;
+        let http_listener = TcpListener::bind(http_addr)
             .await
-            .with_context(|| format!("binding the HTTP port {}", config.http_addr))?;
+            .with_context(|| format!("binding the HTTP port {http_addr}"))?;
         let (source, next_seq, window) = match &config.spool_dir {
             None => {
                 let source = config
@@ -77,24 +82,12 @@ impl Application {
                 (source, recovered.last_seq + 1, window)
             }
         };
-        for name in [
-            m::GEN_GENERATED,
-            m::GEN_SENT,
-            m::GEN_RESENT,
-            m::GEN_ACKED,
-            m::GEN_NACKED,
-            m::GEN_REJECTED,
-            m::GEN_WINDOW_FULL_TOTAL,
-        ] {
-            m::zero_counters(name, None);
-        }
-        m::zero_counters(m::RECONNECTS, Some(("link", &["filter"])));
-        metrics::gauge!(m::GEN_WINDOW_FULL).set(0.0);
-        metrics::gauge!(m::CONNECTION_UP, "link" => "filter").set(0.0);
-        let link = LinkState::new(Breaker::new(BREAKER_FILTER, config.breaker()));
+        let link = LinkStatus::new("filter");
+        let breaker = Breaker::new(BREAKER_FILTER, config.breaker.settings());
         let health = Health::new();
         let probe = link.clone();
-        health.require("filter", move || probe.component());
+        let guard = breaker.clone();
+        health.require("filter", move || probe.guarded_by(&guard));
         let window = Arc::new(window);
         Ok(Self {
             config,
@@ -102,6 +95,7 @@ impl Application {
             http_listener,
             health,
             link,
+            breaker,
             window,
             next_seq,
         })
@@ -119,9 +113,14 @@ impl Application {
         &self.source
     }
 
-    /// The link state (tests read its breaker).
-    pub fn link(&self) -> LinkState {
+    /// The link to the filter.
+    pub fn link(&self) -> LinkStatus {
         self.link.clone()
+    }
+
+    /// The breaker guarding the filter.
+    pub fn breaker(&self) -> Breaker {
+        self.breaker.clone()
     }
 
     /// The in-flight window (tests read its counts).
@@ -138,27 +137,37 @@ impl Application {
             http_listener,
             health,
             link,
+            breaker,
             window,
             next_seq,
         } = self;
-        let metrics = flowmesh_common::metrics::install().context("metrics recorder")?;
+        let metrics = flowmesh_common::metrics::install("generator").context("metrics recorder")?;
         let http_stop = CancellationToken::new();
         let http =
             flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
 
+        spawn_progress_line(
+            config.service.progress_every,
+            window.clone(),
+            link.clone(),
+            breaker.clone(),
+            http_stop.clone(),
+        );
         let link_stop = CancellationToken::new();
         let settings = LinkSettings {
             url: config.filter_url.clone(),
-            token: config.token.clone(),
+            token: config.token.resolve().map_err(anyhow::Error::msg)?,
+            tls: config.tls()?,
             batch_max: config.batch_max,
             max_frame_bytes: config.max_frame_bytes as usize,
             ping_interval: config.ping_interval,
             peer_timeout: config.peer_timeout,
         };
-        tracing::info!(source = %source, url = %config.filter_url, rate = ?config.rate, count = config.count, "generator started");
+        tracing::info!(source = %source, url = %redact_url(&config.filter_url), rate = ?config.rate, count = config.count, "generator started");
         let supervisor = tokio::spawn(link::supervise(
             settings,
             link,
+            breaker,
             window.clone(),
             link_stop.clone(),
         ));
@@ -174,7 +183,7 @@ impl Application {
 
         if shutdown.is_cancelled() {
             health.set_draining();
-            let drained = tokio::time::timeout(config.grace, window.wait_empty()).await;
+            let drained = tokio::time::timeout(config.service.grace, window.wait_empty()).await;
             if drained.is_err() {
                 tracing::warn!(
                     in_flight = window.counts().in_flight,
@@ -187,7 +196,7 @@ impl Application {
                 _ = window.wait_empty() => {}
                 _ = shutdown.cancelled() => {
                     health.set_draining();
-                    let _ = tokio::time::timeout(config.grace, window.wait_empty()).await;
+                    let _ = tokio::time::timeout(config.service.grace, window.wait_empty()).await;
                 }
             }
         }
@@ -210,4 +219,42 @@ impl Application {
         );
         Ok(summary)
     }
+}
+
+/// Logs the generator's progress line every `every`.
+fn spawn_progress_line(
+    every: std::time::Duration,
+    window: Arc<Window>,
+    link: LinkStatus,
+    breaker: Breaker,
+    stop: CancellationToken,
+) {
+    let mut acked = Tally::default();
+    flowmesh_common::progress::spawn(every, stop, move |over| {
+        let counts = window.counts();
+        let acked_since = acked.since(counts.acked);
+        let message = match link.down_for() {
+            Some(down) => format!(
+                "waiting for the filter for {} s; {} records held",
+                down.as_secs(),
+                counts.in_flight
+            ),
+            None => format!(
+                "{acked_since} acked in the last {} s; {} in flight",
+                over.as_secs(),
+                counts.in_flight
+            ),
+        };
+        tracing::info!(
+            acked = acked_since,
+            acked_total = counts.acked,
+            rejected_total = counts.rejected,
+            in_flight = counts.in_flight,
+            rate_per_s = flowmesh_common::progress::rate(acked_since, over),
+            filter_connected = link.is_connected(),
+            breaker = breaker.state().as_str(),
+            "progress: {message}"
+        );
+        async {}
+    });
 }

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flowmesh_common::record::Record;
-use flowmesh_filter::testing::{TestFilter, amqp_channel, drain_queue, eventually};
+use flowmesh_common::routing::{Destination, Routing};
+use flowmesh_common::testkit::{amqp_channel, drain_queue, eventually, read_lines};
+use flowmesh_filter::testing::TestFilter;
 use flowmesh_generator::config::Rate;
 use flowmesh_generator::{Application, GeneratorConfig, Summary};
 use tokio_util::sync::CancellationToken;
@@ -78,7 +80,7 @@ impl Placement {
             match self.file.get(&seq) {
                 Some((value, times)) => {
                     assert!(
-                        *value <= 90,
+                        Routing::DEFAULT.destination_of(*value) == Destination::File,
                         "seq {seq} (value {value}) must not be in the file"
                     );
                     assert_eq!(*times, 1, "seq {seq} is in the file {times} times");
@@ -95,7 +97,7 @@ impl Placement {
                             .get(&seq)
                             .unwrap_or_else(|| panic!("seq {seq} is missing"));
                         assert!(
-                            *value > 90,
+                            Routing::DEFAULT.destination_of(*value) == Destination::Broker,
                             "seq {seq} (value {value}) must not be in a queue"
                         );
                         if !queue_repeats_allowed {
@@ -136,7 +138,7 @@ async fn twenty_thousand_records_are_each_acked_once_and_stored_exactly_where_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_nacked_by_an_open_breaker_are_resent_until_acked() {
     let filter = TestFilter::start("resend", |c| {
-        c.breaker_open_wait = Duration::from_millis(300)
+        c.breaker.breaker_open_wait = Duration::from_millis(300)
     })
     .await;
     filter.wait_connected().await;
@@ -159,12 +161,12 @@ async fn a_filter_that_is_not_there_yet_is_waited_out_and_then_gets_everything()
     let app = Application::build(generator(&url, "late", Some(500)))
         .await
         .expect("builds");
-    let link = app.link();
+    let breaker = app.breaker();
     let running = tokio::spawn(app.run_until_stopped(CancellationToken::new()));
     eventually(
         "the generator's breaker opens",
         Duration::from_secs(30),
-        || link.breaker().state() == flowmesh_common::breaker::BreakerState::Open,
+        || breaker.state() == flowmesh_common::breaker::BreakerState::Open,
     )
     .await;
     let filter = TestFilter::start("late", |c| c.listen = port).await;
@@ -209,7 +211,7 @@ async fn a_filter_shut_down_mid_stream_loses_nothing_it_acked() {
     let filter = TestFilter::start("filterstop", |_| {}).await;
     let mut config = generator(&filter.url(), "filterstop", None);
     config.rate = Rate::PerSecond(3000.0);
-    config.grace = Duration::from_secs(1);
+    config.service.grace = Duration::from_secs(1);
     let app = Application::build(config).await.expect("builds");
     let window = app.window();
     let link = app.link();
@@ -284,7 +286,7 @@ async fn a_filter_restarted_on_the_same_directory_does_not_write_resent_records_
     let first = TestFilter::start("refile", |c| c.data_dir = data.clone()).await;
     let summary = run(generator(&first.url(), "refile", Some(500))).await;
     assert_eq!(summary.counts.acked, 500);
-    let lines = flowmesh_filter::testing::read_lines(&data.join("records.jsonl")).len();
+    let lines = read_lines(&data.join("records.jsonl")).len();
     assert!(lines > 0);
     first.finish().await;
     // Everything comes again (as after a crash between the file commit and the acks).
@@ -292,7 +294,7 @@ async fn a_filter_restarted_on_the_same_directory_does_not_write_resent_records_
     let mut client = flowmesh_filter::testing::RawClient::connect(&second.url(), None)
         .await
         .expect("connect");
-    let again: Vec<Record> = flowmesh_filter::testing::read_lines(&data.join("records.jsonl"))
+    let again: Vec<Record> = read_lines(&data.join("records.jsonl"))
         .into_iter()
         .map(|v| serde_json::from_value(v).expect("record"))
         .collect();
@@ -302,9 +304,6 @@ async fn a_filter_restarted_on_the_same_directory_does_not_write_resent_records_
     client
         .expect_acks(&again.iter().map(|r| r.seq).collect::<Vec<_>>())
         .await;
-    assert_eq!(
-        flowmesh_filter::testing::read_lines(&data.join("records.jsonl")).len(),
-        lines
-    );
+    assert_eq!(read_lines(&data.join("records.jsonl")).len(), lines);
     second.finish().await;
 }

@@ -9,4 +9,7 @@ pub mod startup;
 pub mod store;
 
 pub use config::MongoWriterConfig;
-pub use startup::Application;
+pub use startup::{Application, build, build_with};
+
+#[cfg(any(test, feature = "testkit"))]
+pub mod testing;

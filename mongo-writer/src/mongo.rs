@@ -1,22 +1,27 @@
 //! The MongoDB implementation of [`GroupStore`] through the official driver.
 //!
-//! Documents: `{_id, nested, records, count, first_seq, last_seq, created_at, updated_at}` in
-//! database `flowmesh`, collection `records`. Appends are guarded (`records.id $nin`) so a
-//! redelivered record is never pushed twice, and consecutive appends to one group arrive as
-//! one `$push` with `$each`.
+//! Documents: `{_id, source, nested, records, count, first_seq, last_seq, wseq, created_at,
+//! updated_at}` in database `flowmesh`, collection `records`, written with `j: true`. Appends
+//! are guarded (`records.id $nin`) so a redelivered record is never pushed twice, and checked: an
+//! append that matched nothing re-reads the group and pushes only what it lacks. Errors the
+//! MongoDB manual names as permanent (validation, index conflicts, a document too large) are
+//! [`Permanent`], so the batch is dead-lettered instead of retried forever.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::TryStreamExt;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::ClientOptions;
+use mongodb::options::{ClientOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
+use tokio::sync::OnceCell;
 
 use crate::nesting::{GroupDoc, Op, OpenGroup};
 use crate::store::GroupStore;
+use flowmesh_common::consumer::Permanent;
 use flowmesh_common::record::Record;
 
 /// Default database.
@@ -27,8 +32,32 @@ pub const DEFAULT_COLLECTION: &str = "records";
 /// Groups in a MongoDB collection.
 #[derive(Debug, Clone)]
 pub struct MongoStore {
-    collection: Collection<Document>,
+    /// The client's database and collection, once the URL could be resolved.
+    handle: Arc<OnceCell<Handle>>,
+    /// What to connect to when `handle` is still empty (a `mongodb+srv://` URL whose DNS did
+    /// not answer at startup): URL, database, collection.
+    target: Arc<(String, String, String)>,
     indexed: bool,
+}
+
+#[derive(Debug)]
+struct Handle {
+    database: mongodb::Database,
+    collection: Collection<Document>,
+}
+
+impl Handle {
+    fn new(client: &Client, database: &str, collection: &str) -> Self {
+        let database = client.database(database);
+        // Acknowledged only once in the journal: an ack to RabbitMQ follows a durable write.
+        let durable = mongodb::options::CollectionOptions::builder()
+            .write_concern(WriteConcern::builder().journal(true).build())
+            .build();
+        Self {
+            collection: database.collection_with_options(collection, durable),
+            database,
+        }
+    }
 }
 
 /// A client that fails fast (5 s server selection) instead of hanging while MongoDB is away.
@@ -36,7 +65,10 @@ pub async fn client(url: &str) -> anyhow::Result<Client> {
     let mut options = ClientOptions::parse(url)
         .await
         .context("parsing MONGODB_URL")?;
-    options.app_name = Some("flowmesh-mongo-writer".into());
+    // An `appName` in the URL wins (tests aim failpoints at one client with it).
+    if options.app_name.is_none() {
+        options.app_name = Some("flowmesh-mongo-writer".into());
+    }
     options.server_selection_timeout = Some(Duration::from_secs(5));
     options.connect_timeout = Some(Duration::from_secs(5));
     Client::with_options(options).context("creating the MongoDB client")
@@ -46,90 +78,189 @@ impl MongoStore {
     /// A store over `database.collection` of `client`.
     pub fn new(client: &Client, database: &str, collection: &str) -> Self {
         Self {
-            collection: client.database(database).collection(collection),
+            handle: Arc::new(OnceCell::new_with(Some(Handle::new(
+                client, database, collection,
+            )))),
+            target: Arc::new((String::new(), database.into(), collection.into())),
             indexed: false,
         }
     }
 
-    /// The collection (for `verify` and tests).
-    pub fn collection(&self) -> &Collection<Document> {
-        &self.collection
+    /// A store over `database.collection` at `url`. A `mongodb+srv://` URL whose DNS does not
+    /// answer yet is resolved again on each use, so the writer runs (not ready) until it does;
+    /// any other URL that does not parse is an error now.
+    pub async fn connect(url: &str, database: &str, collection: &str) -> anyhow::Result<Self> {
+        match client(url).await {
+            Ok(client) => Ok(Self::new(&client, database, collection)),
+            Err(err) if url.starts_with("mongodb+srv://") => {
+                tracing::warn!(url = %flowmesh_common::telemetry::redact_url(url), error = format!("{err:#}"), "cannot resolve MongoDB yet; will retry");
+                Ok(Self {
+                    handle: Arc::new(OnceCell::new()),
+                    target: Arc::new((url.into(), database.into(), collection.into())),
+                    indexed: false,
+                })
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn handle(&self) -> anyhow::Result<&Handle> {
+        self.handle
+            .get_or_try_init(|| async {
+                let (url, database, collection) = &*self.target;
+                Ok(Handle::new(&client(url).await?, database, collection))
+            })
+            .await
+    }
+
+    async fn coll(&self) -> anyhow::Result<&Collection<Document>> {
+        Ok(&self.handle().await?.collection)
+    }
+
+    /// True when MongoDB answers a ping now.
+    pub async fn ping(&self) -> bool {
+        match self.handle().await {
+            Ok(handle) => handle.database.run_command(doc! {"ping": 1}).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// The collection (for tests).
+    pub async fn collection(&self) -> anyhow::Result<Collection<Document>> {
+        Ok(self.coll().await?.clone())
     }
 
     async fn ensure_indexes(&mut self) -> anyhow::Result<()> {
         if !self.indexed {
+            // records.id: de-duplication; {source, wseq}: a source's open group (exactly the
+            // recovery query); {wseq}: the highest write sequence.
             for keys in [
                 doc! {"records.id": 1},
-                doc! {"updated_at": -1},
-                doc! {"records.source": 1, "records.seq": 1},
+                doc! {"source": 1, "wseq": -1},
+                doc! {"wseq": -1},
             ] {
-                self.collection
+                self.coll()
+                    .await?
                     .create_index(IndexModel::builder().keys(keys).build())
                     .await
-                    .context("creating indexes")?;
+                    .map_err(|e| classify(e, "creating indexes"))?;
             }
             self.indexed = true;
         }
         Ok(())
     }
 
+    /// Appends the records of `records` the group lacks, as operation `wseq`. Fails when the
+    /// group does not exist.
     async fn append(
         &self,
         id: &str,
         records: &[Record],
+        wseq: u64,
         at: chrono::DateTime<chrono::Utc>,
     ) -> anyhow::Result<()> {
         if records.is_empty() {
             return Ok(());
         }
+        if self.push(id, records, wseq, at).await? {
+            return Ok(());
+        }
+        // Matched nothing: the group is gone, or already holds some of these records (an
+        // earlier attempt got that far). Re-read it and push only what it lacks.
+        let group = self
+            .coll()
+            .await?
+            .find_one(doc! {"_id": id})
+            .projection(doc! {"records.id": 1})
+            .await
+            .map_err(|e| classify(e, "re-reading a group"))?
+            .with_context(|| format!("appending to group {id}: the group does not exist"))?;
+        let held: HashSet<&str> = group
+            .get_array("records")
+            .map(|a| a.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| r.as_document().and_then(|r| r.get_str("id").ok()))
+            .collect();
+        let missing: Vec<Record> = records
+            .iter()
+            .filter(|r| !held.contains(r.id.as_str()))
+            .cloned()
+            .collect();
+        if missing.is_empty() || self.push(id, &missing, wseq, at).await? {
+            Ok(())
+        } else {
+            anyhow::bail!("appending to group {id}: the group changed while appending")
+        }
+    }
+
+    /// One guarded `$push`: true when it matched the group (none of `records` was in it).
+    async fn push(
+        &self,
+        id: &str,
+        records: &[Record],
+        wseq: u64,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<bool> {
         let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
         let last_seq = records.last().map(|r| r.seq as i64).unwrap_or_default();
         let pushed = bson::to_bson(records).context("encoding records")?;
-        self.collection
+        let result = self.coll().await?
             .update_one(
                 doc! {"_id": id, "records.id": {"$nin": ids}},
                 doc! {
                     "$push": {"records": {"$each": pushed}},
                     "$inc": {"count": records.len() as i64},
-                    "$set": {"last_seq": last_seq, "updated_at": bson_time(at)},
+                    "$set": {"last_seq": last_seq, "wseq": wseq as i64, "updated_at": bson_time(at)},
                 },
             )
             .await
-            .context("appending to a group")?;
-        Ok(())
+            .map_err(|e| classify(e, "appending to a group"))?;
+        Ok(result.matched_count == 1)
     }
 }
 
 impl GroupStore for MongoStore {
-    async fn last_group(&mut self) -> anyhow::Result<Option<OpenGroup>> {
+    async fn last_group(&mut self, source: &str) -> anyhow::Result<Option<OpenGroup>> {
         self.ensure_indexes().await?;
         let last = self
-            .collection
-            .find_one(doc! {})
-            .sort(doc! {"updated_at": -1, "_id": -1})
-            .projection(doc! {"nested": 1, "count": 1, "updated_at": 1})
+            .coll()
+            .await?
+            .find_one(doc! {"source": source})
+            .sort(doc! {"wseq": -1})
+            .projection(doc! {"nested": 1, "count": 1})
             .await
-            .context("finding the open group")?;
+            .map_err(|e| classify(e, "finding the open group"))?;
         Ok(last.map(|doc| OpenGroup {
             id: doc.get_str("_id").unwrap_or_default().to_owned(),
             nested: doc.get_bool("nested").unwrap_or(false),
             count: integer(&doc, "count") as usize,
-            updated_at: doc
-                .get_datetime("updated_at")
-                .map(chrono_time)
-                .unwrap_or_default(),
         }))
+    }
+
+    async fn max_wseq(&mut self) -> anyhow::Result<u64> {
+        self.ensure_indexes().await?;
+        let last = self
+            .coll()
+            .await?
+            .find_one(doc! {})
+            .sort(doc! {"wseq": -1})
+            .projection(doc! {"wseq": 1})
+            .await
+            .map_err(|e| classify(e, "finding the last write sequence"))?;
+        Ok(last.map_or(0, |doc| integer(&doc, "wseq").max(0) as u64))
     }
 
     async fn stored_ids(&mut self, ids: &[String]) -> anyhow::Result<HashSet<String>> {
         self.ensure_indexes().await?;
         let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
         let mut cursor = self
-            .collection
+            .coll()
+            .await?
             .find(doc! {"records.id": {"$in": ids}})
             .projection(doc! {"records.id": 1})
             .await
-            .context("looking up stored ids")?;
+            .map_err(|e| classify(e, "looking up stored ids"))?;
         let mut found = HashSet::new();
         while let Some(doc) = cursor.try_next().await.context("reading stored ids")? {
             for record in doc
@@ -147,23 +278,37 @@ impl GroupStore for MongoStore {
         Ok(found)
     }
 
+    async fn prepare(&mut self) -> anyhow::Result<()> {
+        self.ensure_indexes().await
+    }
+
     async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
         self.ensure_indexes().await?;
         for op in ops {
             match op {
                 Op::Insert(group) => {
-                    let inserted = self.collection.insert_one(to_document(group)?).await;
+                    let inserted = self.coll().await?.insert_one(to_document(group)?).await;
                     match inserted {
                         Ok(_) => {}
                         Err(err) if is_duplicate_key(&err) => {
                             // Already created by an earlier attempt: add whatever it lacks.
-                            self.append(&group.id, &group.records[1..], group.updated_at)
-                                .await?;
+                            self.append(
+                                &group.id,
+                                &group.records[1..],
+                                group.wseq,
+                                group.updated_at,
+                            )
+                            .await?;
                         }
-                        Err(err) => return Err(err).context("inserting a group"),
+                        Err(err) => return Err(classify(err, "inserting a group")),
                     }
                 }
-                Op::Append { id, records, at } => self.append(id, records, *at).await?,
+                Op::Append {
+                    id,
+                    records,
+                    wseq,
+                    at,
+                } => self.append(id, records, *wseq, *at).await?,
             }
         }
         Ok(())
@@ -172,6 +317,31 @@ impl GroupStore for MongoStore {
 
 fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     matches!(err.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == 11000)
+}
+
+/// Server error codes that no retry can fix (MongoDB manual, error codes): BadValue,
+/// FailedToParse, TypeMismatch, InvalidLength, IndexOptionsConflict, IndexKeySpecsConflict,
+/// CannotCreateIndex, DocumentValidationFailure, BSONObjectTooLarge, KeyTooLong.
+const PERMANENT_CODES: &[i32] = &[2, 9, 14, 16, 85, 86, 67, 121, 10334, 17280];
+
+/// Tags `err` as [`Permanent`] when its server code says retrying cannot help, so the consumer
+/// dead-letters the batch; anything else (network, server selection, retryable labels, a
+/// failpoint) stays transient and goes through the breaker and retries.
+fn classify(err: mongodb::error::Error, what: &str) -> anyhow::Error {
+    let code = match err.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(e)) => Some(e.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(e)) => Some(e.code),
+        ErrorKind::Command(e) => Some(e.code),
+        _ => None,
+    };
+    match code {
+        Some(code)
+            if PERMANENT_CODES.contains(&code) && !err.contains_label("RetryableWriteError") =>
+        {
+            anyhow::Error::new(Permanent(format!("{what}: MongoDB error {code}: {err}")))
+        }
+        _ => anyhow::Error::new(err).context(what.to_owned()),
+    }
 }
 
 fn integer(doc: &Document, key: &str) -> i64 {
@@ -187,11 +357,13 @@ fn integer(doc: &Document, key: &str) -> i64 {
 pub fn to_document(group: &GroupDoc) -> anyhow::Result<Document> {
     Ok(doc! {
         "_id": &group.id,
+        "source": &group.source,
         "nested": group.nested,
         "records": bson::to_bson(&group.records).context("encoding records")?,
         "count": group.records.len() as i64,
         "first_seq": group.records.first().map(|r| r.seq as i64).unwrap_or_default(),
         "last_seq": group.records.last().map(|r| r.seq as i64).unwrap_or_default(),
+        "wseq": group.wseq as i64,
         "created_at": bson_time(group.created_at),
         "updated_at": bson_time(group.updated_at),
     })
@@ -205,7 +377,9 @@ pub fn from_document(doc: &Document) -> anyhow::Result<(GroupDoc, i64)> {
     .context("decoding records")?;
     let group = GroupDoc {
         id: doc.get_str("_id").context("_id")?.to_owned(),
+        source: doc.get_str("source").context("source")?.to_owned(),
         nested: doc.get_bool("nested").context("nested")?,
+        wseq: integer(doc, "wseq").max(0) as u64,
         records,
         created_at: doc
             .get_datetime("created_at")

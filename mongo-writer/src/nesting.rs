@@ -1,20 +1,30 @@
-//! The nesting rule of SPEC §6 as a pure planner: given the open group (the last document
-//! written) and the next records in stream order, the operations to perform.
+//! The nesting rule of docs/contracts.md §6 as a pure planner: given each source's open group
+//! (the group of that source written last) and the next records in delivery order, the
+//! operations to perform.
 //!
+//! Per source, in the order the queue delivers that source's records:
 //! - `hash <= "99"`: a new document, `nested: false`, holding only this record.
-//! - `hash > "99"`: appended to the open group if that group is nested (so the record before it
-//!   also had `hash > "99"`) and holds fewer than `max_nest` records; otherwise a new nested
-//!   document.
+//! - `hash > "99"`: appended to the source's open group if that group is nested (so the
+//!   source's record before it also had `hash > "99"`) and holds fewer than `max_nest` records;
+//!   otherwise a new nested document.
 //!
-//! A group's `_id` is the id of its first record, so re-planning a redelivered record can never
-//! create a second group for it. Records already stored are removed before planning (see
-//! `store.rs`), which makes replays of any prefix harmless.
+//! A group never holds two sources. Every operation carries a write sequence (`wseq`) one above
+//! the last: the open group of a source is the one with the highest `wseq`, which no clock tie
+//! can make ambiguous. A group's `_id` is the id of its first record, so re-planning a
+//! redelivered record can never create a second group for it. Records already stored are
+//! removed before planning (see `store.rs`), which makes replays of any prefix harmless.
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use flowmesh_common::record::Record;
 
 /// Default largest number of records in one nested document.
 pub const DEFAULT_MAX_NEST: usize = 100;
+
+/// The largest `max_nest` accepted: a group of this many records (each well under 1 KiB as
+/// BSON) stays far below MongoDB's 16 MiB document limit.
+pub const MAX_NEST_LIMIT: usize = 10_000;
 
 /// True for a hash that nests: strictly above `"99"` as a plain string comparison.
 pub fn nests(hash: &str) -> bool {
@@ -26,10 +36,14 @@ pub fn nests(hash: &str) -> bool {
 pub struct GroupDoc {
     /// The id of its first record.
     pub id: String,
+    /// The source of every record it holds.
+    pub source: String,
     /// True for a group of `hash > "99"` records.
     pub nested: bool,
-    /// Its records in stream order.
+    /// Its records in delivery order.
     pub records: Vec<Record>,
+    /// The write sequence of the last operation on it.
+    pub wseq: u64,
     /// When it was created.
     pub created_at: DateTime<Utc>,
     /// When a record was last added.
@@ -37,12 +51,14 @@ pub struct GroupDoc {
 }
 
 impl GroupDoc {
-    /// A new group holding `record`.
-    pub fn new(record: Record, now: DateTime<Utc>) -> Self {
+    /// A new group holding `record`, written as operation `wseq`.
+    pub fn new(record: Record, wseq: u64, now: DateTime<Utc>) -> Self {
         Self {
             id: record.id.clone(),
+            source: record.source.clone(),
             nested: nests(&record.hash),
             records: vec![record],
+            wseq,
             created_at: now,
             updated_at: now,
         }
@@ -54,12 +70,11 @@ impl GroupDoc {
             id: self.id.clone(),
             nested: self.nested,
             count: self.records.len(),
-            updated_at: self.updated_at,
         }
     }
 }
 
-/// The last group written: the only one a new record can join.
+/// A source's last group written: the only one a new record of that source can join.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenGroup {
     /// Its `_id`.
@@ -68,8 +83,6 @@ pub struct OpenGroup {
     pub nested: bool,
     /// Records it holds.
     pub count: usize,
-    /// When it was last written: later writes must carry a later time.
-    pub updated_at: DateTime<Utc>,
 }
 
 /// One write to perform.
@@ -83,49 +96,62 @@ pub enum Op {
         id: String,
         /// The records to add.
         records: Vec<Record>,
+        /// The operation's write sequence (the group's new `wseq`).
+        wseq: u64,
         /// The group's new `updated_at`.
         at: DateTime<Utc>,
     },
 }
 
-/// Plans the writes for `records` (already free of stored ones), continuing from `open`.
-/// Returns the operations in order and the group left open afterwards.
+/// Each source's open group (`None`: the source has no group yet). The planner needs an entry
+/// for every source of the records it plans.
+pub type OpenGroups = HashMap<String, Option<OpenGroup>>;
+
+/// Plans the writes for `records` (already free of stored ones), continuing from `open`, which
+/// it updates. `next_wseq` is the write sequence of the first new operation; it is advanced.
 pub fn plan(
-    open: Option<OpenGroup>,
+    open: &mut OpenGroups,
     records: &[Record],
     max_nest: usize,
+    next_wseq: &mut u64,
     now: DateTime<Utc>,
-) -> (Vec<Op>, Option<OpenGroup>) {
+) -> Vec<Op> {
     let max_nest = max_nest.max(1);
     let mut ops: Vec<Op> = Vec::new();
-    let mut open = open;
     for record in records {
+        let group = open.entry(record.source.clone()).or_default();
         let joins = nests(&record.hash)
-            && open
+            && group
                 .as_ref()
                 .is_some_and(|g| g.nested && g.count < max_nest);
-        if joins {
-            let group = open.as_mut().expect("joins implies an open group");
-            group.count += 1;
-            group.updated_at = now;
-            match ops.last_mut() {
-                Some(Op::Insert(doc)) if doc.id == group.id => doc.records.push(record.clone()),
-                Some(Op::Append { id, records, .. }) if *id == group.id => {
-                    records.push(record.clone())
+        match group.as_mut() {
+            Some(group) if joins => {
+                group.count += 1;
+                match ops.last_mut() {
+                    Some(Op::Insert(doc)) if doc.id == group.id => doc.records.push(record.clone()),
+                    Some(Op::Append { id, records, .. }) if *id == group.id => {
+                        records.push(record.clone())
+                    }
+                    _ => {
+                        ops.push(Op::Append {
+                            id: group.id.clone(),
+                            records: vec![record.clone()],
+                            wseq: *next_wseq,
+                            at: now,
+                        });
+                        *next_wseq += 1;
+                    }
                 }
-                _ => ops.push(Op::Append {
-                    id: group.id.clone(),
-                    records: vec![record.clone()],
-                    at: now,
-                }),
             }
-        } else {
-            let doc = GroupDoc::new(record.clone(), now);
-            open = Some(doc.open());
-            ops.push(Op::Insert(doc));
+            _ => {
+                let doc = GroupDoc::new(record.clone(), *next_wseq, now);
+                *next_wseq += 1;
+                *group = Some(doc.open());
+                ops.push(Op::Insert(doc));
+            }
         }
     }
-    (ops, open)
+    ops
 }
 
 #[cfg(test)]

@@ -2,32 +2,90 @@
 //! [`NestingStore`] that turns batches of records into group writes.
 //!
 //! Exactly-once per record comes from three facts: records already stored are filtered out
-//! before planning (`stored_ids`); a group's `_id` is its first record's id; and the open group
-//! is recovered from the store — the document updated last — not from memory.
+//! before planning (`stored_ids`); a group's `_id` is its first record's id; and each source's
+//! open group is recovered from the store — the group of that source with the highest write
+//! sequence — not from memory.
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use flowmesh_common::consumer::{RecordStore, StoreReport};
 use flowmesh_common::record::Record;
 
-use crate::nesting::{GroupDoc, Op, OpenGroup, plan};
+use crate::nesting::{GroupDoc, Op, OpenGroup, OpenGroups, plan};
 
 /// What the writer needs from a document store.
 pub trait GroupStore: Send + 'static {
-    /// The group written last (greatest `updated_at`), if any.
-    fn last_group(&mut self) -> impl Future<Output = anyhow::Result<Option<OpenGroup>>> + Send;
+    /// The group of `source` written last (highest `wseq`), if any.
+    fn last_group(
+        &mut self,
+        source: &str,
+    ) -> impl Future<Output = anyhow::Result<Option<OpenGroup>>> + Send;
+    /// The highest write sequence in the store (0 when empty).
+    fn max_wseq(&mut self) -> impl Future<Output = anyhow::Result<u64>> + Send;
     /// Which of `ids` are already stored in some group.
     fn stored_ids(
         &mut self,
         ids: &[String],
     ) -> impl Future<Output = anyhow::Result<HashSet<String>>> + Send;
-    /// Performs the operations in order. An insert of an existing `_id` and an append of a
-    /// record the group already holds must be no-ops.
+    /// Performs the operations in order. An insert of an existing `_id` adds only the records
+    /// the group lacks; an append adds only the records the group lacks, and fails when the
+    /// group does not exist.
     fn apply(&mut self, ops: &[Op]) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Work before the first batch (indexes); done again lazily if it fails here.
+    fn prepare(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// The store a running writer uses: MongoDB, or the in-memory twin (`--store memory`).
+#[derive(Debug, Clone)]
+pub enum Groups {
+    /// MongoDB through the official driver.
+    Mongo(crate::mongo::MongoStore),
+    /// This process's memory.
+    Memory(MemoryStore),
+}
+
+impl GroupStore for Groups {
+    async fn last_group(&mut self, source: &str) -> anyhow::Result<Option<OpenGroup>> {
+        match self {
+            Self::Mongo(store) => store.last_group(source).await,
+            Self::Memory(store) => store.last_group(source).await,
+        }
+    }
+
+    async fn max_wseq(&mut self) -> anyhow::Result<u64> {
+        match self {
+            Self::Mongo(store) => store.max_wseq().await,
+            Self::Memory(store) => store.max_wseq().await,
+        }
+    }
+
+    async fn stored_ids(&mut self, ids: &[String]) -> anyhow::Result<HashSet<String>> {
+        match self {
+            Self::Mongo(store) => store.stored_ids(ids).await,
+            Self::Memory(store) => store.stored_ids(ids).await,
+        }
+    }
+
+    async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        match self {
+            Self::Mongo(store) => store.apply(ops).await,
+            Self::Memory(store) => store.apply(ops).await,
+        }
+    }
+
+    async fn prepare(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Mongo(store) => store.prepare().await,
+            Self::Memory(store) => store.prepare().await,
+        }
+    }
 }
 
 /// Groups kept in memory with MongoDB's semantics, for tests and for running without MongoDB.
@@ -36,12 +94,26 @@ pub trait GroupStore: Send + 'static {
 pub struct MemoryStore {
     groups: Arc<Mutex<Vec<GroupDoc>>>,
     failing: Arc<AtomicBool>,
+    /// Fault injection for the chaos suite: fail while a file exists at this path.
+    fail_while: Option<Arc<PathBuf>>,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes every call fail while a file exists at `path` (the chaos suite's switch).
+    pub fn failing_while_exists(mut self, path: PathBuf) -> Self {
+        self.fail_while = Some(Arc::new(path));
+        self
+    }
+
+    /// False while the store is set to fail, as an unreachable database would be.
+    pub fn is_available(&self) -> bool {
+        !self.failing.load(Ordering::SeqCst)
+            && !self.fail_while.as_ref().is_some_and(|p| p.exists())
     }
 
     /// Makes every call fail (an unreachable database) until set back.
@@ -59,7 +131,7 @@ impl MemoryStore {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        if self.failing.load(Ordering::SeqCst) {
+        if !self.is_available() {
             anyhow::bail!("in-memory store set to fail");
         }
         Ok(())
@@ -67,13 +139,19 @@ impl MemoryStore {
 }
 
 impl GroupStore for MemoryStore {
-    async fn last_group(&mut self) -> anyhow::Result<Option<OpenGroup>> {
+    async fn last_group(&mut self, source: &str) -> anyhow::Result<Option<OpenGroup>> {
         self.check()?;
         Ok(self
             .lock()
             .iter()
-            .max_by_key(|g| g.updated_at)
+            .filter(|g| g.source == source)
+            .max_by_key(|g| g.wseq)
             .map(GroupDoc::open))
+    }
+
+    async fn max_wseq(&mut self) -> anyhow::Result<u64> {
+        self.check()?;
+        Ok(self.lock().iter().map(|g| g.wseq).max().unwrap_or(0))
     }
 
     async fn stored_ids(&mut self, ids: &[String]) -> anyhow::Result<HashSet<String>> {
@@ -91,23 +169,37 @@ impl GroupStore for MemoryStore {
     async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
         self.check()?;
         let mut groups = self.lock();
+        // As MongoDB does it (see `mongo.rs`): an insert of an existing `_id` becomes an append
+        // of what the group lacks; an append adds only missing records and fails on a missing
+        // group.
         for op in ops {
-            match op {
+            let (id, records, wseq, at) = match op {
                 Op::Insert(doc) => {
                     if !groups.iter().any(|g| g.id == doc.id) {
                         groups.push(doc.clone());
+                        continue;
                     }
+                    (&doc.id, &doc.records[1..], doc.wseq, doc.updated_at)
                 }
-                Op::Append { id, records, at } => {
-                    if let Some(group) = groups.iter_mut().find(|g| g.id == *id) {
-                        for record in records {
-                            if !group.records.iter().any(|r| r.id == record.id) {
-                                group.records.push(record.clone());
-                            }
-                        }
-                        group.updated_at = *at;
-                    }
-                }
+                Op::Append {
+                    id,
+                    records,
+                    wseq,
+                    at,
+                } => (id, &records[..], *wseq, *at),
+            };
+            let Some(group) = groups.iter_mut().find(|g| g.id == *id) else {
+                anyhow::bail!("appending to group {id}: the group does not exist");
+            };
+            let missing: Vec<Record> = records
+                .iter()
+                .filter(|r| !group.records.iter().any(|g| g.id == r.id))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                group.records.extend(missing);
+                group.wseq = wseq;
+                group.updated_at = at;
             }
         }
         Ok(())
@@ -119,11 +211,10 @@ impl GroupStore for MemoryStore {
 pub struct NestingStore<G> {
     groups: G,
     max_nest: usize,
-    /// The open group, once recovered from the store; `None` inside means "no group yet".
-    open: Option<Option<OpenGroup>>,
-    /// Last `updated_at` handed out: each write gets a strictly later one, so "written last"
-    /// is always well defined.
-    clock: DateTime<Utc>,
+    /// Open groups of the sources seen since the last (re)read of the store.
+    open: OpenGroups,
+    /// The next write sequence, once recovered from the store.
+    next_wseq: Option<u64>,
 }
 
 impl<G: GroupStore> NestingStore<G> {
@@ -132,32 +223,24 @@ impl<G: GroupStore> NestingStore<G> {
         Self {
             groups,
             max_nest,
-            open: None,
-            clock: DateTime::<Utc>::MIN_UTC,
+            open: OpenGroups::new(),
+            next_wseq: None,
         }
     }
 
-    fn tick(&mut self) -> DateTime<Utc> {
-        let now = Utc::now();
-        // Millisecond resolution is what MongoDB keeps.
-        let floor = self.clock + chrono::Duration::milliseconds(1);
-        self.clock = if now > floor { now } else { floor };
-        self.clock
-    }
-
     async fn store_batch(&mut self, records: &[Record]) -> anyhow::Result<StoreReport> {
-        let open = match self.open.clone() {
-            Some(open) => open,
-            None => {
-                let open = self.groups.last_group().await?;
-                tracing::info!(open_group = ?open, "recovered the open group from the store");
-                if let Some(group) = &open {
-                    // Never write a time earlier than what the store already holds.
-                    self.clock = self.clock.max(group.updated_at);
-                }
-                open
-            }
+        let mut next_wseq = match self.next_wseq {
+            Some(next) => next,
+            None => self.groups.max_wseq().await? + 1,
         };
+        let mut open = self.open.clone();
+        for record in records {
+            if !open.contains_key(&record.source) {
+                let group = self.groups.last_group(&record.source).await?;
+                tracing::debug!(source = %record.source, open_group = ?group, "recovered the open group from the store");
+                open.insert(record.source.clone(), group);
+            }
+        }
         let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
         let stored = self.groups.stored_ids(&ids).await?;
         let mut seen = HashSet::new();
@@ -166,10 +249,10 @@ impl<G: GroupStore> NestingStore<G> {
             .filter(|r| !stored.contains(&r.id) && seen.insert(r.id.clone()))
             .cloned()
             .collect();
-        let now = self.tick();
-        let (ops, next_open) = plan(open, &fresh, self.max_nest, now);
+        let ops = plan(&mut open, &fresh, self.max_nest, &mut next_wseq, Utc::now());
         self.groups.apply(&ops).await?;
-        self.open = Some(next_open);
+        self.open = open;
+        self.next_wseq = Some(next_wseq);
         Ok(StoreReport {
             stored: fresh.len() as u64,
             duplicates: (records.len() - fresh.len()) as u64,
@@ -182,7 +265,8 @@ impl<G: GroupStore> RecordStore for NestingStore<G> {
         let result = self.store_batch(records).await;
         if result.is_err() {
             // Part of the batch may have been written: re-read the truth before the next try.
-            self.open = None;
+            self.open.clear();
+            self.next_wseq = None;
         }
         result
     }

@@ -7,54 +7,36 @@ use std::time::Duration;
 use flowmesh_common::breaker::BreakerState;
 use flowmesh_common::record::Record;
 use flowmesh_common::testkit::unique_prefix;
-use flowmesh_common::topology::{Topology, record_properties};
-use flowmesh_filter::testing::{
-    amqp_channel, delete_topology, drain_queue, eventually, publish, publish_records,
+use flowmesh_common::testkit::{
+    TestWriter, drain_dead_letters, eventually, publish, publish_records, queue_depth,
 };
+use flowmesh_common::topology::{Topology, record_properties};
 use flowmesh_mongo_writer::nesting::nests;
-use flowmesh_mongo_writer::store::MemoryStore;
-use flowmesh_mongo_writer::{Application, MongoWriterConfig};
+use flowmesh_mongo_writer::store::{Groups, MemoryStore};
+use flowmesh_mongo_writer::{MongoWriterConfig, build_with};
 use lapin::BasicProperties;
-use tokio_util::sync::CancellationToken;
 
 /// A valid record whose hash is above "99" (`high`) or not.
 fn record(seq: u64, high: bool) -> Record {
-    flowmesh_filter::testing::record_where("mongo-test", seq, 95, |hash| nests(hash) == high)
+    flowmesh_common::testkit::record_where("mongo-test", seq, 95, |hash| nests(hash) == high)
 }
 
-struct Writer {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    breaker: flowmesh_common::breaker::Breaker,
-}
-
-async fn start(prefix: &str, memory: &MemoryStore, max_nest: usize) -> Writer {
+async fn start(prefix: &str, memory: &MemoryStore, max_nest: usize) -> TestWriter {
     let mut config = MongoWriterConfig::for_tests(prefix);
     config.store = flowmesh_mongo_writer::config::StoreKind::Memory;
     config.max_nest = max_nest;
-    let app = Application::build(config)
-        .await
-        .expect("builds")
-        .with_memory_store(memory.clone());
-    let breaker = app.breaker();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    Writer {
-        shutdown,
-        task,
-        breaker,
-    }
+    let groups = Groups::Memory(memory.clone());
+    TestWriter::start(build_with(config, groups).await.expect("builds"))
 }
 
-impl Writer {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("stops")
-            .expect("task")
-            .expect("clean");
-    }
+/// Lets the store work again and waits until it holds `count` records; then stops the writer.
+async fn heal_and_expect_all(memory: &MemoryStore, count: usize, writer: TestWriter) {
+    memory.set_failing(false);
+    eventually("everything stored", Duration::from_secs(60), || {
+        stored(memory) == count
+    })
+    .await;
+    writer.finish().await;
 }
 
 fn stored(memory: &MemoryStore) -> usize {
@@ -101,8 +83,7 @@ async fn records_are_nested_in_the_order_the_queue_delivers_them() {
             (true, vec![10, 11]),
         ]
     );
-    writer.stop().await;
-    delete_topology(&topology).await;
+    writer.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,8 +110,7 @@ async fn a_restart_in_the_middle_of_a_nested_group_continues_the_same_group() {
     })
     .await;
     assert_eq!(shape(&memory), vec![(true, (1..=10).collect())]);
-    second.stop().await;
-    delete_topology(&topology).await;
+    second.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,22 +118,45 @@ async fn an_unreachable_store_opens_the_breaker_and_nothing_is_lost_when_it_retu
     let prefix = unique_prefix("mongo-down");
     let topology = Topology::new(&prefix, 5);
     let memory = MemoryStore::new();
-    memory.set_failing(true);
     let writer = start(&prefix, &memory, 100).await;
     let records: Vec<Record> = (1..=40).map(|seq| record(seq, seq % 3 != 0)).collect();
-    publish_records(&topology, &records).await;
+    publish_records(&topology, &records[..10]).await;
+    eventually("the first records stored", Duration::from_secs(30), || {
+        stored(&memory) == 10
+    })
+    .await;
+    memory.set_failing(true);
+    publish_records(&topology, &records[10..]).await;
     let breaker = writer.breaker.clone();
     eventually("the breaker opens", Duration::from_secs(30), || {
         breaker.state() == BreakerState::Open
     })
     .await;
-    memory.set_failing(false);
-    eventually("everything stored", Duration::from_secs(60), || {
-        stored(&memory) == 40
-    })
-    .await;
-    writer.stop().await;
-    delete_topology(&topology).await;
+    heal_and_expect_all(&memory, 40, writer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_started_while_its_store_is_down_takes_nothing_until_it_is_back() {
+    let prefix = unique_prefix("mongo-gate");
+    let topology = Topology::new(&prefix, 5);
+    let queue = topology
+        .queue_for("mongo-writer")
+        .expect("queue")
+        .name
+        .clone();
+    let memory = MemoryStore::new();
+    memory.set_failing(true);
+    let records: Vec<Record> = (1..=40).map(|seq| record(seq, seq % 3 != 0)).collect();
+    publish_records(&topology, &records).await;
+    let writer = start(&prefix, &memory, 100).await;
+    writer.wait_connected().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        queue_depth(&queue).await,
+        40,
+        "nothing was taken from the queue"
+    );
+    heal_and_expect_all(&memory, 40, writer).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,17 +182,8 @@ async fn poison_messages_are_dead_lettered_and_do_not_break_the_nesting() {
     })
     .await;
     assert_eq!(shape(&memory), vec![(true, vec![1, 2])]);
-    let (connection, channel) = amqp_channel().await;
-    let dead = drain_queue(
-        &channel,
-        &topology.dead_letter_queue.name,
-        1,
-        Duration::from_secs(20),
-    )
-    .await;
+    let dead = drain_dead_letters(&topology, 1, Duration::from_secs(20)).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].data, b"garbage");
-    let _ = connection.close(200, "ok".into()).await;
-    writer.stop().await;
-    delete_topology(&topology).await;
+    writer.finish().await;
 }

@@ -1,4 +1,4 @@
--- The table of SPEC §5: one row per record, keyed by the record's id.
+-- The table of docs/contracts.md §5: one row per record, keyed by the record's id.
 create table if not exists records (
     id          uuid        primary key,
     source      text        not null,

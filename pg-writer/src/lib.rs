@@ -6,7 +6,7 @@ pub mod startup;
 pub mod store;
 
 pub use config::PgWriterConfig;
-pub use startup::Application;
+pub use startup::{Application, build};
 
 #[cfg(feature = "testkit")]
 pub mod testing;

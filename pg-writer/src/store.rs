@@ -1,12 +1,13 @@
-//! The PostgreSQL side: embedded migrations and one set-based, idempotent INSERT per batch.
+//! The PostgreSQL side: embedded migrations, one set-based, idempotent INSERT per batch, and
+//! the read-back `verify` uses.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use flowmesh_common::consumer::{RecordStore, StoreReport};
-use flowmesh_common::record::{Record, parse_timestamp};
-use sqlx::PgPool;
+use flowmesh_common::record::{Record, format_timestamp, parse_timestamp};
 use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
 
 /// The migrations in `pg-writer/migrations`, compiled into the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -16,6 +17,37 @@ const INSERT: &str = "
     insert into records (id, source, seq, ts, value, hash)
     select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::int2[], $6::text[])
     on conflict (id) do nothing";
+
+/// Reads back every stored record of `source` (for `verify`), `ts` formatted as the record's
+/// timestamp. No table yet means nothing was ever written: an empty list.
+pub async fn records_of(pool: &PgPool, source: &str) -> anyhow::Result<Vec<Record>> {
+    let rows =
+        sqlx::query("select id::text as id, seq, ts, value, hash from records where source = $1")
+            .bind(source)
+            .fetch_all(pool)
+            .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P01") => Vec::new(),
+        Err(err) => return Err(err).context("reading the records table"),
+    };
+    rows.iter()
+        .map(|row| {
+            let ts: chrono::DateTime<chrono::Utc> = row.try_get("ts")?;
+            let value: i16 = row.try_get("value")?;
+            let seq: i64 = row.try_get("seq")?;
+            Ok(Record {
+                id: row.try_get("id")?,
+                source: source.to_owned(),
+                seq: u64::try_from(seq).unwrap_or_default(),
+                timestamp: format_timestamp(ts),
+                value: u8::try_from(value).unwrap_or(u8::MAX),
+                hash: row.try_get("hash")?,
+                traceparent: None,
+            })
+        })
+        .collect()
+}
 
 /// A lazily connecting pool: the writer starts (and reports not ready) while PostgreSQL is down.
 pub fn pool(url: &str, size: u32) -> anyhow::Result<PgPool> {

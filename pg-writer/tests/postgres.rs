@@ -5,50 +5,70 @@ use std::time::Duration;
 
 use flowmesh_common::breaker::BreakerState;
 use flowmesh_common::record::Record;
-use flowmesh_common::testkit::{Proxy, unique_prefix};
-use flowmesh_common::topology::{Topology, record_properties};
-use flowmesh_filter::testing::{
-    amqp_channel, amqp_url, delete_topology, drain_queue, eventually, publish, publish_records,
+use flowmesh_common::testkit::{
+    TestWriter, amqp_url, drain_dead_letters, eventually, proxy_url, publish, publish_records,
+    queue_depth, unique_prefix,
 };
-use flowmesh_pg_writer::testing::{TestDb, base_url};
-use flowmesh_pg_writer::{Application, PgWriterConfig};
+use flowmesh_common::topology::{Topology, record_properties};
+use flowmesh_pg_writer::PgWriterConfig;
+use flowmesh_pg_writer::testing::TestDb;
 use lapin::BasicProperties;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use sqlx::{PgPool, Row};
-use tokio_util::sync::CancellationToken;
 
-struct Running {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    breaker: flowmesh_common::breaker::Breaker,
+/// One test's world: a fresh database and a private topology.
+struct Case {
+    name: &'static str,
+    db: TestDb,
+    pool: PgPool,
+    prefix: String,
+    topology: Topology,
 }
 
-impl Running {
-    async fn start(config: PgWriterConfig) -> Self {
-        let app = Application::build(config).await.expect("builds");
-        let breaker = app.breaker();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+impl Case {
+    async fn new(name: &'static str) -> Self {
+        let db = TestDb::create().await;
+        let pool = db.pool().await;
+        let prefix = unique_prefix(name);
+        let topology = Topology::new(&prefix, 5);
         Self {
-            shutdown,
-            task,
-            breaker,
+            name,
+            db,
+            pool,
+            prefix,
+            topology,
         }
     }
 
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("stops in time")
-            .expect("task")
-            .expect("clean stop");
+    /// The test defaults for a writer on this case's database and topology.
+    fn config(&self) -> PgWriterConfig {
+        PgWriterConfig::for_tests(&self.db.url, &self.prefix)
+    }
+
+    async fn start(&self, config: PgWriterConfig) -> TestWriter {
+        TestWriter::start(flowmesh_pg_writer::build(config).await.expect("builds"))
+    }
+
+    /// Records `seqs` of this case's source, all bound for the broker.
+    fn records(&self, seqs: std::ops::RangeInclusive<u64>) -> Vec<Record> {
+        seqs.map(|seq| record(self.name, seq)).collect()
+    }
+
+    fn queue(&self) -> String {
+        self.topology
+            .queue_for("pg-writer")
+            .expect("queue")
+            .name
+            .clone()
+    }
+
+    async fn finish(self, writer: TestWriter) {
+        writer.finish().await;
+        self.db.drop().await;
     }
 }
 
 fn record(source: &str, seq: u64) -> Record {
-    flowmesh_filter::testing::record(source, seq, 91 + (seq % 10) as u8)
+    flowmesh_common::testkit::record(source, seq, 91 + (seq % 10) as u8)
 }
 
 async fn rows(pool: &PgPool) -> i64 {
@@ -76,37 +96,20 @@ async fn wait_rows(pool: &PgPool, expected: i64, within: Duration) {
     }
 }
 
-async fn queue_depth(queue: &str) -> u32 {
-    let (connection, channel) = amqp_channel().await;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let depth = channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .expect("queue")
-        .message_count();
-    let _ = connection.close(200, "ok".into()).await;
-    depth
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_are_inserted_in_batches_with_every_field_and_acked_after_commit() {
-    let db = TestDb::create().await;
-    let prefix = unique_prefix("pg-batches");
-    let topology = Topology::new(&prefix, 5);
-    let writer = Running::start(PgWriterConfig::for_tests(&db.url, &prefix)).await;
-    let records: Vec<Record> = (1..=1200).map(|seq| record("pg-batches", seq)).collect();
-    publish_records(&topology, &records).await;
-    let pool = db.pool().await;
-    wait_rows(&pool, 1200, Duration::from_secs(60)).await;
+    let case = Case::new("pg-batches").await;
+    let writer = case.start(case.config()).await;
+    let records = case.records(1..=1200);
+    publish_records(&case.topology, &records).await;
+    let pool = &case.pool;
+    wait_rows(pool, 1200, Duration::from_secs(60)).await;
 
     let sample = &records[41];
     let row =
         sqlx::query("select source, seq, ts, value, hash, received_at from records where id = $1")
             .bind(uuid::Uuid::parse_str(&sample.id).expect("uuid"))
-            .fetch_one(&pool)
+            .fetch_one(pool)
             .await
             .expect("row");
     assert_eq!(row.get::<String, _>("source"), "pg-batches");
@@ -118,54 +121,46 @@ async fn records_are_inserted_in_batches_with_every_field_and_acked_after_commit
     );
     assert_eq!(row.get::<i16, _>("value"), i16::from(sample.value));
     assert_eq!(row.get::<String, _>("hash"), sample.hash);
-    let queue = &topology.queue_for("pg-writer").expect("queue").name;
+    let queue = case.queue();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while queue_depth(queue).await > 0 {
+    while queue_depth(&queue).await > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "messages left unacked"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    writer.stop().await;
-    delete_topology(&topology).await;
-    db.drop().await;
+    case.finish(writer).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_deliveries_and_records_already_committed_are_inserted_once() {
-    let db = TestDb::create().await;
-    let prefix = unique_prefix("pg-dupes");
-    let topology = Topology::new(&prefix, 5);
-    let writer = Running::start(PgWriterConfig::for_tests(&db.url, &prefix)).await;
-    let records: Vec<Record> = (1..=50).map(|seq| record("pg-dupes", seq)).collect();
-    publish_records(&topology, &records).await;
-    let pool = db.pool().await;
-    wait_rows(&pool, 50, Duration::from_secs(30)).await;
+    let case = Case::new("pg-dupes").await;
+    let writer = case.start(case.config()).await;
+    let records = case.records(1..=50);
+    publish_records(&case.topology, &records).await;
+    wait_rows(&case.pool, 50, Duration::from_secs(30)).await;
     // As if the writer had committed and died before acking: everything comes again, twice.
-    publish_records(&topology, &records).await;
-    publish_records(&topology, &records[..10]).await;
+    publish_records(&case.topology, &records).await;
+    publish_records(&case.topology, &records[..10]).await;
     // One new record behind them: once it is stored, every redelivery before it was handled
     // (a single consumer takes the queue in order).
-    publish_records(&topology, &[record("pg-dupes", 51)]).await;
-    wait_rows(&pool, 51, Duration::from_secs(30)).await;
-    assert_eq!(rows(&pool).await, 51, "redeliveries change nothing");
-    writer.stop().await;
-    delete_topology(&topology).await;
-    db.drop().await;
+    publish_records(&case.topology, &case.records(51..=51)).await;
+    wait_rows(&case.pool, 51, Duration::from_secs(30)).await;
+    assert_eq!(rows(&case.pool).await, 51, "redeliveries change nothing");
+    case.finish(writer).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_go_to_the_dead_letter_queue_and_the_rest_is_stored() {
-    let db = TestDb::create().await;
-    let prefix = unique_prefix("pg-poison");
-    let topology = Topology::new(&prefix, 5);
-    let writer = Running::start(PgWriterConfig::for_tests(&db.url, &prefix)).await;
+    let case = Case::new("pg-poison").await;
+    let topology = &case.topology;
+    let writer = case.start(case.config()).await;
     let good = record("pg-poison", 1);
     let mut bad = serde_json::to_value(record("pg-poison", 2)).expect("json");
     bad["value"] = 250.into();
     publish(
-        &topology,
+        topology,
         &topology.exchange,
         vec![
             (b"{not json".to_vec(), BasicProperties::default()),
@@ -174,68 +169,31 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_the_rest_is_stored() {
         ],
     )
     .await;
-    let pool = db.pool().await;
-    wait_rows(&pool, 1, Duration::from_secs(30)).await;
-    let (connection, channel) = amqp_channel().await;
-    let dead = drain_queue(
-        &channel,
-        &topology.dead_letter_queue.name,
-        2,
-        Duration::from_secs(20),
-    )
-    .await;
+    wait_rows(&case.pool, 1, Duration::from_secs(30)).await;
+    let dead = drain_dead_letters(topology, 2, Duration::from_secs(20)).await;
     let bodies: Vec<String> = dead
         .iter()
         .map(|d| String::from_utf8_lossy(&d.data).into_owned())
         .collect();
     assert_eq!(bodies.len(), 2, "{bodies:?}");
     assert!(bodies.contains(&"{not json".to_owned()));
-    let _ = connection.close(200, "ok".into()).await;
-    writer.stop().await;
-    delete_topology(&topology).await;
-    db.drop().await;
+    case.finish(writer).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_going_away_while_records_flow_loses_nothing() {
-    let db = TestDb::create().await;
-    let host = base_url()
-        .split('@')
-        .nth(1)
-        .and_then(|s| s.split('/').next())
-        .unwrap_or("127.0.0.1:5432")
-        .to_owned();
-    let upstream = tokio::net::lookup_host(&host)
-        .await
-        .expect("resolve")
-        .next()
-        .expect("addr");
-    let proxy = Proxy::start(upstream).await.expect("proxy");
-    let proxied = db.url.replacen(&host, &proxy.addr().to_string(), 1);
-    let prefix = unique_prefix("pg-outage");
-    let topology = Topology::new(&prefix, 5);
-    let mut config = PgWriterConfig::for_tests(&proxied, &prefix);
-    config.prefetch = 50;
-    config.batch_max = 50;
-    let writer = Running::start(config).await;
-    let pool = db.pool().await;
-    publish_records(
-        &topology,
-        &(1..=100)
-            .map(|s| record("pg-outage", s))
-            .collect::<Vec<_>>(),
-    )
-    .await;
-    wait_rows(&pool, 100, Duration::from_secs(30)).await;
+    let case = Case::new("pg-outage").await;
+    let (proxy, proxied) = proxy_url(&case.db.url).await;
+    let mut config = PgWriterConfig::for_tests(&proxied, &case.prefix);
+    config.writer.consumer.prefetch = 50;
+    config.writer.consumer.batch_max = 50;
+    let writer = case.start(config).await;
+    let pool = &case.pool;
+    publish_records(&case.topology, &case.records(1..=100)).await;
+    wait_rows(pool, 100, Duration::from_secs(30)).await;
 
     proxy.cut();
-    publish_records(
-        &topology,
-        &(101..=400)
-            .map(|s| record("pg-outage", s))
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    publish_records(&case.topology, &case.records(101..=400)).await;
     let breaker = writer.breaker.clone();
     eventually(
         "the PostgreSQL breaker opens",
@@ -243,68 +201,104 @@ async fn postgresql_going_away_while_records_flow_loses_nothing() {
         || breaker.state() == BreakerState::Open,
     )
     .await;
-    assert_eq!(rows(&pool).await, 100);
-    let queue = topology.queue_for("pg-writer").expect("queue").name.clone();
+    assert_eq!(rows(pool).await, 100);
     // The writer holds at most its prefetch; everything else waits in RabbitMQ.
     assert!(
-        queue_depth(&queue).await >= 250,
+        queue_depth(&case.queue()).await >= 250,
         "the messages wait in RabbitMQ, not in the writer"
     );
 
     proxy.heal();
-    wait_rows(&pool, 400, Duration::from_secs(60)).await;
-    writer.stop().await;
-    delete_topology(&topology).await;
-    db.drop().await;
+    wait_rows(pool, 400, Duration::from_secs(60)).await;
+    case.finish(writer).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rabbitmq_connection_killed_between_commit_and_ack_changes_nothing_on_redelivery() {
-    let db = TestDb::create().await;
-    let amqp = amqp_url();
-    let host = amqp
-        .split('@')
-        .nth(1)
-        .and_then(|s| s.split('/').next())
-        .unwrap_or("127.0.0.1:5672")
-        .to_owned();
-    let upstream = tokio::net::lookup_host(&host)
-        .await
-        .expect("resolve")
-        .next()
-        .expect("addr");
-    let proxy = Proxy::start(upstream).await.expect("proxy");
-    let prefix = unique_prefix("pg-ackcut");
-    let topology = Topology::new(&prefix, 5);
-    let mut config = PgWriterConfig::for_tests(&db.url, &prefix);
-    config.amqp_url = amqp.replacen(&host, &proxy.addr().to_string(), 1);
-    config.batch_max = 50;
-    let writer = Running::start(config).await;
-    let pool = db.pool().await;
-    publish_records(
-        &topology,
-        &(1..=2000)
-            .map(|s| record("pg-ackcut", s))
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    let case = Case::new("pg-ackcut").await;
+    let (proxy, proxied) = proxy_url(&amqp_url()).await;
+    let mut config = case.config();
+    config.writer.broker.url = proxied.as_str().into();
+    config.writer.consumer.batch_max = 50;
+    let writer = case.start(config).await;
+    let pool = &case.pool;
+    publish_records(&case.topology, &case.records(1..=2000)).await;
     // Cut the link as soon as commits start: batches committed but not yet acked come again.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while rows(&pool).await == 0 {
+    while rows(pool).await == 0 {
         assert!(tokio::time::Instant::now() < deadline, "nothing stored");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.heal();
-    wait_rows(&pool, 2000, Duration::from_secs(60)).await;
+    wait_rows(pool, 2000, Duration::from_secs(60)).await;
     let distinct: i64 = sqlx::query("select count(distinct seq) from records")
-        .fetch_one(&pool)
+        .fetch_one(pool)
         .await
         .expect("q")
         .get(0);
     assert_eq!(distinct, 2000);
+    case.finish(writer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_during_a_postgresql_outage_take_nothing_from_the_queue_and_dead_letter_nothing() {
+    let case = Case::new("pg-restarts").await;
+    let (proxy, proxied) = proxy_url(&case.db.url).await;
+    // A low delivery limit: with writers that held messages through their restarts, the third
+    // restart would dead-letter them.
+    let config = || {
+        let mut config = PgWriterConfig::for_tests(&proxied, &case.prefix);
+        config.writer.broker.delivery_limit = 2;
+        config
+    };
+    let topology = config().writer.broker.topology();
+    let writer = case.start(config()).await;
+    publish_records(&topology, &case.records(1..=100)).await;
+    wait_rows(&case.pool, 100, Duration::from_secs(30)).await;
+
+    proxy.cut();
+    publish_records(&topology, &case.records(101..=400)).await;
+    let breaker = writer.breaker.clone();
+    eventually("the breaker opens", Duration::from_secs(60), || {
+        breaker.state() == BreakerState::Open
+    })
+    .await;
     writer.stop().await;
-    delete_topology(&topology).await;
-    db.drop().await;
+    for _ in 0..5 {
+        let writer = case.start(config()).await;
+        // Connected to RabbitMQ, but consuming nothing while PostgreSQL is away.
+        writer.wait_connected().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(queue_depth(&case.queue()).await, 300, "nothing was taken");
+        writer.stop().await;
+    }
+
+    proxy.heal();
+    let writer = case.start(config()).await;
+    wait_rows(&case.pool, 400, Duration::from_secs(60)).await;
+    let dead = drain_dead_letters(&topology, 0, Duration::from_secs(1)).await;
+    assert!(dead.is_empty(), "{} records were dead-lettered", dead.len());
+    case.finish(writer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_url_with_sslmode_require_stores_over_tls() {
+    let case = Case::new("pg-tls").await;
+    let url = format!("{}?sslmode=require", case.db.url);
+    let pool = PgPool::connect(&url).await.expect("TLS connection");
+    let encrypted: bool = sqlx::query("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(encrypted, "the connection is encrypted");
+    pool.close().await;
+    let writer = case
+        .start(PgWriterConfig::for_tests(&url, &case.prefix))
+        .await;
+    publish_records(&case.topology, &case.records(1..=10)).await;
+    wait_rows(&case.pool, 10, Duration::from_secs(30)).await;
+    case.finish(writer).await;
 }

@@ -1,4 +1,4 @@
-"""A WebSocket client written from SPEC section 2 alone, in another language than the services.
+"""A WebSocket client written from docs/contracts.md §2 alone, in another language than the services.
 
 It talks to a running filter and checks that every answer is exactly what the contract
 promises: acks for valid records (single and batch), rejects with the seq and a reason naming the

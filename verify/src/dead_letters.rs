@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flowmesh_common::record::Record;
-use flowmesh_common::topology::{Topology, record_properties};
+use flowmesh_common::topology::{
+    HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology, record_properties,
+};
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions,
@@ -25,6 +27,70 @@ pub struct DeadLetter {
     pub origin: String,
     /// The body as text.
     pub body: String,
+}
+
+/// Which dead letters to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// Every one (`--all`).
+    All,
+    /// Those with these message ids (record ids).
+    Ids(Vec<String>),
+}
+
+/// Where replayed messages go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Back to the queue each died in.
+    Origin,
+    /// The records exchange: every writer's queue.
+    Fanout,
+}
+
+/// What happened (or, in a dry run, would happen) to one dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Its message id.
+    pub id: String,
+    /// The queue or exchange it went (would go) to.
+    pub to: String,
+    /// What was done.
+    pub action: Action,
+}
+
+/// What was done with a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Published (confirmed) and removed from the dead-letter queue.
+    Replayed,
+    /// A dry run: it would be replayed.
+    WouldReplay,
+    /// Left in the dead-letter queue, and why.
+    Kept(String),
+}
+
+impl Outcome {
+    fn kept(letter: &DeadLetter, why: &str) -> Self {
+        Self {
+            id: letter.id.clone(),
+            to: String::new(),
+            action: Action::Kept(why.to_owned()),
+        }
+    }
+}
+
+/// `text` with control characters escaped (`\u{1b}`), so a hostile body cannot drive the
+/// terminal it is listed on.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A connection to the broker with the topology declared.
@@ -72,32 +138,75 @@ impl Broker {
         Ok(letters)
     }
 
-    /// Replays the messages whose id is in `ids` (all when `ids` is empty) into the records
-    /// exchange, with publisher confirms; each is removed from the dead-letter queue only after
-    /// its confirm. Returns (replayed, skipped because still not a valid record).
-    pub async fn replay(self, ids: &[String]) -> anyhow::Result<(usize, Vec<String>)> {
+    /// Replays the chosen dead letters, each confirmed by RabbitMQ before it is removed from
+    /// the dead-letter queue. By default a message goes back to the queue it died in (from
+    /// `x-flowmesh-queue` or `x-death`), so a record one writer could not store is not stored
+    /// twice by the other; [`Target::Fanout`] publishes to the records exchange (both writers).
+    /// With `dry_run`, nothing is published or removed: the outcomes say what would happen.
+    pub async fn replay(
+        self,
+        selection: &Selection,
+        target: Target,
+        dry_run: bool,
+    ) -> anyhow::Result<Vec<Outcome>> {
         self.channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let mut replayed = 0;
-        let mut invalid = Vec::new();
+        let writer_queues: Vec<&str> = self
+            .topology
+            .writer_queues
+            .iter()
+            .map(|q| q.name.as_str())
+            .collect();
+        let mut outcomes = Vec::new();
         for message in self.take_all().await? {
             let letter = describe(&message);
-            if !ids.is_empty() && !ids.contains(&letter.id) {
+            if let Selection::Ids(ids) = selection
+                && !ids.contains(&letter.id)
+            {
                 continue;
             }
-            let record = match Record::from_json(&letter.body) {
-                Ok(record) => record,
-                Err(err) => {
-                    invalid.push(format!("{} ({err})", letter.id));
+            let (exchange, routing_key) = match target {
+                Target::Fanout => (self.topology.exchange.clone(), String::new()),
+                Target::Origin if writer_queues.contains(&letter.origin.as_str()) => {
+                    (String::new(), letter.origin.clone())
+                }
+                Target::Origin => {
+                    outcomes.push(Outcome::kept(
+                        &letter,
+                        "the queue it died in is unknown (use --fanout)",
+                    ));
                     continue;
                 }
             };
+            let to = if routing_key.is_empty() {
+                exchange.clone()
+            } else {
+                routing_key.clone()
+            };
+            let record = match Record::from_json(&letter.body) {
+                Ok(record) => record,
+                Err(err) => {
+                    outcomes.push(Outcome::kept(
+                        &letter,
+                        &format!("still not a valid record: {err}"),
+                    ));
+                    continue;
+                }
+            };
+            if dry_run {
+                outcomes.push(Outcome {
+                    id: letter.id,
+                    to,
+                    action: Action::WouldReplay,
+                });
+                continue;
+            }
             let confirm = self
                 .channel
                 .basic_publish(
-                    self.topology.exchange.as_str().into(),
-                    "".into(),
+                    exchange.as_str().into(),
+                    routing_key.as_str().into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
@@ -111,10 +220,32 @@ impl Broker {
                 anyhow::bail!("RabbitMQ did not accept the replay of {}", letter.id);
             }
             message.delivery.ack(BasicAckOptions::default()).await?;
-            replayed += 1;
+            outcomes.push(Outcome {
+                id: letter.id,
+                to,
+                action: Action::Replayed,
+            });
         }
         self.close().await;
-        Ok((replayed, invalid))
+        Ok(outcomes)
+    }
+
+    /// How many messages the dead-letter queue holds now.
+    pub async fn count(self) -> anyhow::Result<u32> {
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..lapin::options::QueueDeclareOptions::default()
+        };
+        let queue = self
+            .channel
+            .queue_declare(
+                self.topology.dead_letter_queue.name.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await?;
+        self.close().await;
+        Ok(queue.message_count())
     }
 
     /// Empties the dead-letter queue; returns how many messages were removed.
@@ -155,6 +286,13 @@ fn describe(message: &BasicGetMessage) -> DeadLetter {
     {
         reason = text(first, "reason").unwrap_or(reason);
         origin = text(first, "queue").unwrap_or_default();
+    }
+    // A writer that dead-lettered the message itself says why, and from where, in its headers.
+    if let Some(why) = text(&headers, HEADER_DEAD_LETTER_REASON) {
+        reason = why;
+    }
+    if let Some(queue) = text(&headers, HEADER_DEAD_LETTER_QUEUE) {
+        origin = queue;
     }
     DeadLetter {
         id,

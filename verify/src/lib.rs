@@ -1,6 +1,7 @@
 //! `verify`: proves, for one run, that every record of a `source` is stored exactly once and in
-//! the right place — value ≤ 90 in the file sink only, value > 90 in PostgreSQL and MongoDB only —
-//! with matching hashes and MongoDB groups that follow the nesting rule.
+//! the right place — where the filter's routing rule (`flowmesh_common::routing`) sends it: the
+//! file sink, or PostgreSQL and MongoDB — with matching hashes and MongoDB groups that follow the
+//! nesting rule.
 
 pub mod dead_letters;
 pub mod reconcile;
@@ -10,12 +11,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use flowmesh_common::config::Validate;
-use flowmesh_common::record::{Record, format_timestamp};
+use flowmesh_common::record::Record;
 use futures_util::TryStreamExt;
 use mongodb::bson::doc;
-use sqlx::Row;
 
-pub use reconcile::{Observed, Report, reconcile};
+pub use reconcile::{Observed, Report, Rules, reconcile};
 
 /// flowmesh verify: reconciles the file sink, PostgreSQL and MongoDB for one source and exits 0
 /// only when every record is stored exactly once in the right place.
@@ -34,18 +34,14 @@ pub struct VerifyConfig {
     #[arg(long, env = "FILTER_DATA_DIR", default_value = "var/filter")]
     pub data_dir: PathBuf,
 
-    /// PostgreSQL URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres:postgres@127.0.0.1:5432/flowmesh",
-        hide_env_values = true
-    )]
-    pub database_url: String,
+    /// PostgreSQL.
+    #[command(flatten)]
+    pub postgres: flowmesh_pg_writer::config::PostgresArgs,
 
-    /// MongoDB URL; when absent MongoDB is skipped (and the report says so).
+    /// MongoDB URL. Unset: the local server is checked when it answers, and skipped (the
+    /// report says so) when it does not; empty: MongoDB is skipped.
     #[arg(long, env = "MONGODB_URL", hide_env_values = true)]
-    pub mongodb_url: Option<String>,
+    pub mongodb_url: Option<flowmesh_common::config::SecretUrl>,
 
     /// MongoDB database.
     #[arg(long, env = "MONGODB_DATABASE", default_value = "flowmesh")]
@@ -60,7 +56,7 @@ pub struct VerifyConfig {
     pub json: bool,
 
     /// The writer's `max_nest`, for the group checks.
-    #[arg(long, env = "MONGO_WRITER_MAX_NEST", default_value_t = 100)]
+    #[arg(long, env = "MONGO_WRITER_MAX_NEST", default_value_t = flowmesh_mongo_writer::nesting::DEFAULT_MAX_NEST)]
     pub max_nest: usize,
 }
 
@@ -68,6 +64,7 @@ impl Validate for VerifyConfig {
     fn validate(&self) -> Result<(), String> {
         flowmesh_common::record::validate_source(&self.source)
             .map_err(|e| format!("--source (VERIFY_SOURCE): {e}"))?;
+        self.postgres.validate()?;
         if self.max_nest == 0 {
             return Err("--max-nest (MONGO_WRITER_MAX_NEST): must be at least 1".into());
         }
@@ -75,13 +72,23 @@ impl Validate for VerifyConfig {
     }
 }
 
+/// Where MongoDB is looked for when `MONGODB_URL` is not set.
+const LOCAL_MONGODB: &str = "mongodb://127.0.0.1:27017";
+
 /// Reads what every store holds for the source.
 pub async fn observe(config: &VerifyConfig) -> anyhow::Result<Observed> {
     let file = read_file_sink(config)?;
     let postgres = read_postgres(config).await?;
-    let mongo = match config.mongodb_url.as_deref().filter(|u| !u.is_empty()) {
+    let mongo = match config.mongodb_url.as_ref().map(|url| url.expose()) {
+        Some("") => None,
         Some(url) => Some(read_mongo(config, url).await?),
-        None => None,
+        None => match read_mongo(config, LOCAL_MONGODB).await {
+            Ok(groups) => Some(groups),
+            Err(err) => {
+                eprintln!("verify: no MongoDB answers at {LOCAL_MONGODB} ({err:#}); skipping it");
+                None
+            }
+        },
     };
     Ok(Observed {
         file,
@@ -115,40 +122,12 @@ fn read_file_sink(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
 }
 
 async fn read_postgres(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
-    let pool = sqlx::PgPool::connect(&config.database_url)
+    let pool = sqlx::PgPool::connect(config.postgres.database_url.expose())
         .await
         .context("connecting to PostgreSQL")?;
-    let rows =
-        sqlx::query("select id::text as id, seq, ts, value, hash from records where source = $1")
-            .bind(&config.source)
-            .fetch_all(&pool)
-            .await;
+    let records = flowmesh_pg_writer::store::records_of(&pool, &config.source).await;
     pool.close().await;
-    let rows = match rows {
-        Ok(rows) => rows,
-        // No table yet: nothing was ever written.
-        Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P01") => Vec::new(),
-        Err(err) => return Err(err).context("reading the records table"),
-    };
-    rows.iter()
-        .map(|row| {
-            let ts: chrono::DateTime<chrono::Utc> = row.try_get("ts")?;
-            let value: i16 = row.try_get("value")?;
-            let seq: i64 = row.try_get("seq")?;
-            let timestamp = format_timestamp(ts);
-            let value = u8::try_from(value).unwrap_or(u8::MAX);
-            let hash: String = row.try_get("hash")?;
-            Ok(Record {
-                id: row.try_get("id")?,
-                source: config.source.clone(),
-                seq: u64::try_from(seq).unwrap_or_default(),
-                timestamp,
-                value,
-                hash,
-                traceparent: None,
-            })
-        })
-        .collect()
+    records
 }
 
 async fn read_mongo(
@@ -160,7 +139,7 @@ async fn read_mongo(
         .database(&config.mongodb_database)
         .collection::<mongodb::bson::Document>(&config.mongodb_collection);
     let mut cursor = collection
-        .find(doc! {"records.source": &config.source})
+        .find(doc! {"source": &config.source})
         .await
         .context("reading MongoDB groups")?;
     let mut groups = Vec::new();
@@ -173,10 +152,9 @@ async fn read_mongo(
 /// Runs a whole verification: observe, reconcile, and the report.
 pub async fn verify(config: &VerifyConfig) -> anyhow::Result<Report> {
     let observed = observe(config).await?;
-    Ok(reconcile(
-        &config.source,
-        config.expected,
-        &observed,
-        config.max_nest,
-    ))
+    let rules = Rules {
+        max_nest: config.max_nest,
+        ..Rules::default()
+    };
+    Ok(reconcile(&config.source, config.expected, &observed, rules))
 }

@@ -6,7 +6,26 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use flowmesh_common::record::{Record, record_hash};
-use flowmesh_mongo_writer::nesting::{GroupDoc, nests};
+use flowmesh_common::routing::{Destination, Routing};
+use flowmesh_mongo_writer::nesting::{DEFAULT_MAX_NEST, GroupDoc, Op, OpenGroups, nests, plan};
+
+/// The rules stored records are checked against: the same functions the services run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Where each record belongs (the filter's rule).
+    pub routing: Routing,
+    /// The largest nested group (mongo-writer's `max_nest`).
+    pub max_nest: usize,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            routing: Routing::DEFAULT,
+            max_nest: DEFAULT_MAX_NEST,
+        }
+    }
+}
 
 /// What the stores hold for one source.
 #[derive(Debug, Default, Clone)]
@@ -211,12 +230,8 @@ fn findings(
 }
 
 /// Reconciles what was observed for `source`. `expected` defaults to the highest seq seen.
-pub fn reconcile(
-    source: &str,
-    expected: Option<u64>,
-    observed: &Observed,
-    max_nest: usize,
-) -> Report {
+pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules: Rules) -> Report {
+    let belongs = |record: &Record, here: Destination| rules.routing.destination(record) == here;
     let mongo_records: Option<Vec<&Record>> = observed.mongo.as_ref().map(|groups| {
         groups
             .iter()
@@ -238,39 +253,85 @@ pub fn reconcile(
     let lost: BTreeSet<u64> = (1..=expected)
         .filter(|s| !value_of.contains_key(s))
         .collect();
-    let to_broker: BTreeSet<u64> = value_of
-        .iter()
-        .filter(|(_, v)| **v > 90)
-        .map(|(s, _)| *s)
-        .collect();
-    let to_file: BTreeSet<u64> = value_of
-        .iter()
-        .filter(|(_, v)| **v <= 90)
-        .map(|(s, _)| *s)
-        .collect();
+    let bound_for = |here: Destination| -> BTreeSet<u64> {
+        value_of
+            .iter()
+            .filter(|(_, v)| rules.routing.destination_of(**v) == here)
+            .map(|(s, _)| *s)
+            .collect()
+    };
+    let to_broker = bound_for(Destination::Broker);
+    let to_file = bound_for(Destination::File);
 
     let file: Vec<&Record> = observed.file.iter().collect();
     let postgres: Vec<&Record> = observed.postgres.iter().collect();
     let mut bad_groups = Vec::new();
     if let Some(groups) = &observed.mongo {
         for (group, count) in groups {
-            if let Some(why) = group_problem(group, *count, max_nest) {
+            if let Some(why) = group_problem(group, *count, rules.max_nest) {
                 bad_groups.push((group.id.clone(), why));
             }
         }
+        bad_groups.extend(partition_problem(source, groups, rules.max_nest));
     }
     Report {
         source: source.to_owned(),
         expected,
         lost,
-        file: findings(&file, |r| r.value <= 90, &to_file),
-        postgres: findings(&postgres, |r| r.value > 90, &to_broker),
-        mongo: mongo_records.map(|records| findings(&records, |r| r.value > 90, &to_broker)),
+        file: findings(&file, |r| belongs(r, Destination::File), &to_file),
+        postgres: findings(&postgres, |r| belongs(r, Destination::Broker), &to_broker),
+        mongo: mongo_records
+            .map(|records| findings(&records, |r| belongs(r, Destination::Broker), &to_broker)),
         bad_groups,
     }
 }
 
-/// Why a group breaks the rule of SPEC §6, if it does.
+/// Whether the source's groups are exactly what the nesting rule gives over its records in the
+/// order the writer stored them. A source's groups are written one after the other (a closed
+/// group is never written again), so ordering them by `wseq` and concatenating gives that order;
+/// planning it afresh must give the same groups. A run split by a wrongly recovered open group,
+/// or two runs merged, shows here. Returns the first group that differs, and why.
+pub fn partition_problem(
+    source: &str,
+    groups: &[(GroupDoc, i64)],
+    max_nest: usize,
+) -> Option<(String, String)> {
+    let mut stored: Vec<&GroupDoc> = groups
+        .iter()
+        .map(|(g, _)| g)
+        .filter(|g| g.source == source)
+        .collect();
+    stored.sort_by_key(|g| g.wseq);
+    let records: Vec<Record> = stored.iter().flat_map(|g| g.records.clone()).collect();
+    let mut open = OpenGroups::new();
+    let mut wseq = 1;
+    let planned = plan(&mut open, &records, max_nest, &mut wseq, chrono::Utc::now());
+    let ids = |records: &[Record]| records.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+    let expected: Vec<Vec<String>> = planned
+        .iter()
+        .filter_map(|op| match op {
+            Op::Insert(doc) => Some(ids(&doc.records)),
+            Op::Append { .. } => None,
+        })
+        .collect();
+    stored.iter().zip(expected.iter().map(Some).chain(std::iter::repeat(None))).find_map(
+        |(group, want)| {
+            let have = ids(&group.records);
+            (want != Some(&have)).then(|| {
+                (
+                    group.id.clone(),
+                    format!(
+                        "the nesting rule over source {source:?} in stored order gives {} group(s) here, not this one (seq {:?})",
+                        expected.len(),
+                        group.records.iter().map(|r| r.seq).collect::<Vec<_>>()
+                    ),
+                )
+            })
+        },
+    )
+}
+
+/// Why a group breaks the rule of docs/contracts.md §6, if it does.
 pub fn group_problem(group: &GroupDoc, count: i64, max_nest: usize) -> Option<String> {
     let Some(first) = group.records.first() else {
         return Some("holds no records".into());
@@ -283,6 +344,12 @@ pub fn group_problem(group: &GroupDoc, count: i64, max_nest: usize) -> Option<St
     }
     if group.id != first.id {
         return Some("its _id is not the id of its first record".into());
+    }
+    if let Some(r) = group.records.iter().find(|r| r.source != group.source) {
+        return Some(format!(
+            "a group of source {:?} holds seq {} of source {:?}",
+            group.source, r.seq, r.source
+        ));
     }
     if group.nested {
         if let Some(r) = group.records.iter().find(|r| !nests(&r.hash)) {

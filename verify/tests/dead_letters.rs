@@ -1,14 +1,23 @@
 //! `dead-letters` against the real RabbitMQ: list leaves the queue as it is, replay puts a fixed
-//! record back into the flow after its confirm, purge empties the queue.
+//! record back into the queue it died in after its confirm (a dry run changes nothing), purge
+//! empties the queue.
 
 use std::time::Duration;
 
 use flowmesh_common::record::Record;
 use flowmesh_common::testkit::unique_prefix;
+use flowmesh_common::testkit::{amqp_channel, amqp_url, delete_topology, drain_queue, publish};
 use flowmesh_common::topology::{Topology, record_properties};
-use flowmesh_filter::testing::{amqp_channel, amqp_url, delete_topology, drain_queue, publish};
-use flowmesh_verify::dead_letters::Broker;
+use flowmesh_verify::dead_letters::{Action, Broker, Selection, Target};
 use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+
+/// A broker handle on the test's topology.
+async fn broker(topology: &Topology) -> Broker {
+    Broker::connect(&amqp_url(), topology.clone())
+        .await
+        .expect("connect")
+}
 
 async fn dead_letter(topology: &Topology, body: &[u8], properties: BasicProperties) {
     publish(
@@ -24,10 +33,17 @@ async fn dead_letters_are_listed_replayed_after_a_fix_and_purged() {
     let prefix = unique_prefix("dlq");
     let topology = Topology::new(&prefix, 5);
     let record = Record::new("dlq", 1, chrono::Utc::now(), 97, None);
+    // As pg-writer dead-letters a record it could not store: the queue it came from in a header.
+    let pg_queue = topology.queue_for("pg-writer").expect("queue").name.clone();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        flowmesh_common::topology::HEADER_DEAD_LETTER_QUEUE.into(),
+        AMQPValue::LongString(pg_queue.as_str().into()),
+    );
     dead_letter(
         &topology,
         record.to_json().as_bytes(),
-        record_properties(&record),
+        record_properties(&record).with_headers(headers),
     )
     .await;
     dead_letter(
@@ -37,50 +53,63 @@ async fn dead_letters_are_listed_replayed_after_a_fix_and_purged() {
     )
     .await;
 
-    let listed = Broker::connect(&amqp_url(), topology.clone())
-        .await
-        .expect("connect")
-        .list()
-        .await
-        .expect("list");
+    let listed = broker(&topology).await.list().await.expect("list");
     assert_eq!(listed.len(), 2);
-    let again = Broker::connect(&amqp_url(), topology.clone())
-        .await
-        .expect("connect")
-        .list()
-        .await
-        .expect("list");
+    let again = broker(&topology).await.list().await.expect("list");
     assert_eq!(again.len(), 2, "listing does not consume");
 
-    let (replayed, kept) = Broker::connect(&amqp_url(), topology.clone())
-        .await
-        .expect("connect")
-        .replay(&[])
-        .await
-        .expect("replay");
-    assert_eq!(replayed, 1);
-    assert_eq!(kept.len(), 1, "an invalid body is not replayed");
+    let replay = |dry_run| {
+        let topology = topology.clone();
+        async move {
+            broker(&topology)
+                .await
+                .replay(&Selection::All, Target::Origin, dry_run)
+                .await
+                .expect("replay")
+        }
+    };
+    let planned = replay(true).await;
+    assert_eq!(planned.len(), 2);
+    assert!(
+        planned
+            .iter()
+            .any(|o| o.action == Action::WouldReplay && o.to == pg_queue)
+    );
+    let again = broker(&topology).await.list().await.expect("list");
+    assert_eq!(again.len(), 2, "a dry run changes nothing");
+
+    let outcomes = replay(false).await;
+    let replayed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.action == Action::Replayed)
+        .collect();
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0].to, pg_queue, "back to the queue it died in");
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| matches!(&o.action, Action::Kept(_)) && o.id == "junk"),
+        "an invalid body is not replayed"
+    );
     let (connection, channel) = amqp_channel().await;
     for queue in &topology.writer_queues {
-        let got = drain_queue(&channel, &queue.name, 1, Duration::from_secs(10)).await;
-        assert_eq!(got.len(), 1, "{}", queue.name);
-        assert_eq!(got[0].data, record.to_json().into_bytes());
+        let got = drain_queue(&channel, &queue.name, 1, Duration::from_secs(3)).await;
+        if queue.name == pg_queue {
+            assert_eq!(got.len(), 1, "{}", queue.name);
+            assert_eq!(got[0].data, record.to_json().into_bytes());
+        } else {
+            assert!(
+                got.is_empty(),
+                "the other writer gets nothing: {}",
+                queue.name
+            );
+        }
     }
     let _ = connection.close(200, "ok".into()).await;
 
-    let purged = Broker::connect(&amqp_url(), topology.clone())
-        .await
-        .expect("connect")
-        .purge()
-        .await
-        .expect("purge");
+    let purged = broker(&topology).await.purge().await.expect("purge");
     assert_eq!(purged, 1);
-    let left = Broker::connect(&amqp_url(), topology.clone())
-        .await
-        .expect("connect")
-        .list()
-        .await
-        .expect("list");
+    let left = broker(&topology).await.list().await.expect("list");
     assert!(left.is_empty());
     delete_topology(&topology).await;
 }
@@ -131,15 +160,23 @@ async fn a_message_redelivered_past_the_delivery_limit_reaches_the_dead_letter_q
     let _ = connection.close(200, "ok".into()).await;
     assert!(returned >= 2, "delivered {returned} times");
 
-    let letters = Broker::connect(&amqp_url(), topology.clone())
-        .await
-        .expect("connect")
-        .list()
-        .await
-        .expect("list");
+    let letters = broker(&topology).await.list().await.expect("list");
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].id, record.id);
     assert_eq!(letters[0].reason, "delivery_limit");
     assert_eq!(letters[0].origin, queue);
     delete_topology(&topology).await;
+}
+
+#[test]
+fn replay_and_purge_act_on_everything_only_when_told_to() {
+    for args in [&["replay"][..], &["purge"], &["replay", "some-id", "--all"]] {
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_dead-letters"))
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("runs");
+        assert_eq!(status.code(), Some(2), "{args:?} must be refused");
+    }
 }

@@ -4,53 +4,36 @@
 use std::time::Duration;
 
 use clap::Parser;
+use flowmesh_common::testkit::TestWriter;
 use flowmesh_filter::testing::TestFilter;
 use flowmesh_generator::config::Rate;
 use flowmesh_generator::{Application as Generator, GeneratorConfig};
+use flowmesh_mongo_writer::MongoWriterConfig;
 use flowmesh_mongo_writer::config::StoreKind;
-use flowmesh_mongo_writer::store::MemoryStore;
-use flowmesh_mongo_writer::{Application as MongoWriter, MongoWriterConfig};
+use flowmesh_mongo_writer::store::{Groups, MemoryStore};
+use flowmesh_pg_writer::PgWriterConfig;
 use flowmesh_pg_writer::testing::TestDb;
-use flowmesh_pg_writer::{Application as PgWriter, PgWriterConfig};
-use flowmesh_verify::{VerifyConfig, observe, reconcile};
+use flowmesh_verify::{Rules, VerifyConfig, observe, reconcile};
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
-struct Service {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Service {
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
+async fn pg_writer(db: &TestDb, prefix: &str) -> TestWriter {
+    let config = PgWriterConfig::for_tests(&db.url, prefix);
+    TestWriter::start(
+        flowmesh_pg_writer::build(config)
             .await
-            .expect("stops in time")
-            .expect("task")
-            .expect("clean stop");
-    }
+            .expect("pg-writer builds"),
+    )
 }
 
-async fn pg_writer(db: &TestDb, prefix: &str) -> Service {
-    let app = PgWriter::build(PgWriterConfig::for_tests(&db.url, prefix))
-        .await
-        .expect("pg-writer builds");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-    Service { stop, task }
-}
-
-async fn mongo_writer(prefix: &str, memory: &MemoryStore) -> Service {
+async fn mongo_writer(prefix: &str, memory: &MemoryStore) -> TestWriter {
     let mut config = MongoWriterConfig::for_tests(prefix);
     config.store = StoreKind::Memory;
-    let app = MongoWriter::build(config)
+    let groups = Groups::Memory(memory.clone());
+    let writer = flowmesh_mongo_writer::build_with(config, groups)
         .await
-        .expect("mongo-writer builds")
-        .with_memory_store(memory.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(app.run_until_stopped(stop.clone()));
-    Service { stop, task }
+        .expect("mongo-writer builds");
+    TestWriter::start(writer)
 }
 
 async fn generate(filter: &TestFilter, source: &str, count: u64) {
@@ -90,8 +73,8 @@ fn verify_config(filter: &TestFilter, db: &TestDb, source: &str, expected: u64) 
     let mut config = VerifyConfig::parse_from(["verify", "--source", source]);
     config.expected = Some(expected);
     config.data_dir = filter.dir.path().to_path_buf();
-    config.database_url = db.url.clone();
-    config.mongodb_url = None;
+    config.postgres.database_url = db.url.as_str().into();
+    config.mongodb_url = Some("".into());
     config
 }
 
@@ -124,7 +107,7 @@ async fn settle_and_verify(
             })
             .collect(),
     );
-    reconcile(source, Some(count), &observed, 100)
+    reconcile(source, Some(count), &observed, Rules::default())
 }
 
 fn prefix_of(filter: &TestFilter) -> String {

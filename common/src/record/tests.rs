@@ -1,4 +1,4 @@
-//! The record rules of SPEC §1, one case per invalid class.
+//! The record rules of docs/contracts.md §1, one case per invalid class.
 
 use super::*;
 use serde_json::json;
@@ -189,18 +189,6 @@ fn a_value_whose_hash_matches_another_value_is_still_checked_against_its_own() {
 fn invalid_json_text_is_a_record_error() {
     let err = Record::from_json("{not json").expect_err("invalid");
     assert_eq!(err.field(), "record");
-}
-
-#[test]
-fn routing_edges_follow_value_greater_than_ninety() {
-    let at = parse_timestamp("2026-11-22T04:00:00.123Z").expect("ts");
-    for (value, to_broker) in [(0, false), (90, false), (91, true), (100, true)] {
-        assert_eq!(
-            Record::new("g", 1, at, value, None).routes_to_broker(),
-            to_broker,
-            "{value}"
-        );
-    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use flowmesh_common::breaker::{Breaker, BreakerSettings};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::reply::Reply;
+use crate::reply::{Destination, Replier, Reply};
 
 fn config(dir: &Path, max_bytes: u64, max_age: Duration, durability: Durability) -> FileSinkConfig {
     FileSinkConfig {
@@ -17,6 +17,7 @@ fn config(dir: &Path, max_bytes: u64, max_age: Duration, durability: Durability)
         max_age,
         durability,
         dedupe_window: 1000,
+        max_total_bytes: None,
     }
 }
 
@@ -213,4 +214,41 @@ async fn records_sent_again_are_acked_but_not_written_twice_even_after_a_restart
         other => panic!("{other:?}"),
     }
     assert_eq!(all_seqs(dir.path()), (1..=8).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn files_at_their_size_cap_refuse_writes_until_old_files_are_removed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut capped = config(
+        dir.path(),
+        200,
+        Duration::from_secs(3600),
+        Durability::Fsync,
+    );
+    // Lines of `write` are 22 to 24 bytes: 30 of them (rotated every 200 bytes) take about
+    // 700, so 20 more would pass the cap.
+    capped.max_total_bytes = Some(1000);
+    let (sink, _task) = FileSink::start(capped, breaker());
+    for seqs in [1..=10, 11..=20, 21..=30] {
+        assert!(matches!(write(&sink, seqs).await, Reply::Ack { .. }));
+    }
+    match write(&sink, 31..=50).await {
+        Reply::Nack { seqs, reason, .. } => {
+            assert_eq!(seqs.len(), 20);
+            assert!(reason.contains("cap of 1000 bytes"), "{reason}");
+        }
+        other => panic!("expected a nack at the cap, got {other:?}"),
+    }
+    assert_eq!(
+        all_seqs(dir.path()).len(),
+        30,
+        "nothing past the cap was written"
+    );
+    // The operator removes the rotated files: room again.
+    for path in sink_files(dir.path(), "records").expect("files") {
+        if path.file_name() != Some(std::ffi::OsStr::new("records.jsonl")) {
+            fs::remove_file(path).expect("remove");
+        }
+    }
+    assert!(matches!(write(&sink, 31..=50).await, Reply::Ack { .. }));
 }

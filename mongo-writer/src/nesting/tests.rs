@@ -14,6 +14,18 @@ pub(crate) fn rec(seq: u64, hash: &str) -> Record {
     }
 }
 
+/// The planner over one source ("t"), continuing from `open`.
+fn plan_t(
+    open: Option<OpenGroup>,
+    records: &[Record],
+    max_nest: usize,
+) -> (Vec<Op>, Option<OpenGroup>) {
+    let mut groups = OpenGroups::from([("t".to_owned(), open)]);
+    let mut wseq = 1;
+    let ops = plan(&mut groups, records, max_nest, &mut wseq, Utc::now());
+    (ops, groups.remove("t").flatten())
+}
+
 fn shapes(ops: &[Op]) -> Vec<(bool, Vec<u64>)> {
     ops.iter()
         .map(|op| match op {
@@ -35,7 +47,7 @@ fn the_comparison_is_a_plain_string_comparison_with_99() {
 
 #[test]
 fn low_hashes_each_get_their_own_plain_document() {
-    let (ops, open) = plan(None, &[rec(1, "00"), rec(2, "99")], 100, Utc::now());
+    let (ops, open) = plan_t(None, &[rec(1, "00"), rec(2, "99")], 100);
     assert_eq!(shapes(&ops), vec![(false, vec![1]), (false, vec![2])]);
     assert_eq!(open.map(|g| (g.nested, g.count)), Some((false, 1)));
 }
@@ -50,7 +62,7 @@ fn consecutive_high_hashes_share_one_nested_document() {
         rec(5, "10"),
         rec(6, "fe"),
     ];
-    let (ops, _) = plan(None, &records, 100, Utc::now());
+    let (ops, _) = plan_t(None, &records, 100);
     assert_eq!(
         shapes(&ops),
         vec![
@@ -65,7 +77,7 @@ fn consecutive_high_hashes_share_one_nested_document() {
 #[test]
 fn a_full_group_closes_and_the_next_high_hash_starts_a_new_one() {
     let records: Vec<Record> = (1..=5).map(|s| rec(s, "ab")).collect();
-    let (ops, open) = plan(None, &records, 2, Utc::now());
+    let (ops, open) = plan_t(None, &records, 2);
     assert_eq!(
         shapes(&ops),
         vec![(true, vec![1, 2]), (true, vec![3, 4]), (true, vec![5])]
@@ -79,9 +91,8 @@ fn a_batch_continues_the_open_group_of_the_previous_one() {
         id: "g".into(),
         nested: true,
         count: 1,
-        updated_at: Utc::now(),
     });
-    let (ops, open) = plan(open, &[rec(7, "cc"), rec(8, "dd")], 3, Utc::now());
+    let (ops, open) = plan_t(open, &[rec(7, "cc"), rec(8, "dd")], 3);
     assert!(
         matches!(&ops[..], [Op::Append { id, records, .. }] if id == "g" && records.len() == 2)
     );
@@ -94,17 +105,65 @@ fn a_high_hash_after_an_open_plain_group_starts_a_nested_one() {
         id: "p".into(),
         nested: false,
         count: 1,
-        updated_at: Utc::now(),
     });
-    let (ops, _) = plan(open, &[rec(9, "ee")], 100, Utc::now());
+    let (ops, _) = plan_t(open, &[rec(9, "ee")], 100);
     assert_eq!(shapes(&ops), vec![(true, vec![9])]);
 }
 
 #[test]
 fn a_group_is_named_after_its_first_record() {
-    let (ops, _) = plan(None, &[rec(3, "fa"), rec(4, "fb")], 100, Utc::now());
+    let (ops, _) = plan_t(None, &[rec(3, "fa"), rec(4, "fb")], 100);
     match &ops[0] {
         Op::Insert(doc) => assert_eq!(doc.id, rec(3, "fa").id),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn sources_nest_independently_and_never_share_a_group() {
+    let of = |source: &str, seq: u64, hash: &str| Record {
+        source: source.into(),
+        ..rec(seq, hash)
+    };
+    // a's high-hash run continues across b's records; b's runs are its own.
+    let records = [
+        of("a", 1, "aa"),
+        of("b", 2, "bb"),
+        of("a", 3, "cc"),
+        of("b", 4, "10"),
+        of("a", 5, "dd"),
+    ];
+    let mut open = OpenGroups::new();
+    let mut wseq = 7;
+    let ops = plan(&mut open, &records, 100, &mut wseq, Utc::now());
+    let groups: Vec<(String, Vec<u64>)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Insert(doc) => Some((
+                doc.source.clone(),
+                doc.records.iter().map(|r| r.seq).collect(),
+            )),
+            Op::Append { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        vec![
+            ("a".into(), vec![1]),
+            ("b".into(), vec![2]),
+            ("b".into(), vec![4])
+        ]
+    );
+    let appended: Vec<u64> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Append { records, .. } => Some(records.iter().map(|r| r.seq)),
+            Op::Insert(_) => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(appended, vec![3, 5]);
+    assert_eq!(open["a"].as_ref().map(|g| g.count), Some(3));
+    // Every operation got its own write sequence, strictly increasing.
+    assert_eq!(wseq, 7 + ops.len() as u64);
 }

@@ -21,33 +21,7 @@ fn rec(seq: u64, hash: &str) -> Record {
     }
 }
 
-/// A store that applies only the first `fail_after` operations of the next `apply`, then fails:
-/// a crash in the middle of a batch's writes.
-#[derive(Debug, Clone, Default)]
-struct Flaky {
-    inner: MemoryStore,
-    fail_after: Arc<Mutex<Option<usize>>>,
-}
-
-impl GroupStore for Flaky {
-    async fn last_group(&mut self) -> anyhow::Result<Option<OpenGroup>> {
-        self.inner.last_group().await
-    }
-    async fn stored_ids(&mut self, ids: &[String]) -> anyhow::Result<HashSet<String>> {
-        self.inner.stored_ids(ids).await
-    }
-    async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
-        let limit = self.fail_after.lock().expect("lock").take();
-        match limit {
-            Some(k) => {
-                let k = k.min(ops.len());
-                self.inner.apply(&ops[..k]).await?;
-                anyhow::bail!("crashed after {k} of {} writes", ops.len())
-            }
-            None => self.inner.apply(ops).await,
-        }
-    }
-}
+type Flaky = crate::testing::Crashing<MemoryStore>;
 
 #[derive(Debug, Clone)]
 struct Step {
@@ -75,6 +49,11 @@ fn step() -> impl Strategy<Value = Step> {
         })
 }
 
+/// One of three sources, so streams interleave them.
+fn source() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec!["p", "q", "r"])
+}
+
 fn hash() -> impl Strategy<Value = &'static str> {
     prop::sample::select(vec!["00", "42", "90", "99", "9a", "9f", "a0", "c3", "ff"])
 }
@@ -82,14 +61,17 @@ fn hash() -> impl Strategy<Value = &'static str> {
 /// A stream of records; `dups` re-deliver earlier records later (at-least-once from upstream).
 fn stream() -> impl Strategy<Value = Vec<Record>> {
     (
-        prop::collection::vec(hash(), 0..200),
+        prop::collection::vec((hash(), source()), 0..200),
         prop::collection::vec((0usize..200, 0usize..200), 0..10),
     )
         .prop_map(|(hashes, dups)| {
             let mut records: Vec<Record> = hashes
                 .iter()
                 .enumerate()
-                .map(|(i, h)| rec(i as u64 + 1, h))
+                .map(|(i, (h, source))| Record {
+                    source: (*source).to_owned(),
+                    ..rec(i as u64 + 1, h)
+                })
                 .collect();
             for (from, to) in dups {
                 if from < records.len() && to <= records.len() && from < to {
@@ -122,7 +104,7 @@ async fn deliver(records: &[Record], steps: &[Step], max_nest: usize) -> Vec<Gro
             restart: false,
         });
         let end = (acked + step.batch).min(records.len());
-        *flaky.fail_after.lock().expect("lock") = step.crash_in_writes;
+        flaky.crash_next_apply_after(step.crash_in_writes);
         let result = writer.store(&records[acked..end]).await;
         let crashed = result.is_err() || step.crash_before_ack;
         if !crashed {
@@ -149,8 +131,34 @@ fn shape(groups: &[GroupDoc]) -> Vec<(String, bool, Vec<String>)> {
     shape
 }
 
-/// The rule of SPEC §6, checked against the stream with repeats removed.
+/// The rule of docs/contracts.md §6, checked per source against the stream with repeats
+/// removed; no group mixes sources.
 fn check_rule(records: &[Record], groups: &[GroupDoc], max_nest: usize) {
+    for group in groups {
+        assert!(
+            group.records.iter().all(|r| r.source == group.source),
+            "group {} mixes sources",
+            group.id
+        );
+    }
+    let sources: HashSet<&str> = records.iter().map(|r| r.source.as_str()).collect();
+    for source in sources {
+        let records: Vec<Record> = records
+            .iter()
+            .filter(|r| r.source == source)
+            .cloned()
+            .collect();
+        let groups: Vec<GroupDoc> = groups
+            .iter()
+            .filter(|g| g.source == source)
+            .cloned()
+            .collect();
+        check_source(&records, &groups, max_nest);
+    }
+}
+
+/// The rule over one source's records and groups.
+fn check_source(records: &[Record], groups: &[GroupDoc], max_nest: usize) {
     let mut first = HashSet::new();
     let unique: Vec<&Record> = records
         .iter()
@@ -199,6 +207,11 @@ fn check_rule(records: &[Record], groups: &[GroupDoc], max_nest: usize) {
     assert!(
         group_of.iter().all(|g| *g != usize::MAX),
         "a record is missing"
+    );
+    assert_eq!(
+        groups.iter().map(|g| g.records.len()).sum::<usize>(),
+        unique.len(),
+        "a group holds a record of another source"
     );
     for i in 1..unique.len() {
         if nests(&unique[i - 1].hash) && nests(&unique[i].hash) && group_of[i - 1] != group_of[i] {

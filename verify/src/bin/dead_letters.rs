@@ -5,27 +5,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use flowmesh_common::topology::Topology;
-use flowmesh_verify::dead_letters::Broker;
+use flowmesh_common::args::BrokerArgs;
+use flowmesh_common::config::Validate;
+use flowmesh_verify::dead_letters::{Action, Broker, Selection, Target, printable};
 
 /// flowmesh dead-letters: what could never be stored, why, and putting it back after a fix.
 #[derive(Debug, Parser)]
 #[command(name = "dead-letters", version, about, long_about = None)]
 struct Cli {
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    amqp_url: String,
-    /// Prefix of every exchange and queue name.
-    #[arg(long, env = "AMQP_PREFIX", default_value = "flowmesh")]
-    amqp_prefix: String,
-    /// `x-delivery-limit` of the writer queues (must match the services').
-    #[arg(long, env = "AMQP_DELIVERY_LIMIT", default_value_t = 5)]
-    delivery_limit: u32,
+    /// RabbitMQ (the delivery limit must match the services').
+    #[command(flatten)]
+    broker: BrokerArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,45 +23,60 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Lists the dead-letter queue (leaving it as it is) and, with --data-dir, the filter's
-    /// dead-letter file.
+    /// dead-letter file. Control characters are shown escaped.
     List {
         /// The filter's data directory.
         #[arg(long, env = "FILTER_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
-    /// Publishes the chosen messages (by message id; all with none given) to the records
-    /// exchange and removes them from the dead-letter queue after RabbitMQ confirmed.
+    /// Publishes the chosen messages back to the queue each died in (confirmed) and removes
+    /// them from the dead-letter queue. Name message ids (record ids), or --all.
     Replay {
         /// Message ids (record ids) to replay.
         ids: Vec<String>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Publish to the records exchange (every writer) instead of the queue it died in.
+        #[arg(long)]
+        fanout: bool,
+        /// Show what would be replayed, and where, without doing it.
+        #[arg(long)]
+        dry_run: bool,
     },
-    /// Deletes everything in the dead-letter queue.
-    Purge,
+    /// Deletes everything in the dead-letter queue (--all is required).
+    Purge {
+        /// Yes, everything.
+        #[arg(long, required = true)]
+        all: bool,
+        /// Show how many would be deleted, without doing it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+impl Validate for Cli {
+    fn validate(&self) -> Result<(), String> {
+        if let Command::Replay {
+            ids, all: false, ..
+        } = &self.command
+            && ids.is_empty()
+        {
+            return Err("replay: name the message ids to replay, or --all".into());
+        }
+        self.broker.validate()
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match flowmesh_common::config::parse() {
         Ok(cli) => cli,
-        Err(err) if !err.use_stderr() => {
-            let _ = err.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!(
-                "{}",
-                err.render()
-                    .to_string()
-                    .lines()
-                    .next()
-                    .unwrap_or("invalid arguments")
-            );
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let topology = Topology::new(&cli.amqp_prefix, cli.delivery_limit);
+    let topology = cli.broker.topology();
     let result = async {
-        let broker = Broker::connect(&cli.amqp_url, topology.clone()).await?;
+        let broker = Broker::connect(cli.broker.url.expose(), topology.clone()).await?;
         match cli.command {
             Command::List { data_dir } => {
                 let letters = broker.list().await?;
@@ -84,7 +89,10 @@ async fn main() -> ExitCode {
                     let body: String = letter.body.chars().take(200).collect();
                     println!(
                         "  id={} reason={} from={} body={}",
-                        letter.id, letter.reason, letter.origin, body
+                        printable(&letter.id),
+                        printable(&letter.reason),
+                        printable(&letter.origin),
+                        printable(&body)
                     );
                 }
                 if let Some(dir) = data_dir {
@@ -92,18 +100,52 @@ async fn main() -> ExitCode {
                     let text = std::fs::read_to_string(&path).unwrap_or_default();
                     println!("{}: {} line(s)", path.display(), text.lines().count());
                     for line in text.lines() {
-                        println!("  {line}");
+                        println!("  {}", printable(line));
                     }
                 }
             }
-            Command::Replay { ids } => {
-                let (replayed, invalid) = broker.replay(&ids).await?;
-                println!("replayed {replayed} message(s) into {}", topology.exchange);
-                for skipped in &invalid {
-                    println!("  kept (still not a valid record): {skipped}");
+            Command::Replay {
+                ids,
+                all,
+                fanout,
+                dry_run,
+            } => {
+                let selection = if all {
+                    Selection::All
+                } else {
+                    Selection::Ids(ids)
+                };
+                let target = if fanout {
+                    Target::Fanout
+                } else {
+                    Target::Origin
+                };
+                let outcomes = broker.replay(&selection, target, dry_run).await?;
+                for outcome in &outcomes {
+                    let id = printable(&outcome.id);
+                    match &outcome.action {
+                        Action::Replayed => println!("  replayed {id} into {}", outcome.to),
+                        Action::WouldReplay => println!("  would replay {id} into {}", outcome.to),
+                        Action::Kept(why) => println!("  kept {id}: {why}"),
+                    }
+                }
+                let done = |a: &Action| outcomes.iter().filter(|o| &o.action == a).count();
+                if dry_run {
+                    println!(
+                        "dry run: {} message(s) would be replayed",
+                        done(&Action::WouldReplay)
+                    );
+                } else {
+                    println!("replayed {} message(s)", done(&Action::Replayed));
                 }
             }
-            Command::Purge => println!("purged {} message(s)", broker.purge().await?),
+            Command::Purge { dry_run: true, .. } => {
+                println!(
+                    "dry run: {} message(s) would be purged",
+                    broker.count().await?
+                )
+            }
+            Command::Purge { .. } => println!("purged {} message(s)", broker.purge().await?),
         }
         anyhow::Ok(())
     }

@@ -1,0 +1,301 @@
+//! The shell every writer shares: probe port, health, the database's circuit breaker, the
+//! consumer loop, the grace period and shutdown. A writer crate is its configuration plus a
+//! [`Database`]; everything else lives here, so a third writer is a store and a config away.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::{Breaker, BreakerSettings, BreakerState};
+use crate::consumer::{self, ConsumerProgress, ConsumerSettings, RecordStore, StoreGate};
+use crate::health::{Health, Reachability};
+use crate::link::LinkStatus;
+use crate::progress::Tally;
+
+/// How often the database's reachability is checked for health.
+const PING_EVERY: Duration = Duration::from_secs(2);
+/// After this long without reaching the database, one clear error line says so.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(7);
+
+/// The database a writer stores into, as the shell needs it. Clones share one client or pool.
+pub trait Database: Clone + Send + Sync + 'static {
+    /// What stores a batch.
+    type Store: RecordStore;
+
+    /// The writer's name (`pg-writer`): its service, its queue and its metric label.
+    const WRITER: &'static str;
+
+    /// The name of the breaker guarding the database (metric label value).
+    const BREAKER: &'static str;
+
+    /// The health component's name (`postgresql`, `mongodb`).
+    fn name(&self) -> &'static str;
+
+    /// True when the database answers now (a cheap round trip).
+    fn ping(&self) -> impl Future<Output = bool> + Send;
+
+    /// The store the consumer writes through.
+    fn store(&self) -> Self::Store;
+
+    /// Work before consuming (migrations, indexes). A failure is logged, not fatal: the
+    /// database may come later, and the store prepares again before its first batch.
+    fn prepare(&self) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Releases connections after the last batch.
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// Everything the shell needs to know of a writer.
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    /// How the writer reads its queue; `consumer.writer` names the service, its queue and
+    /// its metric label.
+    pub consumer: ConsumerSettings,
+    /// The breaker's name (metric label value) and settings.
+    pub breaker: (&'static str, BreakerSettings),
+    /// The probe port.
+    pub http_addr: SocketAddr,
+    /// Time allowed to finish the batch in hand on SIGTERM/SIGINT.
+    pub grace: Duration,
+    /// How often to log a progress line (zero: never).
+    pub progress_every: Duration,
+}
+
+/// A writer with its probe port bound, not yet consuming.
+pub struct Writer<D: Database> {
+    settings: WriterSettings,
+    http_listener: TcpListener,
+    database: D,
+    breaker: Breaker,
+    link: LinkStatus,
+}
+
+impl<D: Database> Writer<D> {
+    /// Binds the probe port; nothing connects yet.
+    pub async fn build(settings: WriterSettings, database: D) -> anyhow::Result<Self> {
+        crate::metrics::install(settings.consumer.writer)
+            .context("installing the metrics recorder")?;
+        let http_listener = TcpListener::bind(settings.http_addr)
+            .await
+            .with_context(|| format!("binding the HTTP port {}", settings.http_addr))?;
+        let (name, breaker_settings) = settings.breaker.clone();
+        Ok(Self {
+            breaker: Breaker::new(name, breaker_settings),
+            link: LinkStatus::new("amqp"),
+            settings,
+            http_listener,
+            database,
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The database's breaker.
+    pub fn breaker(&self) -> Breaker {
+        self.breaker.clone()
+    }
+
+    /// The RabbitMQ link.
+    pub fn link(&self) -> LinkStatus {
+        self.link.clone()
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &WriterSettings {
+        &self.settings
+    }
+
+    /// Consumes until `shutdown` fires, then finishes the batch in hand (within the grace
+    /// period) and stops.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            settings,
+            http_listener,
+            database,
+            breaker,
+            link,
+        } = self;
+        let writer = settings.consumer.writer;
+        let metrics = crate::metrics::install(writer).context("metrics recorder")?;
+        let background = CancellationToken::new();
+        let ping = database.clone();
+        let reachable = Reachability::spawn(PING_EVERY, background.clone(), move || {
+            let database = ping.clone();
+            async move { database.ping().await }
+        });
+
+        let health = Health::new();
+        let queue = settings.consumer.queue();
+        let broker_link = link.clone();
+        health.require("rabbitmq", move || {
+            broker_link
+                .component()
+                .with_details(serde_json::json!({"queue": queue}))
+        });
+        let db_breaker = breaker.clone();
+        let db_reachable = reachable.clone();
+        health.require(database.name(), move || {
+            db_reachable.with_breaker(&db_breaker)
+        });
+        let http = crate::http::spawn(http_listener, health.clone(), metrics, background.clone());
+
+        let name = database.name();
+        if let Err(err) = database.prepare().await {
+            tracing::warn!(
+                database = name,
+                error = format!("{err:#}"),
+                "database not reachable at startup; will retry"
+            );
+        }
+        let (watch, watched) = (background.clone(), reachable.clone());
+        tokio::spawn(async move {
+            // One clear line when the database cannot be reached; the breaker logs the rest.
+            tokio::select! {
+                _ = watch.cancelled() => {}
+                _ = tokio::time::sleep(UNREACHABLE_AFTER) => if !watched.is_up() {
+                    tracing::error!(database = name, "the database is not reachable: {writer} is not ready and its records wait in RabbitMQ");
+                }
+            }
+        });
+        tracing::info!(http = %settings.http_addr, database = name, "{writer} started");
+
+        // Consume only while the database answers and its breaker is not open.
+        let gate_reachable = reachable.clone();
+        let gate_breaker = breaker.clone();
+        let gate: StoreGate =
+            Arc::new(move || gate_reachable.is_up() && gate_breaker.state() != BreakerState::Open);
+        let progress = Arc::new(ConsumerProgress::default());
+        spawn_progress_line(
+            &settings,
+            name,
+            progress.clone(),
+            reachable,
+            breaker.clone(),
+            link.clone(),
+            background.clone(),
+        );
+        let consuming = tokio::spawn(consumer::run(
+            settings.consumer.clone(),
+            database.store(),
+            breaker,
+            link,
+            gate,
+            progress,
+            shutdown.clone(),
+        ));
+        shutdown.cancelled().await;
+        health.set_draining();
+        if tokio::time::timeout(settings.grace, consuming)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the batch in hand was not stored within the grace period; it will be redelivered"
+            );
+        }
+        database.close().await;
+        background.cancel();
+        let _ = http.await;
+        tracing::info!("{writer} stopped");
+        Ok(())
+    }
+}
+
+/// Logs the writer's progress line every `settings.progress_every`.
+fn spawn_progress_line(
+    settings: &WriterSettings,
+    database: &'static str,
+    progress: Arc<ConsumerProgress>,
+    reachable: Reachability,
+    breaker: Breaker,
+    link: LinkStatus,
+    stop: CancellationToken,
+) {
+    let writer = settings.consumer.writer;
+    let queue = settings.consumer.queue();
+    let mut received = Tally::default();
+    let mut stored = Tally::default();
+    crate::progress::spawn(settings.progress_every, stop, move |over| {
+        let total_received = progress.received.load(Ordering::Relaxed);
+        let total_stored = progress.stored.load(Ordering::Relaxed);
+        let (received_since, stored_since) =
+            (received.since(total_received), stored.since(total_stored));
+        let progress = progress.clone();
+        let queue = queue.clone();
+        let (breaker, link) = (breaker.state(), link.is_connected());
+        let waiting = progress.failing_for().or(reachable.down_for());
+        async move {
+            let queued = progress.queued(&queue).await;
+            let held = progress.held.load(Ordering::Relaxed);
+            let queued_text = queued.map_or("unknown".into(), |q| q.to_string());
+            let message = match waiting {
+                Some(waiting) => format!(
+                    "waiting for {database} for {} s; {held} held; {queued_text} queued",
+                    waiting.as_secs()
+                ),
+                None if !link => format!("waiting for RabbitMQ; {queued_text} queued"),
+                None => format!(
+                    "{stored_since} stored in the last {} s; {queued_text} queued",
+                    over.as_secs()
+                ),
+            };
+            tracing::info!(
+                writer,
+                received = received_since,
+                received_total = total_received,
+                stored = stored_since,
+                stored_total = total_stored,
+                duplicates_total = progress.duplicates.load(Ordering::Relaxed),
+                dead_lettered_total = progress.dead_lettered.load(Ordering::Relaxed),
+                rate_per_s = crate::progress::rate(stored_since, over),
+                held,
+                queued,
+                consuming = progress.consuming.load(Ordering::Relaxed),
+                breaker = breaker.as_str(),
+                rabbitmq_connected = link,
+                "progress: {message}"
+            );
+        }
+    });
+}
+
+impl ConsumerSettings {
+    /// The queue this writer consumes.
+    pub fn queue(&self) -> String {
+        self.topology
+            .queue_for(self.writer)
+            .map(|q| q.name.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The whole `main` of a writer binary: configuration, telemetry, `build`, then consume until
+/// SIGTERM/SIGINT.
+pub async fn main<C, D, F, Fut>(service: &'static str, build: F) -> std::process::ExitCode
+where
+    C: crate::service::ServiceConfig,
+    D: Database,
+    F: FnOnce(C) -> Fut,
+    Fut: Future<Output = anyhow::Result<Writer<D>>>,
+{
+    crate::service::main(service, |config: C, shutdown| async move {
+        build(config).await?.run_until_stopped(shutdown).await?;
+        Ok(std::process::ExitCode::SUCCESS)
+    })
+    .await
+}
