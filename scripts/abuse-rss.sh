@@ -10,7 +10,7 @@ cargo build --release --quiet --bins
 BIN=$(target_dir)/release
 WORK=$(mktemp -d)
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f} AMQP_PREFIX=flowmesh-abuse LOG_FORMAT=json
-FILTER_LISTEN=127.0.0.1:38080 FILTER_HTTP_ADDR=127.0.0.1:39102 FILTER_DATA_DIR="$WORK" \
+FILTER_LISTEN=127.0.0.1:28180 FILTER_HTTP_ADDR=127.0.0.1:28182 FILTER_DATA_DIR="$WORK" \
   "$BIN/filter" >"$WORK/filter.log" 2>&1 &
 FILTER=$!
 cleanup() {
@@ -19,9 +19,9 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-for _ in $(seq 100); do "$BIN/filter" --probe-ready --http-addr 127.0.0.1:39102 >/dev/null 2>&1 && break; sleep 0.2; done
-GENERATOR_HTTP_ADDR=127.0.0.1:39101 "$BIN/generator" --filter-url ws://127.0.0.1:38080/ingest \
+for _ in $(seq 100); do "$BIN/filter" --probe-ready --http-addr 127.0.0.1:28182 >/dev/null 2>&1 && break; sleep 0.2; done
+GENERATOR_HTTP_ADDR=127.0.0.1:28181 "$BIN/generator" --filter-url ws://127.0.0.1:28180/ingest \
   --rate 200 --count 6000 --source abuse-check >"$WORK/generator.log" 2>&1 &
 GEN=$!
-python3 tests/clients/abuse.py 127.0.0.1 38080 "$FILTER" "$WORK/dead-letter.jsonl"
+python3 tests/clients/abuse.py 127.0.0.1 28180 "$FILTER" "$WORK/dead-letter.jsonl"
 if wait "$GEN"; then echo "well-behaved generator: all 6000 records acked meanwhile"; else echo "well-behaved generator FAILED"; exit 1; fi

@@ -47,7 +47,12 @@ start() { # start SERVICE [extra env assignments…]; generator2 is a second gen
 kill9() { kill -9 "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; }
 stop() { kill -TERM "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; }
 ready() { "$BIN/$1" --probe-ready --http-addr "$2" >/dev/null 2>&1; }
-wait_ready() { for _ in $(seq 150); do ready "$1" "$2" && return 0; sleep 0.2; done; log "$1 not ready"; return 1; }
+wait_ready() { # SERVICE ADDR: up to 30 s; on failure the end of the service's log goes to stderr
+  for _ in $(seq 150); do ready "$1" "$2" && return 0; sleep 0.2; done
+  log "$1 not ready after 30 s; the end of its log:"
+  tail -n 20 "$RUN_DIR/$1.log" >&2 || true
+  return 1
+}
 
 verify_json() { # one JSON report over every source of the scenario (counts summed)
   local source reports=()
@@ -82,7 +87,7 @@ setup() {
   RUN_DIR="$WORK/$scenario"; mkdir -p "$RUN_DIR"
   SOURCE="chaos-$scenario-$RANDOM"
   SOURCES=("$SOURCE")
-  local base=$((40000 + n * 10))
+  local base=$((21000 + n * 10))
   export AMQP_PREFIX="flowmesh-chaos-$scenario"
   export FILTER_DATA_DIR="$RUN_DIR/filter" FILTER_LISTEN=127.0.0.1:$base FILTER_HTTP_ADDR=127.0.0.1:$((base + 2))
   export GENERATOR_HTTP_ADDR=127.0.0.1:$((base + 1)) PG_WRITER_HTTP_ADDR=127.0.0.1:$((base + 3))
@@ -190,12 +195,15 @@ run() {
   local pg_env=()
   [ "$scenario" = slow-consumer ] && pg_env=(PG_WRITER_PREFETCH=10 PG_WRITER_BATCH_MAX=10 PG_WRITER_LINGER=100ms)
   start filter; start pg-writer "${pg_env[@]}"; start mongo-writer
-  wait_ready filter "$FILTER_HTTP_ADDR"
+  if ! wait_ready filter "$FILTER_HTTP_ADDR"; then
+    printf '%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\tFAILED (filter never ready)\n' "$scenario" "$COUNT" >>"$RESULTS"
+    teardown; return 0
+  fi
   start generator
   if [ "$scenario" = two-sources-kill-mongo-writer ]; then
     SOURCES+=("$SOURCE-b")
     start generator2 GENERATOR_SOURCE="$SOURCE-b" GENERATOR_SPOOL_DIR="$RUN_DIR/spool-b" \
-      GENERATOR_HTTP_ADDR="127.0.0.1:$((40000 + n * 10 + 5))"
+      GENERATOR_HTTP_ADDR="127.0.0.1:$((21000 + n * 10 + 5))"
   fi
   sleep 3
   fault "$scenario"

@@ -24,16 +24,16 @@ DB="flowmesh_obs_$RANDOM"
 psql "$PG_BASE/postgres" -qc "create database $DB"
 export DATABASE_URL="$PG_BASE/$DB" AMQP_PREFIX=flowmesh-obs LOG_FORMAT=json RUST_LOG=warn
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
-export FILTER_DATA_DIR="$WORK/filter" FILTER_LISTEN=127.0.0.1:47080 FILTER_HTTP_ADDR=127.0.0.1:47102
-export GENERATOR_HTTP_ADDR=127.0.0.1:47101 PG_WRITER_HTTP_ADDR=127.0.0.1:47103 MONGO_WRITER_HTTP_ADDR=127.0.0.1:47104
-export FILTER_URL=ws://127.0.0.1:47080/ingest GENERATOR_RATE=100 MONGO_WRITER_STORE=memory
+export FILTER_DATA_DIR="$WORK/filter" FILTER_LISTEN=127.0.0.1:27080 FILTER_HTTP_ADDR=127.0.0.1:27102
+export GENERATOR_HTTP_ADDR=127.0.0.1:27101 PG_WRITER_HTTP_ADDR=127.0.0.1:27103 MONGO_WRITER_HTTP_ADDR=127.0.0.1:27104
+export FILTER_URL=ws://127.0.0.1:27080/ingest GENERATOR_RATE=100 MONGO_WRITER_STORE=memory
 pids=()
 for s in filter pg-writer mongo-writer generator; do "$BIN/$s" >>"$WORK/$s.log" 2>&1 & pids+=($!); sleep 0.5; done
-sed -e 's/generator:9101/127.0.0.1:47101/; s/filter:9102/127.0.0.1:47102/; s/pg-writer:9103/127.0.0.1:47103/' \
-    -e 's/mongo-writer:9104/127.0.0.1:47104/; s/rabbitmq:15692/127.0.0.1:15692/' prometheus/prometheus.yml >"$WORK/prometheus.yml"
+sed -e 's/generator:9101/127.0.0.1:27101/; s/filter:9102/127.0.0.1:27102/; s/pg-writer:9103/127.0.0.1:27103/' \
+    -e 's/mongo-writer:9104/127.0.0.1:27104/; s/rabbitmq:15692/127.0.0.1:15692/' prometheus/prometheus.yml >"$WORK/prometheus.yml"
 cp prometheus/alerts.yml "$WORK/"
 prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/tsdb" \
-  --web.listen-address=127.0.0.1:49090 >"$WORK/prometheus.log" 2>&1 &
+  --web.listen-address=127.0.0.1:29090 >"$WORK/prometheus.log" 2>&1 &
 pids+=($!)
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -44,5 +44,5 @@ cleanup() {
 }
 trap cleanup EXIT
 sleep 5
-python3 tests/observability/check.py http://127.0.0.1:49090 \
-  http://127.0.0.1:47101/metrics http://127.0.0.1:47102/metrics http://127.0.0.1:47103/metrics http://127.0.0.1:47104/metrics
+python3 tests/observability/check.py http://127.0.0.1:29090 \
+  http://127.0.0.1:27101/metrics http://127.0.0.1:27102/metrics http://127.0.0.1:27103/metrics http://127.0.0.1:27104/metrics
