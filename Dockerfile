@@ -12,16 +12,17 @@ COPY filter/Cargo.toml filter/
 COPY pg-writer/Cargo.toml pg-writer/
 COPY mongo-writer/Cargo.toml mongo-writer/
 COPY verify/Cargo.toml verify/
+COPY bench/Cargo.toml bench/
 COPY pg-writer/migrations pg-writer/migrations
-RUN for crate in common generator filter pg-writer mongo-writer verify; do \
+RUN for crate in common generator filter pg-writer mongo-writer verify bench; do \
       mkdir -p $crate/src/bin && echo '' > $crate/src/lib.rs && echo 'fn main() {}' > $crate/src/main.rs; \
     done \
  && echo 'fn main() {}' > verify/src/bin/dead_letters.rs \
  && cargo build --release --locked --workspace --bins \
- && rm -rf common/src generator/src filter/src pg-writer/src mongo-writer/src verify/src
+ && rm -rf common/src generator/src filter/src pg-writer/src mongo-writer/src verify/src bench/src
 COPY . .
 # Make cargo see the real sources as newer than the placeholder build.
-RUN find common generator filter pg-writer mongo-writer verify -name '*.rs' -exec touch {} + \
+RUN find common generator filter pg-writer mongo-writer verify bench -name '*.rs' -exec touch {} + \
  && cargo build --release --locked --workspace --bins
 
 FROM debian:bookworm-slim AS runtime

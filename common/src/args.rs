@@ -242,9 +242,11 @@ macro_rules! consumer_args {
             #[arg(long, env = concat!($prefix, "_BATCH_MAX"), default_value_t = 500)]
             pub batch_max: usize,
 
-            /// How long a batch waits for more records after its first (keeps latency low at
-            /// low rates).
-            #[arg(long, env = concat!($prefix, "_LINGER"), default_value = "20ms",
+            /// How long a batch may wait for more records after its first. The default, 0,
+            /// batches adaptively: a batch takes what has already arrived and is stored at
+            /// once, so an idle stream's record is written immediately and, under load, the
+            /// records that arrive while one batch is stored make up the next.
+            #[arg(long, env = concat!($prefix, "_LINGER"), default_value = "0s",
                                                   value_parser = $crate::config::parse_duration)]
             pub linger: std::time::Duration,
         }

@@ -1,6 +1,12 @@
-//! The consuming side both writers share: read a writer queue with a prefetch, batch by size and
-//! a short linger, store through a circuit breaker with retries, ack after the store committed,
+//! The consuming side both writers share: read a writer queue with a prefetch, batch
+//! adaptively, store through a circuit breaker with retries, ack after the store committed,
 //! and dead-letter what can never be stored.
+//!
+//! **Adaptive batching.** A batch is the first delivery plus whatever has already arrived
+//! (up to `batch_max`); it does not wait for more unless a linger is configured. An idle
+//! stream's record is therefore stored at once, and under load the deliveries that arrive
+//! while one batch is being stored (RabbitMQ keeps sending up to the prefetch) make up the
+//! next, so batches grow exactly as fast as the store falls behind.
 //!
 //! **Consume only while the store can write.** A message handed to a writer that then stops,
 //! crashes or loses its connection comes back with its delivery count raised, and the queue's
@@ -16,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
@@ -147,7 +153,8 @@ pub struct ConsumerSettings {
     pub prefetch: u16,
     /// Records per batch at most.
     pub batch_max: usize,
-    /// How long a batch waits for more records after its first.
+    /// How long a batch may wait for more records after its first (zero: takes only what has
+    /// already arrived).
     pub linger: Duration,
 }
 
@@ -257,20 +264,35 @@ enum Next {
     Shutdown,
 }
 
+/// How long [`Session::next`] waits for a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Until one arrives or shutdown (opening the consumer first if needed).
+    Forever,
+    /// Until this instant (a configured linger).
+    Until(tokio::time::Instant),
+    /// Only one that has already arrived.
+    NotAtAll,
+}
+
 impl<S: RecordStore> Session<'_, S> {
     /// Runs until `shutdown` (Ok) or until the link fails (Err).
     async fn consume(&mut self, shutdown: &CancellationToken) -> Result<(), String> {
         let writer = self.settings.writer;
         loop {
-            let first = match self.next(shutdown, None).await? {
+            let first = match self.next(shutdown, Wait::Forever).await? {
                 Next::Delivery(delivery) => *delivery,
                 Next::Drained => continue,
                 Next::Shutdown => return Ok(()),
             };
             let mut batch = vec![first];
-            let linger = tokio::time::Instant::now() + self.settings.linger;
+            let more = if self.settings.linger.is_zero() {
+                Wait::NotAtAll
+            } else {
+                Wait::Until(tokio::time::Instant::now() + self.settings.linger)
+            };
             while batch.len() < self.settings.batch_max {
-                match self.next(shutdown, Some(linger)).await? {
+                match self.next(shutdown, more).await? {
                     Next::Delivery(delivery) => batch.push(*delivery),
                     Next::Drained | Next::Shutdown => break,
                 }
@@ -291,15 +313,11 @@ impl<S: RecordStore> Session<'_, S> {
         }
     }
 
-    /// The next delivery, waiting first (without a consumer) until the store can write. With
-    /// `until`, gives up at that instant (as `Drained`).
-    async fn next(
-        &mut self,
-        shutdown: &CancellationToken,
-        until: Option<tokio::time::Instant>,
-    ) -> Result<Next, String> {
+    /// The next delivery. `Wait::Forever` first waits (without a consumer) until the store can
+    /// write; the other waits give up (as `Drained`) when nothing arrives in time.
+    async fn next(&mut self, shutdown: &CancellationToken, wait: Wait) -> Result<Next, String> {
         if self.consumer.is_none() {
-            if until.is_some() {
+            if wait != Wait::Forever {
                 return Ok(Next::Drained);
             }
             if !self.wait_for_store(shutdown).await {
@@ -308,12 +326,18 @@ impl<S: RecordStore> Session<'_, S> {
             self.open().await?;
         }
         let consumer = self.consumer.as_mut().expect("opened above");
-        let next = match until {
-            Some(at) => tokio::select! {
-                _ = tokio::time::sleep_until(at) => return Ok(Next::Drained),
-                next = consumer.next() => next,
+        let next = match wait {
+            Wait::NotAtAll => match consumer.next().now_or_never() {
+                Some(next) => next,
+                None => return Ok(Next::Drained),
             },
-            None => tokio::select! {
+            // Biased: a delivery already waiting is taken even when `at` has passed.
+            Wait::Until(at) => tokio::select! {
+                biased;
+                next = consumer.next() => next,
+                _ = tokio::time::sleep_until(at) => return Ok(Next::Drained),
+            },
+            Wait::Forever => tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Next::Shutdown),
                 next = consumer.next() => next,
             },

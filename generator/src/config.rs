@@ -35,6 +35,36 @@ impl FromStr for Rate {
     }
 }
 
+/// The range record values are drawn from, uniformly: `LO-HI`, both inclusive, within 0–100.
+/// `91-100` makes only broker-bound records and `0-90` only file-bound ones (under the default
+/// routing), which isolates one hop of the filter for a benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Values {
+    /// Smallest value made.
+    pub low: u8,
+    /// Largest value made.
+    pub high: u8,
+}
+
+impl Values {
+    /// Every value of the contract (0–100).
+    pub const ALL: Self = Self { low: 0, high: 100 };
+}
+
+impl FromStr for Values {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{text:?} is not a range LO-HI with 0 <= LO <= HI <= 100");
+        let (low, high) = text.split_once('-').ok_or_else(bad)?;
+        let low: u8 = low.trim().parse().map_err(|_| bad())?;
+        let high: u8 = high.trim().parse().map_err(|_| bad())?;
+        if low > high || high > 100 {
+            return Err(bad());
+        }
+        Ok(Self { low, high })
+    }
+}
+
 /// flowmesh generator: makes records (timestamp, random value 0–100, MD5-derived hash) and
 /// pushes them over WebSocket to the filter; nothing is forgotten until the filter acks it.
 #[derive(Debug, Clone, Parser)]
@@ -55,6 +85,11 @@ pub struct GeneratorConfig {
     /// Records per second (e.g. `5`, `0.5`, `20000`) or `max`.
     #[arg(long, env = "GENERATOR_RATE", default_value = "5")]
     pub rate: Rate,
+
+    /// Range of the values made, `LO-HI` (inclusive, within 0–100). The default is every
+    /// value; a narrower range sends traffic to one destination only (e.g. `91-100`).
+    #[arg(long, env = "GENERATOR_VALUES", default_value = "0-100")]
+    pub values: Values,
 
     /// Stop after the record with this seq (with a spool, a restarted run continues toward the
     /// same total), wait until every one is acked, and exit 0.
@@ -179,6 +214,19 @@ mod tests {
     }
 
     #[test]
+    fn value_ranges_are_inclusive_and_within_the_contract() {
+        assert_eq!("0-100".parse::<Values>(), Ok(Values::ALL));
+        assert_eq!(
+            "91-100".parse::<Values>(),
+            Ok(Values { low: 91, high: 100 })
+        );
+        assert_eq!("7-7".parse::<Values>(), Ok(Values { low: 7, high: 7 }));
+        for bad in ["", "5", "9-3", "0-101", "-1-5", "a-b", "0-100-2"] {
+            assert!(bad.parse::<Values>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn bad_configuration_exits_with_code_two() {
         let bad = [
             vec!["generator", "--rate", "fast"],
@@ -186,6 +234,7 @@ mod tests {
             vec!["generator", "--filter-url", "http://x"],
             vec!["generator", "--count", "0"],
             vec!["generator", "--window", "0"],
+            vec!["generator", "--values", "50-20"],
         ];
         for args in bad {
             let code = parse_from::<GeneratorConfig, _, _>(args.clone()).expect_err("bad config");

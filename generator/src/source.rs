@@ -8,7 +8,7 @@ use flowmesh_common::record::{Record, new_traceparent};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Rate;
+use crate::config::{Rate, Values};
 use crate::window::Window;
 
 /// The record maker of one generator instance.
@@ -17,17 +17,26 @@ pub struct RecordSource {
     source: String,
     next_seq: u64,
     rng: fastrand::Rng,
+    values: Values,
 }
 
 impl RecordSource {
-    /// Starts at seq 1. The same `seed` gives the same sequence of values.
+    /// Starts at seq 1 with values over all of 0–100. The same `seed` gives the same sequence
+    /// of values.
     pub fn new(source: String, seed: Option<u64>) -> Self {
         let rng = seed.map(fastrand::Rng::with_seed).unwrap_or_default();
         Self {
             source,
             next_seq: 1,
             rng,
+            values: Values::ALL,
         }
+    }
+
+    /// Draws values from `values` only (uniformly, both ends included).
+    pub fn with_values(mut self, values: Values) -> Self {
+        self.values = values;
+        self
     }
 
     /// Continues an earlier run's sequence: the next record gets `next_seq`.
@@ -43,7 +52,7 @@ impl RecordSource {
 
     /// The next record, timestamped now.
     pub fn next_record(&mut self) -> Record {
-        let value = self.rng.u8(0..=100);
+        let value = self.rng.u8(self.values.low..=self.values.high);
         let record = Record::new(
             &self.source,
             self.next_seq,
@@ -115,6 +124,18 @@ pub async fn produce(
 mod tests {
     use super::*;
     use flowmesh_common::record::Record;
+
+    #[test]
+    fn values_stay_in_the_configured_range_and_cover_both_ends() {
+        let mut broker_only =
+            RecordSource::new("v".into(), Some(3)).with_values(Values { low: 91, high: 100 });
+        let values: Vec<u8> = (0..2000).map(|_| broker_only.next_record().value).collect();
+        assert!(values.iter().all(|v| (91..=100).contains(v)));
+        assert!(values.contains(&91) && values.contains(&100));
+        let mut all = RecordSource::new("v".into(), Some(3));
+        let values: Vec<u8> = (0..5000).map(|_| all.next_record().value).collect();
+        assert!(values.contains(&0) && values.contains(&100));
+    }
 
     #[test]
     fn the_same_seed_gives_the_same_values_and_seqs_have_no_gaps() {

@@ -173,7 +173,9 @@ impl Application {
         ));
 
         let generated = source::produce(
-            RecordSource::new(source.clone(), config.seed).starting_at(next_seq),
+            RecordSource::new(source.clone(), config.seed)
+                .with_values(config.values)
+                .starting_at(next_seq),
             config.rate,
             config.count,
             window.clone(),

@@ -6,7 +6,7 @@
 //! open group is recovered from the store — the group of that source with the highest write
 //! sequence — not from memory.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,12 +90,40 @@ impl GroupStore for Groups {
 
 /// Groups kept in memory with MongoDB's semantics, for tests and for running without MongoDB.
 /// Clones share the same groups; [`MemoryStore::set_failing`] makes every call fail.
+///
+/// Indexed as the MongoDB collection is (`_id`, `records.id`, `{source, wseq}`), so every call
+/// costs what it costs there, not a scan of everything stored.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
-    groups: Arc<Mutex<Vec<GroupDoc>>>,
+    inner: Arc<Mutex<Indexed>>,
     failing: Arc<AtomicBool>,
     /// Fault injection for the chaos suite: fail while a file exists at this path.
     fail_while: Option<Arc<PathBuf>>,
+}
+
+/// The groups in creation order and the indexes over them.
+#[derive(Debug, Default)]
+struct Indexed {
+    groups: Vec<GroupDoc>,
+    /// Group `_id` → position in `groups`.
+    by_id: HashMap<String, usize>,
+    /// Every stored record's id.
+    record_ids: HashSet<String>,
+    /// Source → position of its group with the highest `wseq`.
+    last_by_source: HashMap<String, usize>,
+}
+
+impl Indexed {
+    fn note_written(&mut self, index: usize) {
+        let group = &self.groups[index];
+        let newer = match self.last_by_source.get(&group.source) {
+            Some(&last) => group.wseq >= self.groups[last].wseq,
+            None => true,
+        };
+        if newer {
+            self.last_by_source.insert(group.source.clone(), index);
+        }
+    }
 }
 
 impl MemoryStore {
@@ -123,11 +151,11 @@ impl MemoryStore {
 
     /// A copy of every group, in creation order.
     pub fn groups(&self) -> Vec<GroupDoc> {
-        self.lock().clone()
+        self.lock().groups.clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<GroupDoc>> {
-        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Indexed> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -141,42 +169,51 @@ impl MemoryStore {
 impl GroupStore for MemoryStore {
     async fn last_group(&mut self, source: &str) -> anyhow::Result<Option<OpenGroup>> {
         self.check()?;
-        Ok(self
-            .lock()
-            .iter()
-            .filter(|g| g.source == source)
-            .max_by_key(|g| g.wseq)
-            .map(GroupDoc::open))
+        let store = self.lock();
+        Ok(store
+            .last_by_source
+            .get(source)
+            .map(|&index| store.groups[index].open()))
     }
 
     async fn max_wseq(&mut self) -> anyhow::Result<u64> {
         self.check()?;
-        Ok(self.lock().iter().map(|g| g.wseq).max().unwrap_or(0))
+        let store = self.lock();
+        Ok(store
+            .last_by_source
+            .values()
+            .map(|&index| store.groups[index].wseq)
+            .max()
+            .unwrap_or(0))
     }
 
     async fn stored_ids(&mut self, ids: &[String]) -> anyhow::Result<HashSet<String>> {
         self.check()?;
-        let wanted: HashSet<&String> = ids.iter().collect();
-        Ok(self
-            .lock()
+        let store = self.lock();
+        Ok(ids
             .iter()
-            .flat_map(|g| g.records.iter())
-            .filter(|r| wanted.contains(&r.id))
-            .map(|r| r.id.clone())
+            .filter(|id| store.record_ids.contains(*id))
+            .cloned()
             .collect())
     }
 
     async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
         self.check()?;
-        let mut groups = self.lock();
+        let mut store = self.lock();
         // As MongoDB does it (see `mongo.rs`): an insert of an existing `_id` becomes an append
         // of what the group lacks; an append adds only missing records and fails on a missing
         // group.
         for op in ops {
             let (id, records, wseq, at) = match op {
                 Op::Insert(doc) => {
-                    if !groups.iter().any(|g| g.id == doc.id) {
-                        groups.push(doc.clone());
+                    if !store.by_id.contains_key(&doc.id) {
+                        let index = store.groups.len();
+                        store.by_id.insert(doc.id.clone(), index);
+                        for record in &doc.records {
+                            store.record_ids.insert(record.id.clone());
+                        }
+                        store.groups.push(doc.clone());
+                        store.note_written(index);
                         continue;
                     }
                     (&doc.id, &doc.records[1..], doc.wseq, doc.updated_at)
@@ -188,18 +225,24 @@ impl GroupStore for MemoryStore {
                     at,
                 } => (id, &records[..], *wseq, *at),
             };
-            let Some(group) = groups.iter_mut().find(|g| g.id == *id) else {
+            let Some(&index) = store.by_id.get(id) else {
                 anyhow::bail!("appending to group {id}: the group does not exist");
             };
+            let group = &store.groups[index];
             let missing: Vec<Record> = records
                 .iter()
                 .filter(|r| !group.records.iter().any(|g| g.id == r.id))
                 .cloned()
                 .collect();
             if !missing.is_empty() {
+                for record in &missing {
+                    store.record_ids.insert(record.id.clone());
+                }
+                let group = &mut store.groups[index];
                 group.records.extend(missing);
                 group.wseq = wseq;
                 group.updated_at = at;
+                store.note_written(index);
             }
         }
         Ok(())

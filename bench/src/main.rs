@@ -1,0 +1,408 @@
+//! Raw ceilings for `scripts/bench.sh`: each hop of the mesh done by a minimal program, with the
+//! same libraries, the same topology and the same record bodies, but none of the mesh's logic
+//! (no validation, no breakers, no spool, no de-duplication). The bench prints a flowmesh figure
+//! beside each of these, measured in the same run, so a ratio says how much of the hop's cost
+//! is ours.
+//!
+//! Each subcommand prints one JSON line `{"hop", "count", "seconds", "rate"}` on stdout.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use flowmesh_common::record::Record;
+use flowmesh_common::topology::{Topology, record_properties};
+use futures_util::{SinkExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Raw ceilings of the mesh's hops.
+#[derive(Debug, Parser)]
+#[command(name = "bench", about, long_about = None)]
+struct Args {
+    /// Messages, rows or documents to move.
+    #[arg(long, default_value_t = 100_000, global = true)]
+    count: usize,
+    #[command(subcommand)]
+    hop: Hop,
+}
+
+#[derive(Debug, Subcommand)]
+enum Hop {
+    /// WebSocket loopback: a client sends frames of `batch` records (JSON arrays) as fast as
+    /// TCP takes them, a server parses each into records (serde, no validation) and answers one
+    /// ack frame listing the seqs; done when every record is acked.
+    Ws {
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
+    /// Confirmed, persistent, mandatory publishes of record bodies into the records fanout of a
+    /// private copy of the topology (so every message lands in two quorum queues), with up to
+    /// `window` confirms outstanding. Leaves the messages in the queues for `consume`.
+    Publish {
+        #[arg(long, env = "AMQP_URL")]
+        amqp_url: String,
+        /// Topology prefix (a private copy; `consume` and `cleanup` take the same).
+        #[arg(long, default_value = "flowmesh-bench-raw")]
+        prefix: String,
+        #[arg(long, default_value_t = 10_000)]
+        window: usize,
+    },
+    /// Consumes `count` messages from the pg-writer queue of the prefix's topology with a
+    /// prefetch, acking each `batch` with one multiple-ack (what a writer does, minus storing).
+    Consume {
+        #[arg(long, env = "AMQP_URL")]
+        amqp_url: String,
+        #[arg(long, default_value = "flowmesh-bench-raw")]
+        prefix: String,
+        #[arg(long, default_value_t = 1000)]
+        prefetch: u16,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
+    /// Deletes the prefix's topology and, when named, a MongoDB database the bench made.
+    Cleanup {
+        #[arg(long, env = "AMQP_URL")]
+        amqp_url: String,
+        #[arg(long, default_value = "flowmesh-bench-raw")]
+        prefix: String,
+        #[arg(long, env = "MONGODB_URL")]
+        mongodb_url: Option<String>,
+        #[arg(long, requires = "mongodb_url")]
+        mongodb_database: Option<String>,
+    },
+    /// `insert … select from unnest(…) on conflict (id) do nothing` in batches into a table shaped
+    /// like `records` (created fresh, dropped after).
+    Insert {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+    /// `insert_many` (`j: true`) of one-record group documents shaped like mongo-writer's, in
+    /// batches, into a fresh collection (dropped after).
+    Mongo {
+        #[arg(long, env = "MONGODB_URL")]
+        mongodb_url: String,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
+}
+
+fn records(count: usize) -> Vec<Record> {
+    let source = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let now = chrono::Utc::now();
+    (0..count)
+        .map(|i| {
+            Record::new(
+                &source,
+                i as u64 + 1,
+                now,
+                (i % 101) as u8,
+                Some(flowmesh_common::record::new_traceparent()),
+            )
+        })
+        .collect()
+}
+
+fn report(hop: &str, count: usize, elapsed: Duration) {
+    let seconds = elapsed.as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "hop": hop, "count": count, "seconds": seconds, "rate": count as f64 / seconds,
+        })
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let count = args.count;
+    match args.hop {
+        Hop::Ws { batch } => ws(count, batch).await,
+        Hop::Publish {
+            amqp_url,
+            prefix,
+            window,
+        } => publish(&amqp_url, &prefix, count, window).await,
+        Hop::Consume {
+            amqp_url,
+            prefix,
+            prefetch,
+            batch,
+        } => consume(&amqp_url, &prefix, count, prefetch, batch).await,
+        Hop::Cleanup {
+            amqp_url,
+            prefix,
+            mongodb_url,
+            mongodb_database,
+        } => {
+            let (_connection, channel) = channel(&amqp_url).await?;
+            Topology::new(&prefix, 5).delete(&channel).await?;
+            if let (Some(url), Some(database)) = (mongodb_url, mongodb_database) {
+                let client = mongodb::Client::with_uri_str(&url).await?;
+                client.database(&database).drop().await?;
+            }
+            Ok(())
+        }
+        Hop::Insert {
+            database_url,
+            batch,
+        } => insert(&database_url, count, batch).await,
+        Hop::Mongo { mongodb_url, batch } => mongo(&mongodb_url, count, batch).await,
+    }
+}
+
+async fn ws(count: usize, batch: usize) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let mut socket = tokio_tungstenite::accept_async(stream).await?;
+        while let Some(message) = socket.next().await {
+            let Message::Text(text) = message? else {
+                continue;
+            };
+            let parsed: Vec<Record> = serde_json::from_str(text.as_str())?;
+            let seqs: Vec<u64> = parsed.iter().map(|r| r.seq).collect();
+            let ack = serde_json::json!({"type": "ack", "seqs": seqs}).to_string();
+            socket.send(Message::text(ack)).await?;
+        }
+        anyhow::Ok(())
+    });
+    let frames: Vec<String> = records(count)
+        .chunks(batch)
+        .map(|chunk| serde_json::to_string(chunk).expect("records serialise"))
+        .collect();
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await?;
+    let started = Instant::now();
+    let (mut sink, mut stream) = socket.split();
+    let reader = tokio::spawn(async move {
+        let mut acked = 0usize;
+        while acked < count {
+            let Some(message) = stream.next().await else {
+                bail!("the server closed after {acked} acks");
+            };
+            if let Message::Text(text) = message? {
+                let ack: serde_json::Value = serde_json::from_str(text.as_str())?;
+                acked += ack["seqs"].as_array().map_or(0, Vec::len);
+            }
+        }
+        Ok(stream)
+    });
+    for frame in frames {
+        sink.feed(Message::text(frame)).await?;
+    }
+    sink.flush().await?;
+    let stream = reader.await??;
+    let elapsed = started.elapsed();
+    socket = sink.reunite(stream).expect("halves of one socket");
+    socket.close(None).await.ok();
+    server.abort();
+    report("ws", count, elapsed);
+    Ok(())
+}
+
+async fn channel(amqp_url: &str) -> anyhow::Result<(Connection, lapin::Channel)> {
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ")?;
+    let channel = connection.create_channel().await?;
+    Ok((connection, channel))
+}
+
+async fn publish(amqp_url: &str, prefix: &str, count: usize, window: usize) -> anyhow::Result<()> {
+    let (_connection, channel) = channel(amqp_url).await?;
+    let topology = Topology::new(prefix, 5);
+    topology.declare(&channel).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let records = records(count);
+    let bodies: Vec<Vec<u8>> = records.iter().map(|r| r.to_json().into_bytes()).collect();
+    let started = Instant::now();
+    let mut pending = VecDeque::with_capacity(window);
+    for (record, body) in records.iter().zip(&bodies) {
+        if pending.len() >= window {
+            let confirm = pending.pop_front().expect("non-empty");
+            let confirmation: lapin::Confirmation = confirm.await?;
+            if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
+                bail!("a publish was nacked");
+            }
+        }
+        let confirm = channel
+            .basic_publish(
+                topology.exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                record_properties(record),
+            )
+            .await?;
+        pending.push_back(confirm);
+    }
+    for confirm in pending {
+        if !matches!(confirm.await?, lapin::Confirmation::Ack(None)) {
+            bail!("a publish was nacked");
+        }
+    }
+    report("publish", count, started.elapsed());
+    Ok(())
+}
+
+async fn consume(
+    amqp_url: &str,
+    prefix: &str,
+    count: usize,
+    prefetch: u16,
+    batch: usize,
+) -> anyhow::Result<()> {
+    let (_connection, channel) = channel(amqp_url).await?;
+    let topology = Topology::new(prefix, 5);
+    let queue = topology
+        .queue_for("pg-writer")
+        .context("the topology has a pg-writer queue")?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.name.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut taken = 0usize;
+    let mut started = None;
+    while taken < count {
+        let Some(delivery) = consumer.next().await else {
+            bail!("the consumer ended after {taken} messages");
+        };
+        let delivery = delivery?;
+        started.get_or_insert_with(Instant::now);
+        taken += 1;
+        if taken.is_multiple_of(batch) || taken == count {
+            delivery
+                .acker
+                .ack(BasicAckOptions { multiple: true })
+                .await?;
+        }
+    }
+    report(
+        "consume",
+        count,
+        started.map(|s| s.elapsed()).unwrap_or_default(),
+    );
+    Ok(())
+}
+
+async fn insert(database_url: &str, count: usize, batch: usize) -> anyhow::Result<()> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(database_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    sqlx::raw_sql(
+        "drop table if exists bench_records;
+         create table bench_records (
+             id uuid primary key, source text not null, seq bigint not null,
+             ts timestamptz not null, value smallint not null check (value between 0 and 100),
+             hash char(2) not null, received_at timestamptz not null default now());
+         create index on bench_records (source, seq);",
+    )
+    .execute(&pool)
+    .await?;
+    let records = records(count);
+    let started = Instant::now();
+    for chunk in records.chunks(batch) {
+        let ids: Vec<uuid::Uuid> = chunk
+            .iter()
+            .map(|r| uuid::Uuid::parse_str(&r.id))
+            .collect::<Result<_, _>>()?;
+        let sources: Vec<&str> = chunk.iter().map(|r| r.source.as_str()).collect();
+        let seqs: Vec<i64> = chunk.iter().map(|r| r.seq as i64).collect();
+        let times: Vec<chrono::DateTime<chrono::Utc>> = chunk
+            .iter()
+            .map(|r| flowmesh_common::record::parse_timestamp(&r.timestamp))
+            .collect::<Option<_>>()
+            .context("timestamps parse")?;
+        let values: Vec<i16> = chunk.iter().map(|r| i16::from(r.value)).collect();
+        let hashes: Vec<&str> = chunk.iter().map(|r| r.hash.as_str()).collect();
+        sqlx::query(
+            "insert into bench_records (id, source, seq, ts, value, hash)
+             select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::int2[], $6::text[])
+             on conflict (id) do nothing",
+        )
+        .bind(ids)
+        .bind(sources)
+        .bind(seqs)
+        .bind(times)
+        .bind(values)
+        .bind(hashes)
+        .execute(&pool)
+        .await?;
+    }
+    let elapsed = started.elapsed();
+    sqlx::raw_sql("drop table bench_records")
+        .execute(&pool)
+        .await?;
+    report("insert", count, elapsed);
+    Ok(())
+}
+
+async fn mongo(mongodb_url: &str, count: usize, batch: usize) -> anyhow::Result<()> {
+    use mongodb::bson::{Document, doc};
+    use mongodb::options::WriteConcern;
+    let client = mongodb::Client::with_uri_str(mongodb_url)
+        .await
+        .context("connecting to MongoDB")?;
+    let collection = client
+        .database(&format!(
+            "flowmesh_bench_raw_{}",
+            uuid::Uuid::new_v4().simple()
+        ))
+        .collection::<Document>("records");
+    // The writer's write concern: acknowledged once in the journal.
+    let concern = WriteConcern::builder().journal(true).build();
+    let records = records(count);
+    let now = mongodb::bson::DateTime::now();
+    let documents: Vec<Document> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let record = mongodb::bson::to_document(r).expect("a record is a document");
+            doc! {
+                "_id": &r.id, "source": &r.source, "nested": false, "records": [record],
+                "count": 1, "first_seq": r.seq as i64, "last_seq": r.seq as i64,
+                "wseq": i as i64 + 1, "created_at": now, "updated_at": now,
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in documents.chunks(batch) {
+        collection
+            .insert_many(chunk)
+            .write_concern(concern.clone())
+            .await?;
+    }
+    let elapsed = started.elapsed();
+    client
+        .database(collection.namespace().db.as_str())
+        .drop()
+        .await
+        .ok();
+    report("mongo", count, elapsed);
+    Ok(())
+}

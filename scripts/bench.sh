@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# Speed, measured: each hop of the mesh beside the raw ceiling of the same hop, measured by the
+# bench itself in the same run (the `bench` binary: a minimal WebSocket echo, publisher,
+# consumer, inserter and insert_many with the same libraries, topology and record bodies).
+# Then the whole mesh, latency and memory at 5 records/s, and a sustained run at fixed rates.
+# Prints one table; nothing here is asserted: read the ratios (README, "Benchmarks").
+#
+#   scripts/bench.sh
+#
+# Environment (defaults in brackets): BENCH_COUNT records per hop [50000]; BENCH_MONGO_COUNT
+# records for the hops that touch the MongoDB server [20000]; BENCH_MESH_COUNT [300000];
+# BENCH_LATENCY_SECONDS at 5 records/s [30]; BENCH_SUSTAIN_RATES ["10000 20000 40000"],
+# BENCH_SUSTAIN_SECONDS per rate [60] (empty rates skip the sustained run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+
+COUNT=${BENCH_COUNT:-50000}
+MONGO_COUNT=${BENCH_MONGO_COUNT:-20000}
+MESH_COUNT=${BENCH_MESH_COUNT:-300000}
+LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-30}
+SUSTAIN_RATES=${BENCH_SUSTAIN_RATES-10000 20000 40000}
+SUSTAIN_SECONDS=${BENCH_SUSTAIN_SECONDS:-60}
+
+BIN=$(target_dir)/release
+cargo build --release --quiet --bins
+export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export MONGODB_URL=${MONGODB_URL:-mongodb://127.0.0.1:27017}
+PG_BASE=${PG_BASE:-postgres://postgres:postgres@127.0.0.1:5432}
+export LOG_FORMAT=json RUST_LOG=${RUST_LOG:-warn}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/flowmesh-bench.XXXXXX")
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+DB="flowmesh_bench_$RANDOM" MONGO_DB="flowmesh_bench_$RANDOM"
+psql "$PG_BASE/postgres" -qc "create database $DB" >/dev/null
+export DATABASE_URL="$PG_BASE/$DB"
+export AMQP_PREFIX="flowmesh-bench-$RANDOM" RAW_PREFIX="flowmesh-bench-raw-$RANDOM"
+# Ports below the kernel's ephemeral range, so no outgoing connection can hold one.
+export FILTER_LISTEN=127.0.0.1:22080 FILTER_HTTP_ADDR=127.0.0.1:22082 FILTER_URL=ws://127.0.0.1:22080/ingest
+export GENERATOR_HTTP_ADDR=127.0.0.1:22081 PG_WRITER_HTTP_ADDR=127.0.0.1:22083 MONGO_WRITER_HTTP_ADDR=127.0.0.1:22084
+export FILTER_DATA_DIR="$WORK/filter"
+declare -A PID
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+now() { date +%s.%N; }
+calc() { python3 -c "print($1)"; }
+row() { printf '%s\n' "$(IFS=$'\t'; echo "$*")" >>"$RESULTS"; } # hop, rate, ceiling name, ceiling, note
+
+start() { # SERVICE [env assignments…]
+  local name=$1; shift
+  env "$@" "$BIN/$name" >>"$WORK/$name.log" 2>&1 &
+  PID[$name]=$!
+}
+stop() { [ -n "${PID[$1]:-}" ] && { kill -TERM "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; }; PID[$1]=""; }
+wait_ready() { # SERVICE ADDR
+  for _ in $(seq 150); do "$BIN/$1" --probe-ready --http-addr "$2" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  log "$1 not ready; the end of its log:"; tail -n 20 "$WORK/$1.log" >&2; return 1
+}
+metric() { # ADDR NAME LABEL → the sum of NAME's series that carry LABEL (0 when none)
+  curl -fsS "http://$1/metrics" 2>/dev/null \
+    | awk -v n="$2" -v l="$3" 'index($0, n "{") == 1 && index($0, l) { v += $NF } END { printf "%d\n", v }'
+}
+stored() { metric "$1" flowmesh_writer_records_total 'outcome="stored"'; }
+broker_acked() { metric "$FILTER_HTTP_ADDR" flowmesh_filter_records_acked_total 'destination="broker"'; }
+rss_mib() { awk '/VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo "-"; }
+raw() { "$BIN/bench" "$@" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["rate"]))'; }
+
+cleanup() {
+  for name in generator filter pg-writer mongo-writer; do stop "$name" 2>/dev/null || true; done
+  psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null 2>&1 || true
+  local mongo=(); mongo_up && mongo=(--mongodb-database "$MONGO_DB")
+  "$BIN/bench" cleanup --prefix "$AMQP_PREFIX" "${mongo[@]}" >/dev/null 2>&1 || true
+  "$BIN/bench" cleanup --prefix "$RAW_PREFIX" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+# Runs a generator to completion: COUNT RATE VALUES SOURCE; prints the seconds it took.
+generate() {
+  local t0 t1
+  t0=$(now)
+  GENERATOR_COUNT=$1 GENERATOR_RATE=$2 GENERATOR_VALUES=$3 GENERATOR_SOURCE=$4 \
+    GENERATOR_SPOOL_DIR="$WORK/spool-$4" "$BIN/generator" >>"$WORK/generator.log" 2>&1
+  t1=$(now)
+  calc "$t1 - $t0"
+}
+
+# Waits until the writer at ADDR has stored TARGET records; prints its rate from the first
+# stored record seen to the last (polled every 50 ms, so its start-up is not counted).
+drain_rate() {
+  local addr=$1 target=$2 first="" t0="" n
+  for _ in $(seq 12000); do
+    n=$(stored "$addr")
+    if [ -z "$t0" ] && [ "$n" -gt 0 ]; then t0=$(now); first=$n; fi
+    [ "$n" -ge "$target" ] && break
+    sleep 0.05
+  done
+  [ "$n" -ge "$target" ] || { log "writer at $addr stored $n of $target"; echo 0; return; }
+  calc "round(($n - $first) / max($(now) - $t0, 1e-3))"
+}
+
+mongo_up() { (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; }
+
+# ---- raw ceilings -------------------------------------------------------------------------
+log "raw ceilings ($COUNT records)"
+RAW_WS=$(raw ws --count "$COUNT")
+RAW_PUBLISH=$(raw publish --count "$COUNT" --prefix "$RAW_PREFIX")
+RAW_CONSUME=$(raw consume --count "$COUNT" --prefix "$RAW_PREFIX")
+RAW_INSERT=$(raw insert --count "$COUNT")
+RAW_MONGO=""
+mongo_up && RAW_MONGO=$(raw mongo --count "$MONGO_COUNT")
+
+# ---- latency and memory at 5 records/s, fresh services ------------------------------------
+log "latency and memory: ${LATENCY_SECONDS} s at 5 records/s"
+start filter; start pg-writer; start mongo-writer MONGO_WRITER_STORE=memory
+wait_ready filter "$FILTER_HTTP_ADDR"
+wait_ready pg-writer "$PG_WRITER_HTTP_ADDR"
+GENERATOR_COUNT=$((LATENCY_SECONDS * 5)) GENERATOR_RATE=5 GENERATOR_VALUES=91-100 GENERATOR_SOURCE=latency \
+  GENERATOR_SPOOL_DIR="$WORK/spool-latency" "$BIN/generator" >>"$WORK/generator.log" 2>&1 &
+PID[generator]=$!
+sleep $((LATENCY_SECONDS - 2))
+RSS="generator $(rss_mib "${PID[generator]}") MiB, filter $(rss_mib "${PID[filter]}") MiB, pg-writer $(rss_mib "${PID[pg-writer]}") MiB, mongo-writer $(rss_mib "${PID[mongo-writer]}") MiB"
+wait "${PID[generator]}"; PID[generator]=""
+sleep 1
+LATENCY=$(psql "$DATABASE_URL" -Atc "select concat_ws(' / ',
+    round((percentile_cont(0.5) within group (order by extract(epoch from received_at - ts)) * 1000)::numeric, 1),
+    round((percentile_cont(0.99) within group (order by extract(epoch from received_at - ts)) * 1000)::numeric, 1),
+    round((max(extract(epoch from received_at - ts)) * 1000)::numeric, 1))
+  from records where source = 'latency'")
+row "generator → PostgreSQL latency at 5/s, p50 / p99 / max ms" "$LATENCY" "" "" "records made with values 91-100, so all go to PostgreSQL"
+row "RSS at 5/s" "$RSS" "" "" ""
+stop pg-writer; stop mongo-writer
+LATENCY_ACKED=$(broker_acked) # already stored: the writers started next begin from zero
+
+# ---- the filter, one destination at a time (writers stopped: their queues fill) -------------
+log "filter hops ($COUNT records each)"
+SECONDS_BROKER=$(generate "$COUNT" max 91-100 broker-only)
+row "generator → filter → RabbitMQ (91-100)" "$(calc "round($COUNT / $SECONDS_BROKER)")" \
+  "confirmed publish, fanout → 2 quorum queues" "$RAW_PUBLISH" ""
+SECONDS_FILE=$(generate "$COUNT" max 0-90 file-only)
+row "generator → filter → file (0-90)" "$(calc "round($COUNT / $SECONDS_FILE)")" \
+  "WebSocket loopback, JSON parse + ack" "$RAW_WS" "fsync per group commit"
+SECONDS_MIXED=$(generate "$COUNT" max 0-100 mixed)
+row "generator → filter, mixed (0-100)" "$(calc "round($COUNT / $SECONDS_MIXED)")" "" "" ""
+
+# ---- the writers draining what the filter left in their queues -----------------------------
+QUEUED=$(( $(broker_acked) - LATENCY_ACKED ))
+log "writers draining $QUEUED records"
+start pg-writer
+row "pg-writer draining its queue" "$(drain_rate "$PG_WRITER_HTTP_ADDR" "$QUEUED")" \
+  "consume (prefetch 1000) / insert unnest (batch 1000)" "$RAW_CONSUME / $RAW_INSERT" ""
+start mongo-writer MONGO_WRITER_STORE=memory
+row "mongo-writer draining its queue, in-memory store" "$(drain_rate "$MONGO_WRITER_HTTP_ADDR" "$QUEUED")" \
+  "consume (prefetch 1000)" "$RAW_CONSUME" ""
+stop mongo-writer
+if [ -n "$RAW_MONGO" ]; then
+  BEFORE=$(broker_acked)
+  generate "$MONGO_COUNT" max 91-100 mongo-drain >/dev/null
+  QUEUED=$(( $(broker_acked) - BEFORE ))
+  start mongo-writer MONGO_WRITER_STORE=mongodb MONGODB_DATABASE="$MONGO_DB"
+  row "mongo-writer draining its queue into the MongoDB server" "$(drain_rate "$MONGO_WRITER_HTTP_ADDR" "$QUEUED")" \
+    "insert_many of the same documents (j: true)" "$RAW_MONGO" "server: whatever answers on 27017"
+  stop mongo-writer
+fi
+
+# ---- the whole mesh --------------------------------------------------------------------------
+log "whole mesh: $MESH_COUNT records"
+start mongo-writer MONGO_WRITER_STORE=memory
+wait_ready mongo-writer "$MONGO_WRITER_HTTP_ADDR"
+PG0=$(stored "$PG_WRITER_HTTP_ADDR"); B0=$(broker_acked)
+T0=$(now)
+generate "$MESH_COUNT" max 0-100 mesh >/dev/null
+GEN_DONE=$(now)
+for _ in $(seq 6000); do
+  target=$(( $(broker_acked) - B0 ))
+  [ $(( $(stored "$PG_WRITER_HTTP_ADDR") - PG0 )) -ge "$target" ] && [ "$(stored "$MONGO_WRITER_HTTP_ADDR")" -ge "$target" ] && break
+  sleep 0.05
+done
+T1=$(now)
+row "whole mesh, generated until all stored" "$(calc "round($MESH_COUNT / ($T1 - $T0))")" "" "" \
+  "generator done after $(calc "round($GEN_DONE - $T0, 1)") s, everything stored after $(calc "round($T1 - $T0, 1)") s; mongo-writer in memory"
+
+# ---- sustained -------------------------------------------------------------------------------
+BEST="-"
+for rate in $SUSTAIN_RATES; do
+  log "sustained: $rate records/s for $SUSTAIN_SECONDS s"
+  source_name="sustain-$rate"
+  count=$((rate * SUSTAIN_SECONDS))
+  t0=$(now)
+  GENERATOR_COUNT=$count GENERATOR_RATE=$rate GENERATOR_SOURCE=$source_name \
+    GENERATOR_SPOOL_DIR="$WORK/spool-$source_name" "$BIN/generator" >>"$WORK/generator.log" 2>&1 &
+  PID[generator]=$!
+  peak=0
+  while kill -0 "${PID[generator]}" 2>/dev/null; do
+    depth=$(rabbitmqctl -q list_queues name messages 2>/dev/null \
+      | awk -v p="$AMQP_PREFIX.records." 'index($1, p) == 1 { s += $2 } END { print s + 0 }')
+    [ "$depth" -gt "$peak" ] && peak=$depth
+    sleep 2
+  done
+  wait "${PID[generator]}"; PID[generator]=""
+  took=$(calc "round($(now) - $t0, 1)")
+  sleep 2
+  p99=$(psql "$DATABASE_URL" -Atc "select round((percentile_cont(0.99) within group (order by extract(epoch from received_at - ts)) * 1000)::numeric)
+    from records where source = '$source_name'")
+  kept=$(calc "1 if $took <= $SUSTAIN_SECONDS * 1.05 + 2 and ${p99:-999999} < 1000 else 0")
+  row "sustained $rate/s for $SUSTAIN_SECONDS s" "$([ "$kept" = 1 ] && echo kept up || echo fell behind)" "" "" \
+    "took $took s, p99 to PostgreSQL ${p99:-?} ms, peak queue depth $peak"
+  [ "$kept" = 1 ] || break
+  BEST=$rate
+done
+[ -n "$SUSTAIN_RATES" ] && row "highest sustained rate tried that kept up" "$BEST" "" "" "queues bounded, p99 < 1 s"
+
+python3 - "$RESULTS" <<'PY'
+import sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
+def ratio(a, b):
+    try:
+        a = float(a); b = min(float(x) for x in b.split(" / "))
+        return f"{a / b:.2f}"
+    except (ValueError, ZeroDivisionError):
+        return ""
+print()
+print(f"{'hop':<56} {'flowmesh':>14}   {'raw ceiling (same run)':<52} {'ceiling':>16} {'ratio':>6}  note")
+for hop, rate, name, ceiling, note in (r + [""] * (5 - len(r)) for r in rows):
+    print(f"{hop:<56} {rate:>14}   {name:<52} {ceiling:>16} {ratio(rate, ceiling):>6}  {note}")
+print()
+print("rates in records (messages, rows, documents) per second; a pg-writer ratio is to the lower ceiling")
+PY
+echo "logs: $WORK"
