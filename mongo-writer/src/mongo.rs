@@ -284,39 +284,81 @@ impl GroupStore for MongoStore {
 
     async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
         self.ensure_indexes().await?;
-        for op in ops {
+        let mut rest = ops;
+        while let Some(op) = rest.first() {
             match op {
-                Op::Insert(group) => {
-                    let inserted = self.coll().await?.insert_one(to_document(group)?).await;
-                    match inserted {
-                        Ok(_) => {}
-                        Err(err) if is_duplicate_key(&err) => {
-                            // Already created by an earlier attempt: add whatever it lacks.
-                            self.append(
-                                &group.id,
-                                &group.records[1..],
-                                group.wseq,
-                                group.updated_at,
-                            )
-                            .await?;
-                        }
-                        Err(err) => return Err(classify(err, "inserting a group")),
-                    }
+                Op::Insert(_) => {
+                    // A run of new groups goes in one ordered `insert_many`: one round trip
+                    // instead of one per group, and the same order and outcome.
+                    let run = rest
+                        .iter()
+                        .take_while(|op| matches!(op, Op::Insert(_)))
+                        .count();
+                    let groups: Vec<&GroupDoc> = rest[..run]
+                        .iter()
+                        .filter_map(|op| match op {
+                            Op::Insert(group) => Some(group),
+                            Op::Append { .. } => None,
+                        })
+                        .collect();
+                    self.insert_groups(&groups).await?;
+                    rest = &rest[run..];
                 }
                 Op::Append {
                     id,
                     records,
                     wseq,
                     at,
-                } => self.append(id, records, *wseq, *at).await?,
+                } => {
+                    self.append(id, records, *wseq, *at).await?;
+                    rest = &rest[1..];
+                }
             }
         }
         Ok(())
     }
 }
 
-fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
-    matches!(err.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == 11000)
+impl MongoStore {
+    /// Inserts `groups` in order. A group whose `_id` exists already (created by an earlier
+    /// attempt of the same batch) gets the records it lacks appended instead; an ordered
+    /// `insert_many` stops at that group, so the rest is inserted after it.
+    async fn insert_groups(&self, mut groups: &[&GroupDoc]) -> anyhow::Result<()> {
+        while !groups.is_empty() {
+            let documents = groups
+                .iter()
+                .map(|group| to_document(group))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let inserted = self.coll().await?.insert_many(documents).await;
+            let failed_at = match inserted {
+                Ok(_) => return Ok(()),
+                Err(err) => match duplicate_key_index(&err) {
+                    Some(index) if index < groups.len() => index,
+                    _ => return Err(classify(err, "inserting groups")),
+                },
+            };
+            // Everything before `failed_at` is in; that one already existed.
+            let group = groups[failed_at];
+            self.append(&group.id, &group.records[1..], group.wseq, group.updated_at)
+                .await?;
+            groups = &groups[failed_at + 1..];
+        }
+        Ok(())
+    }
+}
+
+/// The position of the first failed insert of an ordered `insert_many` when it failed on a
+/// duplicate `_id` and nothing else.
+fn duplicate_key_index(err: &mongodb::error::Error) -> Option<usize> {
+    match err.kind.as_ref() {
+        ErrorKind::InsertMany(failure) if failure.write_concern_error.is_none() => {
+            match failure.write_errors.as_deref() {
+                Some([only]) if only.code == 11000 => Some(only.index),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 /// Server error codes that no retry can fix (MongoDB manual, error codes): BadValue,
@@ -332,6 +374,12 @@ fn classify(err: mongodb::error::Error, what: &str) -> anyhow::Error {
         ErrorKind::Write(WriteFailure::WriteError(e)) => Some(e.code),
         ErrorKind::Write(WriteFailure::WriteConcernError(e)) => Some(e.code),
         ErrorKind::Command(e) => Some(e.code),
+        ErrorKind::InsertMany(e) => e
+            .write_errors
+            .as_deref()
+            .and_then(|errors| errors.first())
+            .map(|e| e.code)
+            .or(e.write_concern_error.as_ref().map(|e| e.code)),
         _ => None,
     };
     match code {

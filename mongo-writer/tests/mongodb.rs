@@ -12,7 +12,7 @@ use flowmesh_common::testkit::{
 use flowmesh_common::topology::Topology;
 use flowmesh_mongo_writer::MongoWriterConfig;
 use flowmesh_mongo_writer::mongo::{self, MongoStore, from_document};
-use flowmesh_mongo_writer::nesting::{GroupDoc, nests};
+use flowmesh_mongo_writer::nesting::{GroupDoc, Op, nests};
 use flowmesh_mongo_writer::store::{GroupStore, MemoryStore, NestingStore};
 use flowmesh_mongo_writer::testing::Crashing;
 use futures_util::TryStreamExt;
@@ -91,6 +91,54 @@ async fn groups_are_written_recovered_and_never_duplicated_in_a_real_mongodb() {
 }
 
 /// What a group is, without the wall-clock times (which differ between two runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_inserts_meeting_an_existing_group_completes_it_and_inserts_the_rest() {
+    let Some(url) = mongodb_url() else { return };
+    let client = mongo::client(&url).await.expect("client");
+    let database = format!("flowmesh_test_{}", uuid::Uuid::new_v4().simple());
+    let now = chrono::Utc::now();
+    let records: Vec<Record> = (1..=8).map(|seq| record(seq, true)).collect();
+    let group = |seqs: &[u64], wseq: u64| {
+        let mut doc = GroupDoc::new(records[seqs[0] as usize - 1].clone(), wseq, now);
+        doc.records.extend(
+            seqs[1..]
+                .iter()
+                .map(|&seq| records[seq as usize - 1].clone()),
+        );
+        doc
+    };
+    // B (seqs 3..5) exists already with its first record only: an earlier attempt created it.
+    let earlier = [Op::Insert(group(&[3], 1))];
+    let ops = [
+        Op::Insert(group(&[1, 2], 2)),
+        Op::Insert(group(&[3, 4, 5], 3)),
+        Op::Insert(group(&[6], 4)),
+        Op::Insert(group(&[7, 8], 5)),
+    ];
+    let mut real = MongoStore::new(&client, &database, "records");
+    let mut twin = MemoryStore::new();
+    for batch in [&earlier[..], &ops[..]] {
+        real.apply(batch).await.expect("apply to MongoDB");
+        twin.apply(batch).await.expect("apply to the twin");
+    }
+    let collection = real.collection().await.expect("collection");
+    let mut cursor = collection.find(doc! {}).await.expect("find");
+    let mut in_mongodb = Vec::new();
+    while let Some(doc) = cursor.try_next().await.expect("next") {
+        in_mongodb.push(essence(&from_document(&doc).expect("decode").0));
+    }
+    let mut in_memory: Vec<_> = twin.groups().iter().map(essence).collect();
+    in_mongodb.sort();
+    in_memory.sort();
+    let seqs = |groups: &[(String, String, bool, Vec<String>, u64)]| {
+        groups.iter().map(|g| g.3.len()).sum::<usize>()
+    };
+    assert_eq!(in_mongodb.len(), 4, "four groups, none twice");
+    assert_eq!(seqs(&in_mongodb), 8, "every record once");
+    assert_eq!(in_mongodb, in_memory, "the twin agrees with MongoDB");
+    client.database(&database).drop().await.expect("drop");
+}
+
 fn essence(group: &GroupDoc) -> (String, String, bool, Vec<String>, u64) {
     (
         group.id.clone(),
