@@ -110,6 +110,11 @@ pub fn parse_frame(text: &str, max_batch: usize) -> Result<Vec<Item>, RecordErro
     Ok(elements
         .into_iter()
         .map(|raw| {
+            // Valid records (nearly all) take the shortcut; an invalid one is read again as a
+            // JSON tree, for the field at fault and its `seq`.
+            if let Ok(record) = Record::from_json(raw.get()) {
+                return Item::Valid(record);
+            }
             let parsed: Result<Value, _> = serde_json::from_str(raw.get());
             let element = match parsed {
                 Ok(element) => element,

@@ -196,3 +196,126 @@ fn timestamps_are_formatted_with_milliseconds_and_z() {
     let at = parse_timestamp("2026-11-22T04:00:00.120Z").expect("ts");
     assert_eq!(format_timestamp(at), "2026-11-22T04:00:00.120Z");
 }
+
+/// The hand-written timestamp parser accepts exactly what chrono's `%Y-%m-%dT%H:%M:%S%.3f`
+/// (with the `Z` and millisecond checks) accepts, except where chrono is laxer than the
+/// contract's form: a signed year (`-026`), a space-padded field (`- 1`) or a leap second
+/// (`:60`), all of which the parser refuses.
+#[test]
+fn the_timestamp_parser_agrees_with_chrono_on_every_single_character_change() {
+    fn by_chrono(text: &str) -> Option<DateTime<Utc>> {
+        let bytes = text.as_bytes();
+        if bytes.len() != 24 || bytes[19] != b'.' || bytes[23] != b'Z' {
+            return None;
+        }
+        if !bytes[20..23].iter().all(u8::is_ascii_digit)
+            || !bytes[..4].iter().all(u8::is_ascii_digit)
+        {
+            return None;
+        }
+        NaiveDateTime::parse_from_str(&text[..23], "%Y-%m-%dT%H:%M:%S%.3f")
+            .ok()
+            .map(|naive| naive.and_utc())
+    }
+    let seeds = [
+        "2026-11-22T04:00:00.123Z",
+        "2024-02-29T23:59:59.999Z",
+        "2023-02-28T00:00:00.000Z",
+        "1999-12-31T12:30:45.500Z",
+    ];
+    let alphabet = b"0123456789-:T.Z +x";
+    let mut compared = 0;
+    for seed in seeds {
+        assert_eq!(parse_timestamp(seed), by_chrono(seed), "{seed}");
+        for position in 0..seed.len() {
+            for &c in alphabet {
+                let mut bytes = seed.as_bytes().to_vec();
+                bytes[position] = c;
+                let digits_where_digits_belong = [0..4, 5..7, 8..10, 11..13, 14..16, 17..19]
+                    .into_iter()
+                    .all(|range| bytes[range].iter().all(u8::is_ascii_digit));
+                let text = String::from_utf8(bytes).expect("ASCII");
+                if !digits_where_digits_belong {
+                    assert_eq!(
+                        parse_timestamp(&text),
+                        None,
+                        "{text}: not the contract's form"
+                    );
+                    continue;
+                }
+                if text.get(17..19) == Some("60") {
+                    assert_eq!(parse_timestamp(&text), None, "{text}: leap second refused");
+                    continue;
+                }
+                assert_eq!(parse_timestamp(&text), by_chrono(&text), "{text}");
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared > 500, "only {compared} compared");
+    for invalid in [
+        "2026-02-30T00:00:00.000Z",
+        "2026-13-01T00:00:00.000Z",
+        "2026-11-22T24:00:00.000Z",
+        "2026-11-22T04:60:00.000Z",
+        "2026-11-22T04:00:00.123+",
+        "2026-11-22 04:00:00.123Z",
+    ] {
+        assert_eq!(parse_timestamp(invalid), None, "{invalid}");
+    }
+}
+
+#[test]
+fn hashes_of_every_value_match_the_formatted_md5() {
+    for value in 0..=MAX_VALUE {
+        let timestamp = "2026-11-22T04:00:00.123Z";
+        let digest = md5::compute(format!("{timestamp}|{value}"));
+        assert_eq!(
+            record_hash(timestamp, value),
+            format!("{:02x}", digest.0[15]),
+            "value {value}"
+        );
+    }
+}
+
+/// The typed shortcut of `from_json` and the `Value` path give the same answer for every
+/// field replaced by every kind of JSON value, for missing fields, unknown and duplicated keys
+/// and escaped strings.
+#[test]
+fn the_shortcut_and_the_value_path_agree_on_every_variation() {
+    let replacements = [
+        json!(null),
+        json!(true),
+        json!(0),
+        json!(-1),
+        json!(7),
+        json!(100),
+        json!(101),
+        json!(93.0),
+        json!(u64::MAX),
+        json!(""),
+        json!("59"),
+        json!("x"),
+        json!("0193A5C2-7C1E-7D2A-8B3C-4D5E6F708192"),
+        json!("0193a5c27c1e7d2a8b3c4d5e6f708192"),
+        json!("2026-11-22T04:00:00.123Z"),
+        json!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        json!([]),
+        json!({}),
+    ];
+    let mut texts = vec![valid().to_string()];
+    for field in FIELDS {
+        texts.push(without(field).to_string());
+        for replacement in &replacements {
+            texts.push(with(field, replacement.clone()).to_string());
+        }
+    }
+    texts.push(with("extra", json!(1)).to_string());
+    // Escapes force owned strings in the shortcut; a duplicated key makes it step aside.
+    texts.push(valid().to_string().replace("gen-1", "gen\\u002d1"));
+    texts.push(valid().to_string().replacen('{', "{\"seq\":1,", 1));
+    for text in texts {
+        let by_value = Record::from_value(&serde_json::from_str(&text).expect("JSON"));
+        assert_eq!(Record::from_json(&text), by_value, "{text}");
+    }
+}
