@@ -7,7 +7,8 @@
 #
 #   scripts/bench.sh
 #
-# Environment (defaults in brackets): BENCH_COUNT records per hop [50000]; BENCH_MONGO_COUNT
+# Environment (defaults in brackets): BENCH_COUNT records per hop [50000]; BENCH_FILE_COUNT for
+# the WebSocket → file hop and its ceiling, which are too fast for fewer [500000]; BENCH_MONGO_COUNT
 # records for the hops that touch the MongoDB server [20000]; BENCH_MESH_COUNT [300000];
 # BENCH_LATENCY_SECONDS at 5 records/s [30]; BENCH_SUSTAIN_RATES ["10000 20000 40000"],
 # BENCH_SUSTAIN_SECONDS per rate [60] (empty rates skip the sustained run).
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 
 COUNT=${BENCH_COUNT:-50000}
+FILE_COUNT=${BENCH_FILE_COUNT:-500000}
 MONGO_COUNT=${BENCH_MONGO_COUNT:-20000}
 MESH_COUNT=${BENCH_MESH_COUNT:-300000}
 LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-30}
@@ -102,7 +104,7 @@ mongo_up() { (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; }
 
 # ---- raw ceilings -------------------------------------------------------------------------
 log "raw ceilings ($COUNT records)"
-RAW_WS=$(raw ws --count "$COUNT")
+RAW_WS=$(raw ws --count "$FILE_COUNT")
 RAW_PUBLISH=$(raw publish --count "$COUNT" --prefix "$RAW_PREFIX")
 RAW_CONSUME=$(raw consume --count "$COUNT" --prefix "$RAW_PREFIX")
 RAW_INSERT=$(raw insert --count "$COUNT")
@@ -136,8 +138,8 @@ log "filter hops ($COUNT records each)"
 SECONDS_BROKER=$(generate "$COUNT" max 91-100 broker-only)
 row "generator → filter → RabbitMQ (91-100)" "$(calc "round($COUNT / $SECONDS_BROKER)")" \
   "confirmed publish, fanout → 2 quorum queues" "$RAW_PUBLISH" ""
-SECONDS_FILE=$(generate "$COUNT" max 0-90 file-only)
-row "generator → filter → file (0-90)" "$(calc "round($COUNT / $SECONDS_FILE)")" \
+SECONDS_FILE=$(generate "$FILE_COUNT" max 0-90 file-only)
+row "generator → filter → file (0-90)" "$(calc "round($FILE_COUNT / $SECONDS_FILE)")" \
   "WebSocket loopback, JSON parse + ack" "$RAW_WS" "fsync per group commit"
 SECONDS_MIXED=$(generate "$COUNT" max 0-100 mixed)
 row "generator → filter, mixed (0-100)" "$(calc "round($COUNT / $SECONDS_MIXED)")" "" "" ""
@@ -147,10 +149,10 @@ QUEUED=$(( $(broker_acked) - LATENCY_ACKED ))
 log "writers draining $QUEUED records"
 start pg-writer
 row "pg-writer draining its queue" "$(drain_rate "$PG_WRITER_HTTP_ADDR" "$QUEUED")" \
-  "consume (prefetch 1000) / insert unnest (batch 1000)" "$RAW_CONSUME / $RAW_INSERT" ""
+  "consume (prefetch 2000) / insert unnest (batch 1000)" "$RAW_CONSUME / $RAW_INSERT" ""
 start mongo-writer MONGO_WRITER_STORE=memory
 row "mongo-writer draining its queue, in-memory store" "$(drain_rate "$MONGO_WRITER_HTTP_ADDR" "$QUEUED")" \
-  "consume (prefetch 1000)" "$RAW_CONSUME" ""
+  "consume (prefetch 2000)" "$RAW_CONSUME" ""
 stop mongo-writer
 if [ -n "$RAW_MONGO" ]; then
   BEFORE=$(broker_acked)

@@ -61,9 +61,11 @@ enum Hop {
         amqp_url: String,
         #[arg(long, default_value = "flowmesh-bench-raw")]
         prefix: String,
-        #[arg(long, default_value_t = 1000)]
+        /// The writers' default prefetch.
+        #[arg(long, default_value_t = 2000)]
         prefetch: u16,
-        #[arg(long, default_value_t = 500)]
+        /// The writers' default batch size.
+        #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
     /// Deletes the prefix's topology and, when named, a MongoDB database the bench made.

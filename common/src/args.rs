@@ -235,11 +235,11 @@ macro_rules! consumer_args {
         #[derive(Debug, Clone, clap::Args)]
         pub struct ConsumerArgs {
             /// Unacked messages RabbitMQ hands this writer at once (bounds its memory).
-            #[arg(long, env = concat!($prefix, "_PREFETCH"), default_value_t = 1000)]
+            #[arg(long, env = concat!($prefix, "_PREFETCH"), default_value_t = 2000)]
             pub prefetch: u16,
 
             /// Records per batch stored at most.
-            #[arg(long, env = concat!($prefix, "_BATCH_MAX"), default_value_t = 500)]
+            #[arg(long, env = concat!($prefix, "_BATCH_MAX"), default_value_t = 1000)]
             pub batch_max: usize,
 
             /// How long a batch may wait for more records after its first. The default, 0,

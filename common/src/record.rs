@@ -174,7 +174,7 @@ impl Record {
         let timestamp = format_timestamp(at);
         let hash = record_hash(&timestamp, value);
         Self {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: new_id(at).to_string(),
             source: source.to_owned(),
             seq,
             timestamp,
@@ -289,6 +289,16 @@ pub fn is_traceparent(text: &str) -> bool {
         && lower_hex(parts[3], 2)
         && parts[1].bytes().any(|b| b != b'0')
         && parts[2].bytes().any(|b| b != b'0')
+}
+
+/// A UUIDv7 for a record made at `at`: its millisecond timestamp and 74 random bits from the
+/// thread's fast generator (seeded from the OS once, not one system call per id).
+pub fn new_id(at: DateTime<Utc>) -> uuid::Uuid {
+    let millis = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+    let random = fastrand::u128(..).to_le_bytes();
+    let mut bytes = [0u8; 10];
+    bytes.copy_from_slice(&random[..10]);
+    uuid::Builder::from_unix_timestamp_millis(millis, &bytes).into_uuid()
 }
 
 /// A fresh random `traceparent` (sampled flag set).

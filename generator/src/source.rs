@@ -93,19 +93,7 @@ pub async fn produce(
         tracing::debug!(record_id = %record.id, trace_id = record.trace_id(), seq = record.seq, value = record.value, "generated");
         let waited = tokio::select! {
             _ = stop.cancelled() => break,
-            pushed = window.push(&record) => match pushed {
-                Ok(waited) => waited,
-                Err(err) => {
-                    // Without a spool line the record must not be sent: stop making records
-                    // until the spool works again. Its seq is reused, so no gap appears.
-                    tracing::error!(error = %err, "cannot write to the spool; generation paused");
-                    source.next_seq -= 1;
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            },
+            waited = window.push(&record) => waited,
         };
         made += 1;
         metrics::counter!(m::GEN_GENERATED).increment(1);

@@ -3,8 +3,12 @@
 //! same `source`, the `seq` sequence continues, and everything never acked is sent again.
 //!
 //! Lines: `G <record json>` (generated), `A <seq>,<seq>,…` (acked or rejected: forgotten).
-//! Writes reach the OS before the record is handed on, which survives a crash of the process
-//! (not of the machine). The log is compacted at startup to the records still unacked.
+//! Generated lines are collected in memory and written in one `write` before any of their
+//! records is sent ([`Spool::flush`], called by the window when it hands out a batch); acks are
+//! written at once. So a record reaches the OS before it leaves the process, which survives a
+//! crash of the process (not of the machine). A record made but lost with the process before
+//! its line was written was never sent either: its seq is simply made again by the next run.
+//! The log is compacted at startup to the records still unacked.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -28,7 +32,17 @@ pub struct Recovered {
 /// An open spool.
 #[derive(Debug)]
 pub struct Spool {
-    file: Mutex<File>,
+    log: Mutex<Log>,
+}
+
+#[derive(Debug)]
+struct Log {
+    file: File,
+    /// Lines not yet written (bounded by the window: one per record it holds).
+    pending: Vec<u8>,
+    /// A write failed part-way: the next one starts on a fresh line, so the torn one stays
+    /// alone and is skipped by recovery.
+    torn: bool,
 }
 
 impl Spool {
@@ -66,7 +80,11 @@ impl Spool {
         let file = OpenOptions::new().append(true).open(&log)?;
         Ok((
             Self {
-                file: Mutex::new(file),
+                log: Mutex::new(Log {
+                    file,
+                    pending: Vec::new(),
+                    torn: false,
+                }),
             },
             recovered,
         ))
@@ -81,24 +99,61 @@ impl Spool {
         Ok(())
     }
 
-    fn append(&self, line: &str) -> io::Result<()> {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        // One write per line: a crash leaves at most a torn last line, which recovery skips.
-        file.write_all(line.as_bytes())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Logs a generated record; it may be sent only after this returned Ok.
-    pub fn generated(&self, record: &Record) -> io::Result<()> {
-        self.append(&format!("G {}\n", record.to_json()))
+    /// Logs a generated record (its JSON); it may be sent only after the next [`Spool::flush`]
+    /// returned Ok.
+    pub fn generated(&self, json: &str) {
+        let mut log = self.lock();
+        log.pending.extend_from_slice(b"G ");
+        log.pending.extend_from_slice(json.as_bytes());
+        log.pending.push(b'\n');
     }
 
-    /// Logs records the generator may forget.
+    /// Writes every line logged so far, in one write.
+    pub fn flush(&self) -> io::Result<()> {
+        self.lock().flush()
+    }
+
+    /// Logs records the generator may forget (written at once, with anything pending).
     pub fn forgotten(&self, seqs: &[u64]) -> io::Result<()> {
         if seqs.is_empty() {
             return Ok(());
         }
-        let list: Vec<String> = seqs.iter().map(u64::to_string).collect();
-        self.append(&format!("A {}\n", list.join(",")))
+        let mut log = self.lock();
+        log.pending.extend_from_slice(b"A ");
+        for (i, seq) in seqs.iter().enumerate() {
+            if i > 0 {
+                log.pending.push(b',');
+            }
+            log.pending.extend_from_slice(seq.to_string().as_bytes());
+        }
+        log.pending.push(b'\n');
+        log.flush()
+    }
+}
+
+impl Log {
+    fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if self.torn {
+            self.file.write_all(b"\n")?;
+            self.torn = false;
+        }
+        match self.file.write_all(&self.pending) {
+            Ok(()) => {
+                self.pending.clear();
+                Ok(())
+            }
+            Err(err) => {
+                self.torn = true;
+                Err(err)
+            }
+        }
     }
 }
 
@@ -147,7 +202,7 @@ mod tests {
         assert_eq!(recovered.last_seq, 0);
         Spool::set_source(dir.path(), "spooled").expect("source");
         for seq in 1..=5 {
-            spool.generated(&record(seq)).expect("log");
+            spool.generated(&record(seq).to_json());
         }
         spool.forgotten(&[1, 2, 4]).expect("log");
         drop(spool);
@@ -164,6 +219,26 @@ mod tests {
         let (_, recovered) = Spool::open(dir.path(), None).expect("reopen");
         assert_eq!(recovered.last_seq, 5);
         assert!(recovered.unacked.is_empty());
+    }
+
+    #[test]
+    fn generated_lines_reach_the_file_only_when_flushed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (spool, _) = Spool::open(dir.path(), Some("spooled")).expect("open");
+        spool.generated(&record(1).to_json());
+        spool.generated(&record(2).to_json());
+        let log = dir.path().join("records.log");
+        let unflushed = read_log(&log).expect("read");
+        assert!(
+            unflushed.unacked.is_empty(),
+            "nothing written before the flush"
+        );
+        spool.flush().expect("flush");
+        let flushed = read_log(&log).expect("read");
+        assert_eq!(
+            flushed.unacked.keys().copied().collect::<Vec<_>>(),
+            vec![1, 2]
+        );
     }
 
     #[test]

@@ -112,10 +112,11 @@ impl Window {
     }
 
     /// Adds a record, waiting while the window is full. Returns true if it had to wait. With a
-    /// spool, the record is logged first; Err means it could not be, and it was not added.
-    pub async fn push(&self, record: &Record) -> std::io::Result<bool> {
+    /// spool, the record's line is logged first (written before it is sent: [`Window::take_batch`]).
+    pub async fn push(&self, record: &Record) -> bool {
+        let json = record.to_json();
         if let Some(spool) = &self.spool {
-            spool.generated(record)?;
+            spool.generated(&json);
         }
         let mut waited = false;
         loop {
@@ -128,7 +129,7 @@ impl Window {
                     state.records.insert(
                         record.seq,
                         Pending {
-                            json: record.to_json(),
+                            json: json.clone(),
                             queued: true,
                             sent_before: false,
                         },
@@ -149,7 +150,7 @@ impl Window {
             metrics::gauge!(m::GEN_WINDOW_FULL).set(0.0);
         }
         self.ready.notify_one();
-        Ok(waited)
+        waited
     }
 
     /// Waits until records may be ready to send (queued, or a nack delay has passed).
@@ -171,6 +172,17 @@ impl Window {
     pub fn take_batch(&self, max_records: usize, max_bytes: usize) -> Batch {
         let mut state = self.lock();
         let now = Instant::now();
+        // Nothing leaves before its spool line is written: one write for everything made since
+        // the last batch. If it fails, nothing is sent, and a wake-up in a second tries again.
+        if let Some(spool) = &self.spool
+            && let Err(err) = spool.flush()
+        {
+            tracing::error!(error = %err, "cannot write to the spool; sending paused");
+            if let Some(&seq) = state.queue.front() {
+                state.delayed.push((now + Duration::from_secs(1), seq));
+            }
+            return Vec::new();
+        }
         let State {
             delayed,
             queue,

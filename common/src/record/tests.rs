@@ -319,3 +319,19 @@ fn the_shortcut_and_the_value_path_agree_on_every_variation() {
         assert_eq!(Record::from_json(&text), by_value, "{text}");
     }
 }
+
+#[test]
+fn new_ids_are_distinct_v7_uuids_carrying_their_millisecond() {
+    let at = parse_timestamp("2026-11-22T04:00:00.123Z").expect("ts");
+    let ids: std::collections::HashSet<uuid::Uuid> = (0..10_000).map(|_| new_id(at)).collect();
+    assert_eq!(
+        ids.len(),
+        10_000,
+        "no two ids alike, even within one millisecond"
+    );
+    for id in ids.iter().take(10) {
+        assert_eq!(id.get_version_num(), 7);
+        let (seconds, nanos) = id.get_timestamp().expect("v7 has a timestamp").to_unix();
+        assert_eq!((seconds, nanos / 1_000_000), (at.timestamp() as u64, 123));
+    }
+}
