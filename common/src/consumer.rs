@@ -39,6 +39,24 @@ use crate::retry;
 use crate::telemetry::redact_url;
 use crate::topology::{HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology};
 
+/// How long one AMQP call (consume, cancel, ack, a dead-letter publish and its confirm, close)
+/// may take before the link counts as lost and the consumer reconnects. When a connection is
+/// reset under it (rather than closed), a call can otherwise stay pending for ever, holding the
+/// batch in hand and consuming nothing.
+const AMQP_CALL: Duration = Duration::from_secs(10);
+
+/// Runs one AMQP call within [`AMQP_CALL`]; the error names the call.
+async fn bounded<T, E: std::fmt::Display>(
+    what: &str,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(AMQP_CALL, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(format!("{what} failed: {err}")),
+        Err(_) => Err(format!("{what}: no answer in {} s", AMQP_CALL.as_secs())),
+    }
+}
+
 /// What a store did with a batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreReport {
@@ -212,8 +230,8 @@ pub async fn run<S: RecordStore>(
         if let Err(reason) = ended {
             tracing::warn!(error = %reason, "consuming stopped; reconnecting (unacked messages will be redelivered)");
         }
-        let _ = channel.close(200, "bye".into()).await;
-        let _ = connection.close(200, "bye".into()).await;
+        let _ = bounded("channel.close", channel.close(200, "bye".into())).await;
+        let _ = bounded("connection.close", connection.close(200, "bye".into())).await;
     }
     tracing::info!("consumer stopped");
 }
@@ -337,9 +355,18 @@ impl<S: RecordStore> Session<'_, S> {
                 next = consumer.next() => next,
                 _ = tokio::time::sleep_until(at) => return Ok(Next::Drained),
             },
-            Wait::Forever => tokio::select! {
-                _ = shutdown.cancelled() => return Ok(Next::Shutdown),
-                next = consumer.next() => next,
+            // While idle, the channel is looked at every second: a consumer stream is not always
+            // ended when its connection is reset under it.
+            Wait::Forever => loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(Next::Shutdown),
+                    next = consumer.next() => break next,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if !self.channel.status().connected() {
+                            return Err("the channel to RabbitMQ is no longer open".into());
+                        }
+                    }
+                }
             },
         };
         match next {
@@ -379,16 +406,16 @@ impl<S: RecordStore> Session<'_, S> {
             self.settings.writer,
             uuid::Uuid::new_v4().simple()
         );
-        let consumer = self
-            .channel
-            .basic_consume(
+        let consumer = bounded(
+            "basic.consume",
+            self.channel.basic_consume(
                 self.settings.queue().as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await
-            .map_err(|e| format!("basic.consume failed: {e}"))?;
+            ),
+        )
+        .await?;
         tracing::info!(queue = %self.settings.queue(), "consuming");
         self.consumer = Some(consumer);
         self.cancelled = false;
@@ -403,13 +430,14 @@ impl<S: RecordStore> Session<'_, S> {
         }
         if let Some(consumer) = &self.consumer {
             let tag = consumer.tag();
-            match self
-                .channel
-                .basic_cancel(
+            match bounded(
+                "basic.cancel",
+                self.channel.basic_cancel(
                     tag.as_str().into(),
                     lapin::options::BasicCancelOptions::default(),
-                )
-                .await
+                ),
+            )
+            .await
             {
                 Ok(()) => {
                     self.cancelled = true;
@@ -491,11 +519,13 @@ impl<S: RecordStore> Session<'_, S> {
             .fetch_add(report.duplicates, Ordering::Relaxed);
         // One multiple-ack on the last stored delivery settles the batch (dead-lettered
         // deliveries were settled already).
-        batch[last_valid]
-            .acker
-            .ack(BasicAckOptions { multiple: true })
-            .await
-            .map_err(|e| format!("ack failed after commit (redelivery is harmless): {e}"))?;
+        bounded(
+            "ack after commit (redelivery is harmless)",
+            batch[last_valid]
+                .acker
+                .ack(BasicAckOptions { multiple: true }),
+        )
+        .await?;
         Ok(true)
     }
 
@@ -599,7 +629,7 @@ async fn dead_letter(
         AMQPValue::LongString(settings.queue().into()),
     );
     let properties = delivery.properties.clone().with_headers(headers);
-    let published = async {
+    let published = bounded("dead-letter publish", async {
         channel
             .basic_publish(
                 settings.topology.dead_letter_exchange.as_str().into(),
@@ -610,18 +640,20 @@ async fn dead_letter(
             )
             .await?
             .await
-    }
+    })
     .await;
     match published {
-        Ok(confirmation) if confirmation.is_ack() => delivery
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("ack failed after dead-lettering: {e}")),
-        _ => delivery
-            .reject(BasicRejectOptions { requeue: false })
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("reject failed: {e}")),
+        Ok(confirmation) if confirmation.is_ack() => bounded(
+            "ack after dead-lettering",
+            delivery.ack(BasicAckOptions::default()),
+        )
+        .await
+        .map(|_| ()),
+        _ => bounded(
+            "reject",
+            delivery.reject(BasicRejectOptions { requeue: false }),
+        )
+        .await
+        .map(|_| ()),
     }
 }
