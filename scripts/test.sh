@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against real RabbitMQ, PostgreSQL and a MongoDB-speaking server
 # (installed and started when missing): unit, in-process integration and end-to-end tests, a
-# WebSocket client written in Python that checks the filter's protocol from outside, and the
-# chaos suite.
+# WebSocket client written in Python that checks the filter's protocol from outside, the
+# chaos suite, and the compose file run for real in Docker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,4 +37,12 @@ bash scripts/observability-check.sh
 # machine, so it needs root). CHAOS=0 skips it for a quick local run.
 if [ "${CHAOS:-1}" != 0 ]; then
   bash scripts/chaos.sh
+fi
+
+# The project's own Dockerfile and docker-compose.yml, run for real, when a Docker engine answers
+# (it says plainly when it skipped). COMPOSE=0 skips it.
+if [ "${COMPOSE:-1}" != 0 ]; then
+  bash scripts/compose-check.sh
+else
+  echo "[test] COMPOSE=0: the docker compose check was SKIPPED" >&2
 fi

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds the local Debian base image that stands in for `debian:bookworm-slim` on a machine whose
+# Docker engine can reach no registry: a minimal bookworm root made with debootstrap from the
+# Debian mirror apt already uses, imported under the official name. Not used where a registry
+# answers (the official image is pulled instead). Needs root and debootstrap.
+set -euo pipefail
+tag=${1:-debian:bookworm-slim}
+# The mirror apt uses on this machine (DEBIAN_MIRROR overrides it).
+mirror=${DEBIAN_MIRROR:-$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+  | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -1 | tr -d ' ' || true)}
+mirror=${mirror:-http://deb.debian.org/debian}
+mirror=${mirror%/}
+command -v debootstrap >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+debootstrap --variant=minbase bookworm "$root" "$mirror" >/dev/null
+security=${mirror%/debian*}/debian-security
+cat >"$root/etc/apt/sources.list" <<SOURCES
+deb $mirror bookworm main
+deb $mirror bookworm-updates main
+deb $security bookworm-security main
+SOURCES
+: >"$root/etc/resolv.conf"
+chroot "$root" apt-get clean
+rm -rf "$root"/var/lib/apt/lists/*
+tar --numeric-owner -C "$root" -c . | docker import -c 'CMD ["bash"]' - "$tag" >/dev/null
