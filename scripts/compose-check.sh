@@ -35,22 +35,18 @@ else
 fi
 
 export COMPOSE_PROJECT_NAME=${COMPOSE_CHECK_PROJECT:-flowmesh-check}
-export FLOWMESH_AMQP_PORT=${FLOWMESH_AMQP_PORT:-17672}
-export FLOWMESH_RABBITMQ_UI_PORT=${FLOWMESH_RABBITMQ_UI_PORT:-17673}
-export FLOWMESH_RABBITMQ_METRICS_PORT=${FLOWMESH_RABBITMQ_METRICS_PORT:-17692}
-export FLOWMESH_POSTGRES_PORT=${FLOWMESH_POSTGRES_PORT:-17432}
-export FLOWMESH_MONGODB_PORT=${FLOWMESH_MONGODB_PORT:-17017}
-export FLOWMESH_FILTER_PORT=${FLOWMESH_FILTER_PORT:-17080}
-export FLOWMESH_FILTER_PROBE_PORT=${FLOWMESH_FILTER_PROBE_PORT:-17102}
-export FLOWMESH_PG_WRITER_PORT=${FLOWMESH_PG_WRITER_PORT:-17103}
-export FLOWMESH_MONGO_WRITER_PORT=${FLOWMESH_MONGO_WRITER_PORT:-17104}
-export FLOWMESH_GENERATOR_PORT=${FLOWMESH_GENERATOR_PORT:-17101}
-export FLOWMESH_PROMETHEUS_PORT=${FLOWMESH_PROMETHEUS_PORT:-17090}
-export FLOWMESH_GRAFANA_PORT=${FLOWMESH_GRAFANA_PORT:-17300}
+# The host side of each published port (docker-compose.yml's FLOWMESH_*_PORT), unless set.
+for setting in AMQP:17672 RABBITMQ_UI:17673 RABBITMQ_METRICS:17692 POSTGRES:17432 MONGODB:17017 \
+  FILTER:17080 FILTER_PROBE:17102 PG_WRITER:17103 MONGO_WRITER:17104 GENERATOR:17101 \
+  PROMETHEUS:17090 GRAFANA:17300; do
+  name=FLOWMESH_${setting%%:*}_PORT
+  export "$name=${!name:-${setting##*:}}"
+done
 export GENERATOR_RATE=${COMPOSE_CHECK_RATE:-200}
 SOURCE=compose-generator # the compose file's GENERATOR_SOURCE
 FILES=(-f docker-compose.yml)
 LOGS=${COMPOSE_CHECK_LOGS:-var/compose-check}
+SERVICES=(rabbitmq postgres mongodb filter pg-writer mongo-writer generator prometheus)
 SUMMARY=()
 FAILED=0
 
@@ -74,12 +70,12 @@ finish() {
   local status=$? service
   # Every service's whole log is kept for reading afterwards; a failure prints their tails.
   mkdir -p "$LOGS"
-  for service in rabbitmq postgres mongodb filter pg-writer mongo-writer generator prometheus; do
+  for service in "${SERVICES[@]}"; do
     compose logs --no-color "$service" >"$LOGS/$service.log" 2>&1 || true
   done
   if [ "$FAILED" -ne 0 ] || [ "$status" -ne 0 ]; then
     log "service logs (last 40 lines each; all of them in $LOGS/):"
-    for service in rabbitmq postgres mongodb filter pg-writer mongo-writer generator prometheus; do
+    for service in "${SERVICES[@]}"; do
       tail -n 40 "$LOGS/$service.log" | sed "s/^/[compose:$service] /" >&2 || true
     done
   fi
@@ -111,7 +107,7 @@ healthy() { # every service with a healthcheck reports healthy; the others run
   local deadline=$((SECONDS + ${1:-300})) pending
   while :; do
     pending=()
-    for service in rabbitmq postgres mongodb filter pg-writer mongo-writer generator prometheus; do
+    for service in "${SERVICES[@]}"; do
       local id status
       id=$(cid "$service")
       status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id" 2>/dev/null || echo missing)
@@ -125,13 +121,17 @@ healthy() { # every service with a healthcheck reports healthy; the others run
 
 up() { compose up -d && healthy 300; }
 
-flowing() { # the generator's records are being acked
-  local deadline=$((SECONDS + 120))
-  until docker logs "$(cid generator)" 2>&1 | grep -q '"acked_total"\|connected to the filter'; do
-    [ "$SECONDS" -ge "$deadline" ] && { log "the generator never connected"; return 1; }
-    sleep 2
+acked() { # records the running generator has had acked (its own counter, 0 while unreachable)
+  curl -fsS "http://127.0.0.1:$FLOWMESH_GENERATOR_PORT/metrics" 2>/dev/null \
+    | awk '$1 == "flowmesh_generator_records_acked_total" { v = $2 } END { printf "%d\n", v }'
+}
+
+flowing() { # COUNT more of the generator's records get acked (within 120 s)
+  local want=$(($(acked) + $1)) deadline=$((SECONDS + 120))
+  until [ "$(acked)" -ge "$want" ]; do
+    [ "$SECONDS" -ge "$deadline" ] && { log "fewer than $1 records acked in 120 s ($(acked) of $want)"; return 1; }
+    sleep 1
   done
-  sleep "${1:-15}"
 }
 
 expected() { # the highest seq the generator made: last spool recovery + what its last run made
@@ -217,27 +217,23 @@ sys.exit(1 if bad or lines == 0 else 0)' "$service" || bad=1
 
 faults() { # records flow again; kill -9 the filter, restart RabbitMQ; the mesh heals itself
   compose start generator >/dev/null || return 1
-  flowing 10 || return 1
+  flowing 2000 || return 1
   log "docker kill of the filter"
   docker kill "$(cid filter)" >/dev/null || return 1
-  sleep 5
   # Docker counts `docker kill` as a manual stop, which `restart: unless-stopped` leaves alone
   # (a crash would be restarted): start it again as an operator would.
-  if [ "$(docker inspect -f '{{.State.Running}}' "$(cid filter)")" != true ]; then
-    log "starting the killed filter again"
-    compose start filter >/dev/null || return 1
-  fi
+  compose start filter >/dev/null || return 1
   healthy 180 || return 1
-  sleep 10
+  flowing 2000 || return 1
   log "restart of the rabbitmq container"
   compose restart rabbitmq >/dev/null || return 1
   healthy 300 || return 1
-  sleep 15
+  flowing 3000
 }
 
 step "images (pulled, or local stand-ins)" images
 step "every service healthy" up
-step "records flow" flowing 20
+step "records flow" flowing 4000
 step "Prometheus: every target up" targets_up
 step "verify: file, PostgreSQL and MongoDB reconcile" reconciled
 step "logs are JSON lines" json_logs

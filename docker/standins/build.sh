@@ -15,7 +15,7 @@ ca_files() {
   cp /usr/local/share/ca-certificates/*.crt "$1/ca/" 2>/dev/null || true
 }
 
-build() { # tag dir [extra context preparation]
+build() { # tag dir: the stand-in in docker/standins/dir, unless tag exists already
   local tag=$1 dir=$2 ctx
   if have "$tag"; then return 0; fi
   ctx=$(mktemp -d)
