@@ -463,7 +463,8 @@ impl<S: RecordStore> Session<'_, S> {
         let mut valid = Vec::with_capacity(batch.len());
         for (index, delivery) in batch.iter().enumerate() {
             match decode(&delivery.data) {
-                Ok(record) => {
+                Ok(mut record) => {
+                    record.provenance = crate::topology::provenance_of(&delivery.properties);
                     records.push(record);
                     valid.push(index);
                 }

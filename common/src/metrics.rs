@@ -132,8 +132,18 @@ catalogue! {
     FILTER_FILE_FULL = "flowmesh_filter_file_full", Gauge, Filter, ["file" = ["records", "dead-letter"]],
         "1 while a file sink's files have reached their size cap and it refuses writes.";
     FILTER_FILE_ROTATIONS = "flowmesh_filter_file_rotations_total", Counter, Filter,
-        ["file" = ["records", "dead-letter"], "reason" = ["size", "age"]],
-        "File rotations, by reason (size, age).";
+        ["file" = ["records", "dead-letter"], "reason" = ["size", "age", "routes"]],
+        "File rotations, by reason (size, age, routes: the routes version changed).";
+    FILTER_ROUTED = "flowmesh_filter_records_routed_total", Counter, Filter,
+        ["route", "destination" = ["broker", "file"]],
+        "Valid records each route took, by route name and destination (counted when routed, before they are stored).";
+    FILTER_ROUTE_ERRORS = "flowmesh_filter_route_errors_total", Counter, Filter, ["route"],
+        "Evaluations of a route's `when` that failed (counted as not matching).";
+    FILTER_ROUTES_RELOADS = "flowmesh_filter_routes_reloads_total", Counter, Filter,
+        ["outcome" = ["applied", "unchanged", "invalid"]],
+        "Reloads of the routes file (SIGHUP or a change to the file), by outcome.";
+    FILTER_ROUTES_VERSION = "flowmesh_filter_routes_version", Gauge, Filter, ["version"],
+        "1 for the routes version in force, 0 for the versions it replaced since start.";
 
     WRITER_RECORDS = "flowmesh_writer_records_total", Counter, Writer,
         ["writer", "outcome" = ["stored", "duplicate", "dead_lettered"]],

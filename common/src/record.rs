@@ -45,6 +45,11 @@ pub struct Record {
     /// W3C Trace Context `traceparent`, carried to every later hop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Which route of which routes version stored it, where that is known (set by whoever
+    /// reads the record back from a store or from RabbitMQ). Never part of the record's JSON,
+    /// so no client can claim one.
+    #[serde(skip)]
+    pub provenance: Option<crate::routing::Provenance>,
 }
 
 /// Why a record is invalid. The text is what the sender sees in a `reject`.
@@ -181,6 +186,7 @@ impl Record {
             value,
             hash,
             traceparent,
+            provenance: None,
         }
     }
 
@@ -225,6 +231,7 @@ impl Record {
             value,
             hash: hash.to_owned(),
             traceparent: traceparent.map(str::to_owned),
+            provenance: None,
         })
     }
 
@@ -356,6 +363,7 @@ impl TypedFields<'_> {
             value,
             hash: self.hash.into_owned(),
             traceparent: self.traceparent.map(std::borrow::Cow::into_owned),
+            provenance: None,
         })
     }
 }

@@ -23,6 +23,10 @@ pub const HEADER_SOURCE: &str = "source";
 pub const HEADER_SEQ: &str = "seq";
 /// AMQP header carrying the W3C `traceparent`.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// AMQP header carrying the route that sent the record to RabbitMQ.
+pub const HEADER_ROUTE: &str = "x-flowmesh-route";
+/// AMQP header carrying the routes version in force when the record was routed.
+pub const HEADER_ROUTES_VERSION: &str = "x-flowmesh-routes-version";
 /// Header a writer puts on a message it dead-letters itself: why.
 pub const HEADER_DEAD_LETTER_REASON: &str = "x-flowmesh-reason";
 /// Header a writer puts on a message it dead-letters itself: the queue it came from.
@@ -186,7 +190,8 @@ impl Topology {
 }
 
 /// The properties of a record message: JSON, persistent, `message_id` = record id, and the
-/// `source`, `seq` and `traceparent` headers.
+/// `source`, `seq` and `traceparent` headers, and the record's provenance
+/// (`x-flowmesh-route`, `x-flowmesh-routes-version`) when it has one.
 pub fn record_properties(record: &Record) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
@@ -200,11 +205,37 @@ pub fn record_properties(record: &Record) -> BasicProperties {
             AMQPValue::LongString(LongString::from(traceparent.as_str())),
         );
     }
+    if let Some(provenance) = &record.provenance {
+        headers.insert(
+            HEADER_ROUTES_VERSION.into(),
+            AMQPValue::LongString(LongString::from(provenance.version.as_str())),
+        );
+        if let Some(route) = &provenance.route {
+            headers.insert(
+                HEADER_ROUTE.into(),
+                AMQPValue::LongString(LongString::from(route.as_str())),
+            );
+        }
+    }
     BasicProperties::default()
         .with_content_type(CONTENT_TYPE_JSON.into())
         .with_delivery_mode(2)
         .with_message_id(record.id.as_str().into())
         .with_headers(headers)
+}
+
+/// The provenance the filter put in a message's headers, if it put any.
+pub fn provenance_of(properties: &BasicProperties) -> Option<crate::routing::Provenance> {
+    let headers = properties.headers().as_ref()?;
+    let text = |key: &str| match headers.inner().get(key) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    Some(crate::routing::Provenance {
+        version: text(HEADER_ROUTES_VERSION)?,
+        route: text(HEADER_ROUTE),
+    })
 }
 
 #[cfg(test)]

@@ -92,7 +92,13 @@ pub struct FilterConfig {
     #[arg(long, env = "FILTER_MAX_UNCONFIRMED", default_value_t = 20_000)]
     pub max_unconfirmed: usize,
 
-    /// Directory of the file sink (`records.jsonl`, its rotations, `dead-letter.jsonl`).
+    /// The routes file (TOML, docs/contracts.md §3), reloaded on SIGHUP and when it changes.
+    /// Unset: the built-in routes (`value > 90` → RabbitMQ, the rest → the file).
+    #[arg(long, env = "FILTER_ROUTES")]
+    pub routes: Option<PathBuf>,
+
+    /// Directory of the file sink (`records.jsonl`, its rotations, `dead-letter.jsonl`) and of
+    /// `routes.log`.
     #[arg(long, env = "FILTER_DATA_DIR", default_value = "var/filter")]
     pub data_dir: PathBuf,
 
@@ -177,6 +183,13 @@ impl Validate for FilterConfig {
         self.tls().map_err(|e| {
             format!("--tls-cert / --tls-key (FILTER_TLS_CERT, FILTER_TLS_KEY): {e:#}")
         })?;
+        if let Some(path) = &self.routes {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                format!("--routes (FILTER_ROUTES): reading {}: {e}", path.display())
+            })?;
+            flowmesh_common::routing::Routes::parse(&text)
+                .map_err(|e| format!("--routes (FILTER_ROUTES) {}: {e}", path.display()))?;
+        }
         self.broker.validate()?;
         self.breaker.validate()
     }

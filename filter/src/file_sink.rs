@@ -3,7 +3,9 @@
 //! (`dead-letter.jsonl`).
 //!
 //! A commit writes every line queued since the last one, flushes, and (in `fsync` mode) syncs the
-//! file; only then are its records acked. A failed commit is cut back to the last good length,
+//! file; only then are its records acked. Each records file holds records of one routes version
+//! only: the active file's version is in `{stem}.version` beside it, a rotated file's in its
+//! name, and a job of another version rotates the active file first. A failed commit is cut back to the last good length,
 //! so a record is never half in the file, and its records are nacked.
 
 use std::fs::{self, File, OpenOptions};
@@ -60,6 +62,9 @@ pub struct FileJob {
     pub lines: Vec<String>,
     /// The record id of each line, for dropping re-sent records; empty for no such check.
     pub keys: Vec<String>,
+    /// The routes version the lines were routed under; `None` for lines of no version (dead
+    /// letters).
+    pub version: Option<String>,
     /// The answer to give.
     pub completion: Completion,
 }
@@ -92,8 +97,13 @@ impl FileSink {
 
 async fn run(config: FileSinkConfig, mut receiver: mpsc::Receiver<FileJob>, breaker: Breaker) {
     let mut writer = Some(Writer::new(config.clone()));
+    // A job of another version than the commit being gathered: it starts the next commit.
+    let mut held: Option<FileJob> = None;
     loop {
-        let first = tokio::select! {
+        let first = if let Some(job) = held.take() {
+            job
+        } else {
+            tokio::select! {
             job = receiver.recv() => match job {
                 Some(job) => job,
                 None => break,
@@ -108,11 +118,17 @@ async fn run(config: FileSinkConfig, mut receiver: mpsc::Receiver<FileJob>, brea
                 .map(|(w, ())| w);
                 continue;
             }
+            }
         };
+        let version = first.version.clone();
         let mut jobs = vec![first];
         let mut count = jobs[0].lines.len();
         while count < MAX_COMMIT_LINES {
             match receiver.try_recv() {
+                Ok(job) if job.version != version => {
+                    held = Some(job);
+                    break;
+                }
                 Ok(job) => {
                     count += job.lines.len();
                     jobs.push(job);
@@ -131,7 +147,7 @@ async fn run(config: FileSinkConfig, mut receiver: mpsc::Receiver<FileJob>, brea
         let started = Instant::now();
         let (back, result) = match run_blocking(
             writer.take().unwrap_or_else(|| Writer::new(config.clone())),
-            move |w| w.commit(&lines),
+            move |w| w.commit(&lines, version.as_deref()),
         )
         .await
         {
@@ -190,6 +206,9 @@ struct Writer {
     /// Ids of the records written last (bounded by `dedupe_window`).
     recent: RecentIds,
     recent_loaded: bool,
+    /// The routes version of the active file, once read from its `.version` file (`None`
+    /// inside: a file of no recorded version, which the built-in routes wrote).
+    version: Option<Option<String>>,
 }
 
 /// A bounded set of the most recently written record ids: oldest forgotten first. Ids are kept
@@ -244,20 +263,32 @@ impl Writer {
             opened_at: Instant::now(),
             recent: RecentIds::default(),
             recent_loaded: false,
+            version: None,
         }
     }
 
-    fn commit(&mut self, lines: &[(Option<String>, String)]) -> io::Result<()> {
-        let result = self.try_commit(lines);
+    fn commit(
+        &mut self,
+        lines: &[(Option<String>, String)],
+        version: Option<&str>,
+    ) -> io::Result<()> {
+        let result = self.try_commit(lines, version);
         if result.is_err() {
             self.abandon();
         }
         result
     }
 
-    fn try_commit(&mut self, lines: &[(Option<String>, String)]) -> io::Result<()> {
+    fn try_commit(
+        &mut self,
+        lines: &[(Option<String>, String)],
+        version: Option<&str>,
+    ) -> io::Result<()> {
         self.check_room(lines)?;
         self.rotate_if_due()?;
+        if let Some(version) = version {
+            self.switch_version(version)?;
+        }
         self.load_recent();
         let durability = self.config.durability;
         let mut fresh_keys = Vec::new();
@@ -413,6 +444,51 @@ impl Writer {
             .ok_or_else(|| io::Error::other("file not open"))
     }
 
+    /// The active file's routes version, read once from its `.version` file.
+    fn active_version(&mut self) -> io::Result<Option<String>> {
+        if self.version.is_none() {
+            let read = match fs::read_to_string(version_path(&self.config.dir, self.config.stem)) {
+                Ok(text) => Some(text.trim().to_owned()).filter(|v| !v.is_empty()),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+                Err(err) => return Err(err),
+            };
+            self.version = Some(read);
+        }
+        Ok(self.version.clone().flatten())
+    }
+
+    /// Makes the active file one of `version`: a file of another version that holds records is
+    /// rotated first (its version goes into the rotated name), then `{stem}.version` is written.
+    fn switch_version(&mut self, version: &str) -> io::Result<()> {
+        if self.active_version()?.as_deref() == Some(version) {
+            return Ok(());
+        }
+        let len = match self.committed_len {
+            Some(len) => len,
+            None => match fs::metadata(self.config.active_path()) {
+                Ok(meta) => meta.len(),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => 0,
+                Err(err) => return Err(err),
+            },
+        };
+        if len > 0 {
+            self.rotate("routes")?;
+        }
+        fs::create_dir_all(&self.config.dir)?;
+        let path = version_path(&self.config.dir, self.config.stem);
+        let temporary = path.with_extension("version.tmp");
+        {
+            let mut file = File::create(&temporary)?;
+            file.write_all(version.as_bytes())?;
+            file.write_all(b"\n")?;
+            file.sync_all()?;
+        }
+        fs::rename(&temporary, &path)?;
+        File::open(&self.config.dir)?.sync_all()?;
+        self.version = Some(Some(version.to_owned()));
+        Ok(())
+    }
+
     fn rotate_if_due(&mut self) -> io::Result<()> {
         let len = match self.committed_len {
             Some(len) => len,
@@ -440,7 +516,8 @@ impl Writer {
             file.get_ref().sync_data()?;
         }
         let from = self.config.active_path();
-        let to = rotated_path(&self.config.dir, self.config.stem);
+        let version = self.active_version()?;
+        let to = rotated_path(&self.config.dir, self.config.stem, version.as_deref());
         fs::rename(&from, &to)?;
         if self.config.durability == Durability::Fsync {
             File::open(&self.config.dir)?.sync_all()?;
@@ -489,14 +566,47 @@ fn last_line_end(file: &mut File, len: u64) -> io::Result<u64> {
     Ok(0)
 }
 
-/// `{stem}.{UTC time of rotation}-{NNN}.jsonl`: the counter tells apart rotations within one
-/// millisecond, and every name sorts in the order the files were written.
-fn rotated_path(dir: &Path, stem: &str) -> PathBuf {
+/// `{stem}.{UTC time of rotation}-{NNN}.{routes version}.jsonl` (no version part for a file of
+/// no recorded version): the counter tells apart rotations within one millisecond, and every
+/// name sorts in the order the files were written.
+fn rotated_path(dir: &Path, stem: &str, version: Option<&str>) -> PathBuf {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let version = version.map(|v| format!(".{v}")).unwrap_or_default();
     (0..)
-        .map(|n| dir.join(format!("{stem}.{stamp}-{n:03}.jsonl")))
+        .map(|n| dir.join(format!("{stem}.{stamp}-{n:03}{version}.jsonl")))
         .find(|candidate| !candidate.exists())
         .expect("some counter is free")
+}
+
+/// The file holding the active file's routes version.
+pub fn version_path(dir: &Path, stem: &str) -> PathBuf {
+    dir.join(format!("{stem}.version"))
+}
+
+/// The routes version of one of a sink's files: from a rotated file's name, or from
+/// `{stem}.version` for the active file. `None` for a file of no recorded version (written
+/// before routes had versions, by the built-in routes).
+pub fn file_version(dir: &Path, stem: &str, path: &Path) -> io::Result<Option<String>> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if name == format!("{stem}.jsonl") {
+        return match fs::read_to_string(version_path(dir, stem)) {
+            Ok(text) => Ok(Some(text.trim().to_owned()).filter(|v| !v.is_empty())),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        };
+    }
+    // `{stem}.{date}T{time}.{ms}Z-{NNN}[.{version}].jsonl`
+    let inner = name
+        .strip_prefix(&format!("{stem}."))
+        .and_then(|n| n.strip_suffix(".jsonl"))
+        .unwrap_or_default();
+    Ok(inner
+        .split_once("Z-")
+        .and_then(|(_, counter)| counter.split_once('.'))
+        .map(|(_, version)| version.to_owned()))
 }
 
 /// Every file of a sink in write order: rotated files (oldest first), then the active one.

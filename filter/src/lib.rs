@@ -9,6 +9,7 @@ pub mod file_sink;
 pub mod ingest;
 pub mod reply;
 pub mod router;
+pub mod routes;
 pub mod startup;
 pub mod transport;
 

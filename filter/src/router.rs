@@ -1,18 +1,21 @@
-//! Routing (docs/contracts.md §3, the rule owned by `flowmesh_common::routing`): each valid
-//! record to RabbitMQ or the file sink, every invalid one to the dead-letter file and a reject.
+//! Routing (docs/contracts.md §3, the routes owned by `flowmesh_common::routing`): each valid
+//! record to RabbitMQ or the file sink by the routes in force, every invalid one to the
+//! dead-letter file and a reject. A frame is routed entirely under one routes version, which
+//! goes with its records: in AMQP headers, and as the version of the file they are written to.
 //! A sink whose breaker is open is not called: its records are nacked at once with a
 //! `retry_after_ms`.
 
 use flowmesh_common::metrics as m;
 use flowmesh_common::protocol::{Item, excerpt};
 use flowmesh_common::record::{Record, RecordError, format_timestamp};
-use flowmesh_common::routing::Routing;
+use flowmesh_common::routing::Provenance;
 use flowmesh_common::telemetry::LogLimit;
 use serde_json::json;
 
 use crate::broker::{BrokerJob, BrokerSink};
 use crate::file_sink::{FileJob, FileSink};
 use crate::reply::{Completion, Destination, Replier};
+use crate::routes::RoutesHandle;
 
 /// Warnings about invalid records logged per second at most.
 const WARNINGS_PER_SECOND: u32 = 10;
@@ -26,17 +29,24 @@ pub struct Router {
     broker: BrokerSink,
     file: FileSink,
     dead_letters: FileSink,
+    routes: RoutesHandle,
     /// Warnings about invalid records: a few a second, the rest counted (metrics count all).
     warnings: std::sync::Arc<LogLimit>,
 }
 
 impl Router {
-    /// A router over the three sinks.
-    pub fn new(broker: BrokerSink, file: FileSink, dead_letters: FileSink) -> Self {
+    /// A router over the three sinks, by the routes `routes` holds at each frame.
+    pub fn new(
+        broker: BrokerSink,
+        file: FileSink,
+        dead_letters: FileSink,
+        routes: RoutesHandle,
+    ) -> Self {
         Self {
             broker,
             file,
             dead_letters,
+            routes,
             warnings: std::sync::Arc::new(LogLimit::new(WARNINGS_PER_SECOND)),
         }
     }
@@ -48,20 +58,55 @@ impl Router {
         let mut to_broker: Vec<Record> = Vec::new();
         let mut to_file: Vec<Record> = Vec::new();
         let mut dead = Vec::new();
+        let routes = self.routes.current();
+        // Records each route took in this frame, and its `when` failures.
+        let mut taken = vec![0u64; routes.routes().len()];
+        let mut failed = vec![0u32; routes.routes().len()];
         for item in items {
             match item {
-                Item::Valid(record) => match Routing::DEFAULT.destination(&record) {
-                    Destination::Broker => to_broker.push(record),
-                    Destination::File => to_file.push(record),
-                },
+                Item::Valid(mut record) => {
+                    let choice = routes.choose(&record);
+                    taken[choice.index] += 1;
+                    if choice.errors > 0 {
+                        count_failures(&routes, &record, &mut failed);
+                    }
+                    match choice.route.to() {
+                        Destination::Broker => {
+                            record.provenance = Some(Provenance {
+                                version: routes.version().to_owned(),
+                                route: Some(choice.route.name().to_owned()),
+                            });
+                            to_broker.push(record);
+                        }
+                        Destination::File => to_file.push(record),
+                    }
+                }
                 Item::Invalid { seq, error, raw } => dead.push((seq, error, raw)),
+            }
+        }
+        for (route, (taken, failed)) in routes.routes().iter().zip(taken.iter().zip(&failed)) {
+            if *taken > 0 {
+                metrics::counter!(m::FILTER_ROUTED, "route" => route.name().to_owned(), "destination" => route.to().as_str())
+                    .increment(*taken);
+            }
+            if *failed > 0 {
+                metrics::counter!(m::FILTER_ROUTE_ERRORS, "route" => route.name().to_owned())
+                    .increment(u64::from(*failed));
+                if let Some(left_out) = self.warnings.check() {
+                    tracing::warn!(
+                        route = route.name(),
+                        failures = failed,
+                        left_out,
+                        "a route's `when` failed to evaluate; counted as not matching"
+                    );
+                }
             }
         }
         if !dead.is_empty() {
             self.dead_letter(dead, replier).await;
         }
         if !to_file.is_empty() {
-            self.to_file(to_file, replier).await;
+            self.to_file(to_file, routes.version(), replier).await;
         }
         if !to_broker.is_empty() {
             self.to_broker(to_broker, replier).await;
@@ -107,6 +152,7 @@ impl Router {
         let job = FileJob {
             lines,
             keys: Vec::new(),
+            version: None,
             completion: Completion::Rejects {
                 rejects,
                 replier: replier.clone(),
@@ -125,7 +171,7 @@ impl Router {
         }
     }
 
-    async fn to_file(&self, records: Vec<Record>, replier: &Replier) {
+    async fn to_file(&self, records: Vec<Record>, version: &str, replier: &Replier) {
         let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
         if !self.file.breaker().permit() {
             let retry = self.file.breaker().retry_after();
@@ -138,6 +184,7 @@ impl Router {
         let job = FileJob {
             lines: records.iter().map(Record::to_json).collect(),
             keys: records.iter().map(|r| r.id.clone()).collect(),
+            version: Some(version.to_owned()),
             completion: Completion::Records {
                 seqs,
                 replier: replier.clone(),
@@ -171,6 +218,17 @@ impl Router {
                 "RabbitMQ publisher stopped",
                 self.broker.breaker().retry_after(),
             );
+        }
+    }
+}
+
+/// Which routes' `when` failed for `record`, up to the one that took it (only called for the
+/// rare record whose routing met a failure).
+fn count_failures(routes: &flowmesh_common::routing::Routes, record: &Record, failed: &mut [u32]) {
+    let chosen = routes.choose(record).index;
+    for (index, route) in routes.routes().iter().enumerate().take(chosen) {
+        if route.fails_on(record) {
+            failed[index] += 1;
         }
     }
 }

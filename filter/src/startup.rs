@@ -19,6 +19,7 @@ use crate::config::FilterConfig;
 use crate::file_sink::{FileSink, FileSinkConfig};
 use crate::ingest::{self, IngestSettings, IntakeTally};
 use crate::router::Router;
+use crate::routes::RoutesHandle;
 
 /// Breaker names (metric label values), one per guarded dependency.
 pub const BREAKER_BROKER: &str = "filter_rabbitmq";
@@ -34,6 +35,7 @@ pub struct Application {
     http_listener: TcpListener,
     health: Health,
     router: Router,
+    routes: RoutesHandle,
     broker: BrokerSink,
     file: FileSink,
     sink_tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -94,8 +96,13 @@ impl Application {
         let dead_breaker = dead_letters.breaker().clone();
         health.optional("dead_letter_file", move || dead_breaker.component());
 
-        let router = Router::new(broker.clone(), file.clone(), dead_letters);
+        let routes = RoutesHandle::load(config.routes.as_deref(), &config.data_dir)
+            .map_err(|e| anyhow::anyhow!("--routes (FILTER_ROUTES): {e}"))?;
+        let routes_in_force = routes.clone();
+        health.optional("routes", move || routes_in_force.component());
+        let router = Router::new(broker.clone(), file.clone(), dead_letters, routes.clone());
         Ok(Self {
+            routes,
             config,
             ws_listener,
             http_listener,
@@ -136,6 +143,11 @@ impl Application {
         self.broker.breaker().clone()
     }
 
+    /// The routes in force (tests reload them).
+    pub fn routes(&self) -> RoutesHandle {
+        self.routes.clone()
+    }
+
     /// The records file sink's breaker (tests force it open).
     pub fn file_breaker(&self) -> Breaker {
         self.file.breaker().clone()
@@ -150,6 +162,7 @@ impl Application {
             http_listener,
             health,
             router,
+            routes,
             broker,
             file,
             sink_tasks,
@@ -159,6 +172,7 @@ impl Application {
         let http =
             flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
         health.require("intake", || Component::new(ComponentStatus::Up));
+        routes.watch(http_stop.clone());
 
         let settings = Arc::new(IngestSettings {
             token: config.token.resolve().map_err(anyhow::Error::msg)?,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::record::Record;
-use flowmesh_common::routing::{Destination, Routing};
+use flowmesh_common::routing::{Destination, Routes};
 use flowmesh_common::testkit::record;
 use flowmesh_filter::testing::{RawClient, TestFilter};
 
@@ -30,7 +30,7 @@ async fn a_single_record_and_a_batch_frame_are_each_acked_once_per_record() {
     let in_file = filter.file_records().len();
     let to_broker = batch
         .iter()
-        .filter(|r| Routing::DEFAULT.destination(r) == Destination::Broker)
+        .filter(|r| Routes::builtin().destination(r) == Destination::Broker)
         .count();
     assert_eq!(in_file + to_broker, 101);
     filter.finish().await;

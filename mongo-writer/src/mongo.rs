@@ -204,7 +204,7 @@ impl MongoStore {
     ) -> anyhow::Result<bool> {
         let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
         let last_seq = records.last().map(|r| r.seq as i64).unwrap_or_default();
-        let pushed = bson::to_bson(records).context("encoding records")?;
+        let pushed = records_bson(records)?;
         let result = self.coll().await?
             .update_one(
                 doc! {"_id": id, "records.id": {"$nin": ids}},
@@ -407,7 +407,7 @@ pub fn to_document(group: &GroupDoc) -> anyhow::Result<Document> {
         "_id": &group.id,
         "source": &group.source,
         "nested": group.nested,
-        "records": bson::to_bson(&group.records).context("encoding records")?,
+        "records": records_bson(&group.records)?,
         "count": group.records.len() as i64,
         "first_seq": group.records.first().map(|r| r.seq as i64).unwrap_or_default(),
         "last_seq": group.records.last().map(|r| r.seq as i64).unwrap_or_default(),
@@ -419,10 +419,12 @@ pub fn to_document(group: &GroupDoc) -> anyhow::Result<Document> {
 
 /// A MongoDB document back as a group (for `verify`).
 pub fn from_document(doc: &Document) -> anyhow::Result<(GroupDoc, i64)> {
-    let records: Vec<Record> = bson::from_bson(Bson::Array(
-        doc.get_array("records").context("records")?.clone(),
-    ))
-    .context("decoding records")?;
+    let records = doc
+        .get_array("records")
+        .context("records")?
+        .iter()
+        .map(record_from_bson)
+        .collect::<anyhow::Result<Vec<Record>>>()?;
     let group = GroupDoc {
         id: doc.get_str("_id").context("_id")?.to_owned(),
         source: doc.get_str("source").context("source")?.to_owned(),
@@ -439,6 +441,48 @@ pub fn from_document(doc: &Document) -> anyhow::Result<(GroupDoc, i64)> {
             .unwrap_or_default(),
     };
     Ok((group, integer(doc, "count")))
+}
+
+/// Field of a stored record element: the route that sent it to RabbitMQ.
+pub const FIELD_ROUTE: &str = "route";
+/// Field of a stored record element: the routes version in force when it was routed.
+pub const FIELD_ROUTES_VERSION: &str = "routes_version";
+
+/// Records as the elements of a group's `records` array: each record's fields, then its
+/// provenance (`route`, `routes_version`) when it has one.
+fn records_bson(records: &[Record]) -> anyhow::Result<Bson> {
+    records
+        .iter()
+        .map(|record| {
+            let mut element = bson::to_document(record).context("encoding a record")?;
+            if let Some(provenance) = &record.provenance {
+                if let Some(route) = &provenance.route {
+                    element.insert(FIELD_ROUTE, route.as_str());
+                }
+                element.insert(FIELD_ROUTES_VERSION, provenance.version.as_str());
+            }
+            Ok(Bson::Document(element))
+        })
+        .collect::<anyhow::Result<Vec<Bson>>>()
+        .map(Bson::Array)
+}
+
+/// One element of a group's `records` array back as a record with its provenance.
+fn record_from_bson(element: &Bson) -> anyhow::Result<Record> {
+    let mut element = element
+        .as_document()
+        .context("a records element is not a document")?
+        .clone();
+    let route = element
+        .remove(FIELD_ROUTE)
+        .and_then(|v| v.as_str().map(str::to_owned));
+    let version = element
+        .remove(FIELD_ROUTES_VERSION)
+        .and_then(|v| v.as_str().map(str::to_owned));
+    let mut record: Record = bson::from_document(element).context("decoding a record")?;
+    record.provenance =
+        version.map(|version| flowmesh_common::routing::Provenance { version, route });
+    Ok(record)
 }
 
 fn bson_time(at: chrono::DateTime<chrono::Utc>) -> bson::DateTime {

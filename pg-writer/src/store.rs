@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use flowmesh_common::consumer::{RecordStore, StoreReport};
 use flowmesh_common::record::{Record, format_timestamp, parse_timestamp};
+use flowmesh_common::routing::Provenance;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 
@@ -14,15 +15,15 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// One statement for the whole batch: arrays in, `on conflict do nothing` for redeliveries.
 const INSERT: &str = "
-    insert into records (id, source, seq, ts, value, hash)
-    select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::int2[], $6::text[])
+    insert into records (id, source, seq, ts, value, hash, route, routes_version)
+    select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::int2[], $6::text[], $7::text[], $8::text[])
     on conflict (id) do nothing";
 
 /// Reads back every stored record of `source` (for `verify`), `ts` formatted as the record's
 /// timestamp. No table yet means nothing was ever written: an empty list.
 pub async fn records_of(pool: &PgPool, source: &str) -> anyhow::Result<Vec<Record>> {
     let rows =
-        sqlx::query("select id::text as id, seq, ts, value, hash from records where source = $1")
+        sqlx::query("select id::text as id, seq, ts, value, hash, route, routes_version from records where source = $1")
             .bind(source)
             .fetch_all(pool)
             .await;
@@ -36,6 +37,8 @@ pub async fn records_of(pool: &PgPool, source: &str) -> anyhow::Result<Vec<Recor
             let ts: chrono::DateTime<chrono::Utc> = row.try_get("ts")?;
             let value: i16 = row.try_get("value")?;
             let seq: i64 = row.try_get("seq")?;
+            let route: Option<String> = row.try_get("route")?;
+            let version: Option<String> = row.try_get("routes_version")?;
             Ok(Record {
                 id: row.try_get("id")?,
                 source: source.to_owned(),
@@ -44,6 +47,7 @@ pub async fn records_of(pool: &PgPool, source: &str) -> anyhow::Result<Vec<Recor
                 value: u8::try_from(value).unwrap_or(u8::MAX),
                 hash: row.try_get("hash")?,
                 traceparent: None,
+                provenance: version.map(|version| Provenance { version, route }),
             })
         })
         .collect()
@@ -92,6 +96,8 @@ impl RecordStore for PgStore {
         let mut times = Vec::with_capacity(records.len());
         let mut values = Vec::with_capacity(records.len());
         let mut hashes = Vec::with_capacity(records.len());
+        let mut routes: Vec<Option<&str>> = Vec::with_capacity(records.len());
+        let mut versions: Vec<Option<&str>> = Vec::with_capacity(records.len());
         for record in records {
             // Validation upstream guarantees these parse; a failure here is a bug, not bad input.
             ids.push(uuid::Uuid::parse_str(&record.id).context("record id")?);
@@ -100,6 +106,9 @@ impl RecordStore for PgStore {
             times.push(parse_timestamp(&record.timestamp).context("record timestamp")?);
             values.push(i16::from(record.value));
             hashes.push(record.hash.clone());
+            let provenance = record.provenance.as_ref();
+            routes.push(provenance.and_then(|p| p.route.as_deref()));
+            versions.push(provenance.map(|p| p.version.as_str()));
         }
         let result = sqlx::query(INSERT)
             .bind(ids)
@@ -108,6 +117,8 @@ impl RecordStore for PgStore {
             .bind(times)
             .bind(values)
             .bind(hashes)
+            .bind(routes)
+            .bind(versions)
             .execute(&self.pool)
             .await
             .context("inserting a batch")?;

@@ -1,7 +1,7 @@
 //! `verify`: proves, for one run, that every record of a `source` is stored exactly once and in
-//! the right place — where the filter's routing rule (`flowmesh_common::routing`) sends it: the
-//! file sink, or PostgreSQL and MongoDB — with matching hashes and MongoDB groups that follow the
-//! nesting rule.
+//! the right place — where the routes version recorded for it (`flowmesh_common::routing`, the
+//! versions the filter logged in `routes.log`) sends it: the file sink, or PostgreSQL and MongoDB
+//! — with matching hashes and MongoDB groups that follow the nesting rule.
 
 pub mod dead_letters;
 pub mod reconcile;
@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 use flowmesh_common::config::Validate;
 use flowmesh_common::record::Record;
+use flowmesh_common::routing::{Provenance, Routes};
 use futures_util::TryStreamExt;
 use mongodb::bson::doc;
 
@@ -107,13 +108,20 @@ fn read_file_sink(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
         }
     };
     for path in files {
+        let version = flowmesh_filter::file_sink::file_version(&config.data_dir, "records", &path)
+            .with_context(|| format!("reading the routes version of {}", path.display()))?
+            .unwrap_or_else(Routes::builtin_version);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         for (n, line) in text.lines().enumerate() {
             // A line that is not a record is reported, not skipped.
-            let record: Record = serde_json::from_str(line)
+            let mut record: Record = serde_json::from_str(line)
                 .with_context(|| format!("{} line {} is not a record", path.display(), n + 1))?;
             if record.source == config.source {
+                record.provenance = Some(Provenance {
+                    version: version.clone(),
+                    route: None,
+                });
                 records.push(record);
             }
         }
@@ -152,9 +160,10 @@ async fn read_mongo(
 /// Runs a whole verification: observe, reconcile, and the report.
 pub async fn verify(config: &VerifyConfig) -> anyhow::Result<Report> {
     let observed = observe(config).await?;
+    let versions = flowmesh_filter::routes::applied_versions(&config.data_dir)?;
     let rules = Rules {
         max_nest: config.max_nest,
-        ..Rules::default()
+        ..Rules::with_routes(versions.into_values())
     };
     Ok(reconcile(&config.source, config.expected, &observed, rules))
 }

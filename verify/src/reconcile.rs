@@ -1,28 +1,74 @@
 //! The reconciliation itself, pure: given what each store holds for one `source`, which seqs are
-//! missing, stored twice, in the wrong place, carry a bad hash, or sit in a group that breaks the
-//! nesting rule.
+//! missing, stored twice, in the wrong place (where the routes version recorded for it did not
+//! send it), carry a bad hash, or sit in a group that breaks the nesting rule.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use flowmesh_common::record::{Record, record_hash};
-use flowmesh_common::routing::{Destination, Routing};
+use flowmesh_common::routing::{Destination, Routes};
 use flowmesh_mongo_writer::nesting::{DEFAULT_MAX_NEST, GroupDoc, Op, OpenGroups, nests, plan};
 
 /// The rules stored records are checked against: the same functions the services run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Rules {
-    /// Where each record belongs (the filter's rule).
-    pub routing: Routing,
+    /// Every routes version the filter applied, by version (the built-in routes always among
+    /// them). A record is judged by the version recorded for it; one of no recorded version by
+    /// the built-in routes.
+    pub versions: Arc<HashMap<String, Arc<Routes>>>,
     /// The largest nested group (mongo-writer's `max_nest`).
     pub max_nest: usize,
 }
 
 impl Default for Rules {
     fn default() -> Self {
+        Self::with_routes([])
+    }
+}
+
+impl Rules {
+    /// The built-in routes and `routes`, with the default `max_nest`.
+    pub fn with_routes(routes: impl IntoIterator<Item = Arc<Routes>>) -> Self {
+        let builtin = Routes::builtin();
+        let mut versions = HashMap::from([(builtin.version().to_owned(), builtin)]);
+        versions.extend(routes.into_iter().map(|r| (r.version().to_owned(), r)));
         Self {
-            routing: Routing::DEFAULT,
+            versions: Arc::new(versions),
             max_nest: DEFAULT_MAX_NEST,
+        }
+    }
+
+    /// The routes version recorded for `record` (the built-in one when none is).
+    fn version_of(record: &Record) -> String {
+        record
+            .provenance
+            .as_ref()
+            .map(|p| p.version.clone())
+            .unwrap_or_else(Routes::builtin_version)
+    }
+
+    /// Where the version recorded for `record` sends it, and by which route; `None` when that
+    /// version is unknown.
+    fn sends(&self, record: &Record) -> Option<(Destination, String)> {
+        let routes = self.versions.get(&Self::version_of(record))?;
+        let choice = routes.choose(record);
+        Some((choice.route.to(), choice.route.name().to_owned()))
+    }
+
+    /// True when `record` is stored where its version sends it, under the route that sends it
+    /// there (where the store kept the route's name).
+    fn belongs(&self, record: &Record, here: Destination) -> bool {
+        match self.sends(record) {
+            None => false,
+            Some((to, route)) => {
+                to == here
+                    && record
+                        .provenance
+                        .as_ref()
+                        .and_then(|p| p.route.as_ref())
+                        .is_none_or(|stored| *stored == route)
+            }
         }
     }
 }
@@ -80,6 +126,8 @@ pub struct Report {
     pub mongo: Option<StoreFindings>,
     /// Groups that break the nesting rule: `_id` and why.
     pub bad_groups: Vec<(String, String)>,
+    /// Routes versions recorded for stored records that no filter recorded in `routes.log`.
+    pub unknown_versions: BTreeSet<String>,
 }
 
 impl Report {
@@ -90,6 +138,7 @@ impl Report {
             && self.postgres.is_clean()
             && self.mongo.as_ref().is_none_or(StoreFindings::is_clean)
             && self.bad_groups.is_empty()
+            && self.unknown_versions.is_empty()
     }
 
     /// The report as one JSON object: counts per store, seqs lost, and whether it reconciles.
@@ -112,6 +161,7 @@ impl Report {
             "postgresql": store(&self.postgres),
             "mongodb": self.mongo.as_ref().map(store),
             "bad_groups": self.bad_groups.len(),
+            "unknown_routes_versions": self.unknown_versions.iter().collect::<Vec<_>>(),
             "ok": self.is_ok(),
         })
     }
@@ -181,6 +231,11 @@ impl Report {
         for (id, why) in self.bad_groups.iter().take(20) {
             details.push(format!("  mongodb group {id}: {why}"));
         }
+        for version in &self.unknown_versions {
+            details.push(format!(
+                "  routes version {version} is recorded for stored records but not in routes.log"
+            ));
+        }
         for line in details {
             let _ = writeln!(out, "{line}");
         }
@@ -188,7 +243,7 @@ impl Report {
             out,
             "{}",
             if self.is_ok() {
-                "OK: every record is stored exactly once, in the right place"
+                "OK: every record is stored exactly once, where the routes version in force sent it"
             } else {
                 "FAILED: the stores do not reconcile"
             }
@@ -231,7 +286,7 @@ fn findings(
 
 /// Reconciles what was observed for `source`. `expected` defaults to the highest seq seen.
 pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules: Rules) -> Report {
-    let belongs = |record: &Record, here: Destination| rules.routing.destination(record) == here;
+    let belongs = |record: &Record, here: Destination| rules.belongs(record, here);
     let mongo_records: Option<Vec<&Record>> = observed.mongo.as_ref().map(|groups| {
         groups
             .iter()
@@ -244,10 +299,16 @@ pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules
         .iter()
         .chain(observed.postgres.iter())
         .chain(mongo_records.iter().flatten().copied());
-    // The value of each seq, from wherever it was seen (it decides where the seq belongs).
-    let mut value_of: BTreeMap<u64, u8> = BTreeMap::new();
+    // Each seq as first seen (file, then PostgreSQL, then MongoDB): its fields and its routes
+    // version decide where it belongs.
+    let mut value_of: BTreeMap<u64, &Record> = BTreeMap::new();
+    let mut unknown_versions = BTreeSet::new();
     for record in all {
-        value_of.entry(record.seq).or_insert(record.value);
+        value_of.entry(record.seq).or_insert(record);
+        let version = Rules::version_of(record);
+        if !rules.versions.contains_key(&version) {
+            unknown_versions.insert(version);
+        }
     }
     let expected = expected.unwrap_or_else(|| value_of.keys().next_back().copied().unwrap_or(0));
     let lost: BTreeSet<u64> = (1..=expected)
@@ -256,7 +317,7 @@ pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules
     let bound_for = |here: Destination| -> BTreeSet<u64> {
         value_of
             .iter()
-            .filter(|(_, v)| rules.routing.destination_of(**v) == here)
+            .filter(|(_, r)| rules.sends(r).is_some_and(|(to, _)| to == here))
             .map(|(s, _)| *s)
             .collect()
     };
@@ -283,6 +344,7 @@ pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules
         mongo: mongo_records
             .map(|records| findings(&records, |r| belongs(r, Destination::Broker), &to_broker)),
         bad_groups,
+        unknown_versions,
     }
 }
 

@@ -26,6 +26,14 @@ fn breaker() -> Breaker {
 }
 
 async fn write(sink: &FileSink, seqs: std::ops::RangeInclusive<u64>) -> Reply {
+    write_under(sink, seqs, None).await
+}
+
+async fn write_under(
+    sink: &FileSink,
+    seqs: std::ops::RangeInclusive<u64>,
+    version: Option<&str>,
+) -> Reply {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let seqs: Vec<u64> = seqs.collect();
     let lines = seqs
@@ -36,6 +44,7 @@ async fn write(sink: &FileSink, seqs: std::ops::RangeInclusive<u64>) -> Reply {
     sink.submit(FileJob {
         lines,
         keys,
+        version: version.map(str::to_owned),
         completion: Completion::Records {
             seqs,
             replier: Replier::new(tx),
@@ -251,4 +260,68 @@ async fn files_at_their_size_cap_refuse_writes_until_old_files_are_removed() {
         }
     }
     assert!(matches!(write(&sink, 31..=50).await, Reply::Ack { .. }));
+}
+
+#[tokio::test]
+async fn each_file_holds_one_routes_version_named_in_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(
+        dir.path(),
+        1 << 20,
+        Duration::from_secs(3600),
+        Durability::Fsync,
+    );
+    let (sink, task) = FileSink::start(cfg.clone(), breaker());
+    assert!(matches!(
+        write_under(&sink, 1..=10, Some("aaaaaaaaaaaa")).await,
+        Reply::Ack { .. }
+    ));
+    assert!(matches!(
+        write_under(&sink, 11..=20, Some("aaaaaaaaaaaa")).await,
+        Reply::Ack { .. }
+    ));
+    assert!(matches!(
+        write_under(&sink, 21..=30, Some("bbbbbbbbbbbb")).await,
+        Reply::Ack { .. }
+    ));
+    drop(sink);
+    task.await.expect("sink task");
+    // A restarted sink knows the active file's version: the same version appends to it.
+    let (sink, task) = FileSink::start(cfg, breaker());
+    assert!(matches!(
+        write_under(&sink, 31..=40, Some("bbbbbbbbbbbb")).await,
+        Reply::Ack { .. }
+    ));
+    drop(sink);
+    task.await.expect("sink task");
+
+    let files = sink_files(dir.path(), "records").expect("list");
+    assert_eq!(files.len(), 2, "{files:?}");
+    let versions: Vec<Option<String>> = files
+        .iter()
+        .map(|f| file_version(dir.path(), "records", f).expect("version"))
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            Some("aaaaaaaaaaaa".to_owned()),
+            Some("bbbbbbbbbbbb".to_owned())
+        ]
+    );
+    assert!(files[0].to_string_lossy().ends_with(".aaaaaaaaaaaa.jsonl"));
+    assert_eq!(all_seqs(dir.path()), (1..=40).collect::<Vec<_>>());
+    let lines = |path: &Path| fs::read_to_string(path).expect("read").lines().count();
+    assert_eq!((lines(&files[0]), lines(&files[1])), (20, 20));
+}
+
+#[test]
+fn names_without_a_version_are_files_of_no_recorded_version() {
+    let dir = Path::new("/nonexistent");
+    let version = |name: &str| file_version(dir, "records", &dir.join(name)).expect("version");
+    assert_eq!(version("records.20261201T101010.123Z-000.jsonl"), None);
+    assert_eq!(
+        version("records.20261201T101010.123Z-004.0123456789ab.jsonl").as_deref(),
+        Some("0123456789ab")
+    );
+    assert_eq!(version("records.jsonl"), None);
 }

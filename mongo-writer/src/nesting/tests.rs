@@ -11,6 +11,7 @@ pub(crate) fn rec(seq: u64, hash: &str) -> Record {
         value: 95,
         hash: hash.into(),
         traceparent: None,
+        provenance: None,
     }
 }
 

@@ -18,6 +18,7 @@ fn rec(seq: u64, hash: &str) -> Record {
         value: 95,
         hash: hash.into(),
         traceparent: None,
+        provenance: None,
     }
 }
 

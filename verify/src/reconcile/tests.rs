@@ -1,6 +1,7 @@
 //! Reconciliation catches every kind of damage, and names the seqs.
 
 use super::*;
+use flowmesh_common::routing::Provenance;
 
 fn rec(seq: u64, value: u8) -> Record {
     let at = flowmesh_common::record::parse_timestamp("2026-11-22T04:00:00.123Z").expect("ts")
@@ -15,12 +16,12 @@ fn clean(n: u64) -> Observed {
     Observed {
         file: records
             .iter()
-            .filter(|r| Routing::DEFAULT.destination(r) == Destination::File)
+            .filter(|r| Routes::builtin().destination(r) == Destination::File)
             .cloned()
             .collect(),
         postgres: records
             .iter()
-            .filter(|r| Routing::DEFAULT.destination(r) == Destination::Broker)
+            .filter(|r| Routes::builtin().destination(r) == Destination::Broker)
             .cloned()
             .collect(),
         mongo: None,
@@ -111,32 +112,102 @@ fn groups_that_break_the_rule_are_reported() {
     );
 }
 
+fn routes(when: &str) -> Arc<Routes> {
+    Arc::new(
+        Routes::parse(&format!(
+            "[[route]]\nname = \"hot\"\nwhen = {when:?}\nto = \"broker\"\n[[route]]\nname = \"rest\"\nto = \"file\"\n"
+        ))
+        .expect("routes parse"),
+    )
+}
+
+/// `records` stored as a filter running `routes` stores them: the file's records with the
+/// version only, the broker's with the version and the route.
+fn stored_by(routes: &Routes, records: &[Record], into: &mut Observed) {
+    for record in records {
+        let choice = routes.choose(record);
+        let mut stored = record.clone();
+        stored.provenance = Some(Provenance {
+            version: routes.version().to_owned(),
+            route: (choice.route.to() == Destination::Broker)
+                .then(|| choice.route.name().to_owned()),
+        });
+        match choice.route.to() {
+            Destination::File => into.file.push(stored),
+            Destination::Broker => into.postgres.push(stored),
+        }
+    }
+}
+
 #[test]
-fn verify_follows_the_routing_rule_it_is_given() {
-    // Stored as a filter with threshold 50 would store them.
-    let rule = Routing::broker_above(50);
-    let records: Vec<Record> = (1..=30).map(|s| rec(s, (s * 3) as u8)).collect();
-    let observed = Observed {
-        file: records
-            .iter()
-            .filter(|r| rule.destination(r) == Destination::File)
-            .cloned()
-            .collect(),
-        postgres: records
-            .iter()
-            .filter(|r| rule.destination(r) == Destination::Broker)
-            .cloned()
-            .collect(),
-        mongo: None,
-    };
-    let moved = Rules {
-        routing: rule,
-        ..Rules::default()
-    };
-    let report = reconcile("v", Some(30), &observed, moved);
+fn verify_judges_each_record_by_the_routes_version_recorded_for_it() {
+    let first = routes("value > 80 || hash >= 'f0'");
+    let second = routes("value < 10");
+    let records: Vec<Record> = (1..=200).map(|s| rec(s, (s % 101) as u8)).collect();
+    let mut observed = Observed::default();
+    stored_by(&first, &records[..120], &mut observed);
+    stored_by(&second, &records[120..], &mut observed);
+    let rules = Rules::with_routes([first.clone(), second.clone()]);
+    let report = reconcile("v", Some(200), &observed, rules.clone());
     assert!(report.is_ok(), "{}", report.render());
-    // The same stores judged by the default rule: values 51..=90 are in the wrong place.
-    let report = reconcile("v", Some(30), &observed, Rules::default());
+    assert!(
+        observed.file.iter().any(|r| r.value > 80)
+            && observed.postgres.iter().any(|r| r.value < 80)
+    );
+
+    // One record moved to the other store: wrong place there, missing where it belongs.
+    let mut moved = observed.clone();
+    let at = moved
+        .postgres
+        .iter()
+        .position(|r| r.value > 80)
+        .expect("a hot record");
+    let mut record = moved.postgres.remove(at);
+    let seq = record.seq;
+    record.provenance.as_mut().expect("provenance").route = None;
+    moved.file.push(record);
+    let report = reconcile("v", Some(200), &moved, rules.clone());
+    assert!(!report.is_ok());
+    assert_eq!(report.file.wrong_place, BTreeSet::from([seq]));
+    assert_eq!(report.postgres.missing, BTreeSet::from([seq]));
+
+    // A record stored under the right store but a route its version does not name.
+    let mut renamed = observed.clone();
+    renamed.postgres[0]
+        .provenance
+        .as_mut()
+        .expect("provenance")
+        .route = Some("rest".into());
+    let report = reconcile("v", Some(200), &renamed, rules.clone());
+    assert_eq!(
+        report.postgres.wrong_place,
+        BTreeSet::from([renamed.postgres[0].seq])
+    );
+
+    // The same stores judged without the second version: its records are unknown.
+    let report = reconcile("v", Some(200), &observed, Rules::with_routes([first]));
+    assert!(!report.is_ok());
+    assert_eq!(
+        report.unknown_versions,
+        BTreeSet::from([second.version().to_owned()])
+    );
+    assert!(report.render().contains("not in routes.log"));
+}
+
+#[test]
+fn records_of_no_recorded_version_are_judged_by_the_builtin_routes() {
+    // Stored by routes of threshold 50 but with no version recorded: values 51..=90 are then in
+    // the wrong place.
+    let fifty = routes("value > 50");
+    let records: Vec<Record> = (1..=30).map(|s| rec(s, (s * 3) as u8)).collect();
+    let mut observed = Observed::default();
+    stored_by(&fifty, &records, &mut observed);
+    let rules = Rules::with_routes([fifty]);
+    assert!(reconcile("v", Some(30), &observed, rules.clone()).is_ok());
+    for record in observed.file.iter_mut().chain(observed.postgres.iter_mut()) {
+        record.provenance = None;
+    }
+    let report = reconcile("v", Some(30), &observed, rules);
     let misplaced: BTreeSet<u64> = (17..=30).collect();
     assert_eq!(report.postgres.wrong_place, misplaced);
 }
