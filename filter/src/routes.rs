@@ -196,22 +196,27 @@ impl RoutesHandle {
         let watcher = watch_file(&path, tx.clone());
         let hangups = tx;
         let signals = stop.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-                tracing::warn!("cannot listen for SIGHUP; the routes file reloads only on change");
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = signals.cancelled() => break,
-                    got = hangup.recv() => {
-                        if got.is_none() { break; }
-                        let _ = hangups.send("SIGHUP").await;
-                    }
-                }
+        // Registered before returning, so a SIGHUP sent once this returns is never the default
+        // action (which would end the process).
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGHUP; the routes file reloads only on change")
             }
-        });
+            Ok(mut hangup) => {
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = signals.cancelled() => break,
+                            got = hangup.recv() => {
+                                if got.is_none() { break; }
+                                let _ = hangups.send("SIGHUP").await;
+                            }
+                        }
+                    }
+                });
+            }
+        }
         let handle = self.clone();
         tokio::spawn(async move {
             let _watcher = watcher;

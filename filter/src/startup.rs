@@ -36,6 +36,7 @@ pub struct Application {
     health: Health,
     router: Router,
     routes: RoutesHandle,
+    routes_watch: CancellationToken,
     broker: BrokerSink,
     file: FileSink,
     sink_tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -98,11 +99,15 @@ impl Application {
 
         let routes = RoutesHandle::load(config.routes.as_deref(), &config.data_dir)
             .map_err(|e| anyhow::anyhow!("--routes (FILTER_ROUTES): {e}"))?;
+        // Watching starts now, so SIGHUP reloads from the moment the filter is built.
+        let routes_watch = CancellationToken::new();
+        routes.watch(routes_watch.clone());
         let routes_in_force = routes.clone();
         health.optional("routes", move || routes_in_force.component());
         let router = Router::new(broker.clone(), file.clone(), dead_letters, routes.clone());
         Ok(Self {
             routes,
+            routes_watch,
             config,
             ws_listener,
             http_listener,
@@ -162,7 +167,8 @@ impl Application {
             http_listener,
             health,
             router,
-            routes,
+            routes: _,
+            routes_watch,
             broker,
             file,
             sink_tasks,
@@ -172,7 +178,6 @@ impl Application {
         let http =
             flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
         health.require("intake", || Component::new(ComponentStatus::Up));
-        routes.watch(http_stop.clone());
 
         let settings = Arc::new(IngestSettings {
             token: config.token.resolve().map_err(anyhow::Error::msg)?,
@@ -235,6 +240,7 @@ impl Application {
                 tracing::warn!("a sink did not drain within the grace period");
             }
         }
+        routes_watch.cancel();
         http_stop.cancel();
         let _ = http.await;
         tracing::info!("filter stopped");

@@ -34,6 +34,8 @@ pub struct TestFilter {
     pub broker_breaker: flowmesh_common::breaker::Breaker,
     /// The records file breaker.
     pub file_breaker: flowmesh_common::breaker::Breaker,
+    /// The routes in force.
+    pub routes: crate::routes::RoutesHandle,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -53,6 +55,7 @@ impl TestFilter {
         let broker = app.broker();
         let broker_breaker = app.broker_breaker();
         let file_breaker = app.file_breaker();
+        let routes = app.routes();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         Self {
@@ -63,6 +66,7 @@ impl TestFilter {
             broker,
             broker_breaker,
             file_breaker,
+            routes,
             shutdown,
             task,
         }
