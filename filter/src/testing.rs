@@ -88,9 +88,13 @@ impl TestFilter {
         format!("ws://{}/ingest", self.ws_addr)
     }
 
-    /// The records file's lines, parsed.
+    /// The lines of every records file (rotated ones first), parsed.
     pub fn file_records(&self) -> Vec<serde_json::Value> {
-        read_lines(&self.dir.path().join("records.jsonl"))
+        crate::file_sink::sink_files(self.dir.path(), "records")
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|path| read_lines(path))
+            .collect()
     }
 
     /// The dead-letter file's lines, parsed.

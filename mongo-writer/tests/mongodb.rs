@@ -130,7 +130,7 @@ async fn a_run_of_inserts_meeting_an_existing_group_completes_it_and_inserts_the
     let mut in_memory: Vec<_> = twin.groups().iter().map(essence).collect();
     in_mongodb.sort();
     in_memory.sort();
-    let seqs = |groups: &[(String, String, bool, Vec<String>, u64)]| {
+    let seqs = |groups: &[(String, String, bool, Vec<(String, Provenance)>, u64)]| {
         groups.iter().map(|g| g.3.len()).sum::<usize>()
     };
     assert_eq!(in_mongodb.len(), 4, "four groups, none twice");
@@ -139,12 +139,25 @@ async fn a_run_of_inserts_meeting_an_existing_group_completes_it_and_inserts_the
     client.database(&database).drop().await.expect("drop");
 }
 
-fn essence(group: &GroupDoc) -> (String, String, bool, Vec<String>, u64) {
+type Provenance = Option<(String, Option<String>)>;
+
+/// A group as the two stores must agree on it: ids, order, provenance of every record, wseq.
+fn essence(group: &GroupDoc) -> (String, String, bool, Vec<(String, Provenance)>, u64) {
     (
         group.id.clone(),
         group.source.clone(),
         group.nested,
-        group.records.iter().map(|r| r.id.clone()).collect(),
+        group
+            .records
+            .iter()
+            .map(|r| {
+                let provenance = r
+                    .provenance
+                    .as_ref()
+                    .map(|p| (p.version.clone(), p.route.clone()));
+                (r.id.clone(), provenance)
+            })
+            .collect(),
         group.wseq,
     )
 }
@@ -184,7 +197,21 @@ async fn mongodb_and_the_in_memory_twin_leave_identical_documents_for_the_same_o
             .map(|seq| {
                 let source = ["s1", "s2", "s3"][rng.usize(..3)];
                 let high = rng.u8(..3) != 0;
-                flowmesh_common::testkit::record_where(source, seq, 95, |h| nests(h) == high)
+                let mut record =
+                    flowmesh_common::testkit::record_where(source, seq, 95, |h| nests(h) == high);
+                // Records routed under two versions, and some of no recorded version.
+                record.provenance = match rng.u8(..3) {
+                    0 => None,
+                    1 => Some(flowmesh_common::routing::Provenance {
+                        version: "0123456789ab".into(),
+                        route: Some("hot".into()),
+                    }),
+                    _ => Some(flowmesh_common::routing::Provenance {
+                        version: "ba9876543210".into(),
+                        route: Some("high-hash".into()),
+                    }),
+                };
+                record
             })
             .collect();
         // Delivery order is not id order (re-sends, several generators, replayed dead

@@ -100,7 +100,15 @@ async fn wait_rows(pool: &PgPool, expected: i64, within: Duration) {
 async fn records_are_inserted_in_batches_with_every_field_and_acked_after_commit() {
     let case = Case::new("pg-batches").await;
     let writer = case.start(case.config()).await;
-    let records = case.records(1..=1200);
+    let mut records = case.records(1..=1200);
+    // Even seqs as a filter with routes sends them (provenance in the headers); odd ones as an
+    // older filter did (none).
+    for record in records.iter_mut().filter(|r| r.seq % 2 == 0) {
+        record.provenance = Some(flowmesh_common::routing::Provenance {
+            version: "0123456789ab".into(),
+            route: Some("hot".into()),
+        });
+    }
     publish_records(&case.topology, &records).await;
     let pool = &case.pool;
     wait_rows(pool, 1200, Duration::from_secs(60)).await;
@@ -121,6 +129,14 @@ async fn records_are_inserted_in_batches_with_every_field_and_acked_after_commit
     );
     assert_eq!(row.get::<i16, _>("value"), i16::from(sample.value));
     assert_eq!(row.get::<String, _>("hash"), sample.hash);
+    let read_back = flowmesh_pg_writer::store::records_of(pool, "pg-batches")
+        .await
+        .expect("read back");
+    assert_eq!(read_back.len(), 1200);
+    for stored in &read_back {
+        let sent = &records[stored.seq as usize - 1];
+        assert_eq!(stored.provenance, sent.provenance, "seq {}", stored.seq);
+    }
     let queue = case.queue();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while queue_depth(&queue).await > 0 {

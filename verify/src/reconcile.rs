@@ -339,10 +339,26 @@ pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules
         source: source.to_owned(),
         expected,
         lost,
-        file: findings(&file, |r| belongs(r, Destination::File), &to_file),
-        postgres: findings(&postgres, |r| belongs(r, Destination::Broker), &to_broker),
-        mongo: mongo_records
-            .map(|records| findings(&records, |r| belongs(r, Destination::Broker), &to_broker)),
+        // A copy belongs only where its own version sends it and where the seq belongs as
+        // first seen: one record stored in both the file and the broker's stores, each copy
+        // under a version that sends it there, is still in one place too many.
+        file: findings(
+            &file,
+            |r| belongs(r, Destination::File) && to_file.contains(&r.seq),
+            &to_file,
+        ),
+        postgres: findings(
+            &postgres,
+            |r| belongs(r, Destination::Broker) && to_broker.contains(&r.seq),
+            &to_broker,
+        ),
+        mongo: mongo_records.map(|records| {
+            findings(
+                &records,
+                |r| belongs(r, Destination::Broker) && to_broker.contains(&r.seq),
+                &to_broker,
+            )
+        }),
         bad_groups,
         unknown_versions,
     }

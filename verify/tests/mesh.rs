@@ -107,7 +107,14 @@ async fn settle_and_verify(
             })
             .collect(),
     );
-    reconcile(source, Some(count), &observed, Rules::default())
+    let versions =
+        flowmesh_filter::routes::applied_versions(filter.dir.path()).expect("routes.log");
+    reconcile(
+        source,
+        Some(count),
+        &observed,
+        Rules::with_routes(versions.into_values()),
+    )
 }
 
 fn prefix_of(filter: &TestFilter) -> String {
@@ -209,6 +216,152 @@ async fn a_pg_writer_restarted_in_the_middle_of_a_run_still_verifies() {
     assert_eq!(summary.counts.acked, 12_000);
     let report = settle_and_verify(&filter, &db, &memory, "e2e-restart", 12_000).await;
     assert!(report.is_ok(), "{}", report.render());
+    mongo.stop().await;
+    pg.stop().await;
+    filter.finish().await;
+    db.drop().await;
+}
+
+const HOT: &str = "[[route]]\nname = \"hot\"\nwhen = \"value > 80 || hash >= 'f0'\"\nto = \"broker\"\n\n[[route]]\nname = \"rest\"\nto = \"file\"\n";
+const LOW: &str = "[[route]]\nname = \"low\"\nwhen = \"value < 10\"\nto = \"broker\"\n\n[[route]]\nname = \"rest\"\nto = \"file\"\n";
+const BROKEN: &str = "[[route]]\nname = \"low\"\nwhen = \"value < \"\nto = \"broker\"\n";
+
+fn install(path: &std::path::Path, text: &str) {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text).expect("write routes");
+    std::fs::rename(&temporary, path).expect("install routes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly() {
+    use flowmesh_common::routing::Routes;
+    use flowmesh_filter::routes::Reload;
+    let db = TestDb::create().await;
+    let routes_dir = tempfile::tempdir().expect("dir");
+    let path = routes_dir.path().join("routes.toml");
+    install(&path, HOT);
+    let routes_path = path.clone();
+    let filter = TestFilter::start("verify-routes", move |c| c.routes = Some(routes_path)).await;
+    let prefix = prefix_of(&filter);
+    let memory = MemoryStore::new();
+    let pg = pg_writer(&db, &prefix).await;
+    let mongo = mongo_writer(&prefix, &memory).await;
+    let count = 9_000u64;
+    let running = {
+        let url = filter.url();
+        tokio::spawn(async move {
+            let mut config = GeneratorConfig::for_tests(&url);
+            config.source = Some("e2e-routes".into());
+            config.rate = Rate::PerSecond(2000.0);
+            config.count = Some(count);
+            let app = Generator::build(config).await.expect("builds");
+            app.run_until_stopped(CancellationToken::new())
+                .await
+                .expect("runs")
+        })
+    };
+    let hot = Routes::parse(HOT).expect("parses");
+    let low = Routes::parse(LOW).expect("parses");
+    let progress = |at_least: usize| {
+        let filter = &filter;
+        let db = &db;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while filter.file_records().len() + pg_rows(db).await < at_least {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "records stopped flowing"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    progress(2_000).await;
+    install(&path, LOW);
+    assert_eq!(
+        filter.routes.reload("test"),
+        Reload::Applied(low.version().to_owned())
+    );
+    progress(5_000).await;
+    install(&path, BROKEN);
+    assert!(matches!(filter.routes.reload("test"), Reload::Invalid(_)));
+    assert_eq!(filter.routes.current().version(), low.version());
+    let summary = running.await.expect("generator task");
+    assert_eq!(summary.counts.acked, count);
+
+    let report = settle_and_verify(&filter, &db, &memory, "e2e-routes", count).await;
+    assert!(report.is_ok(), "{}", report.render());
+    // Both versions stored records, each where it sent them.
+    let config = verify_config(&filter, &db, "e2e-routes", count);
+    let observed = observe(&config).await.expect("stores readable");
+    let version = |r: &flowmesh_common::record::Record| {
+        r.provenance
+            .as_ref()
+            .map(|p| p.version.clone())
+            .expect("provenance")
+    };
+    for routes in [&hot, &low] {
+        assert!(
+            observed
+                .postgres
+                .iter()
+                .any(|r| version(r) == routes.version())
+        );
+        assert!(observed.file.iter().any(|r| version(r) == routes.version()));
+    }
+    assert!(
+        observed
+            .file
+            .iter()
+            .any(|r| r.value > 80 && version(r) == low.version())
+    );
+    assert!(
+        observed
+            .postgres
+            .iter()
+            .any(|r| r.value < 10 && version(r) == low.version())
+    );
+    assert!(
+        memory
+            .groups()
+            .iter()
+            .flat_map(|g| g.records.iter())
+            .all(|r| { r.provenance.as_ref().is_some_and(|p| p.route.is_some()) })
+    );
+
+    // A record moved from PostgreSQL into the file: verify names it.
+    let moved = observed
+        .postgres
+        .iter()
+        .find(|r| version(r) == low.version())
+        .expect("a record of the second version")
+        .clone();
+    let pool = db.pool().await;
+    sqlx::query("delete from records where id = $1::uuid")
+        .bind(&moved.id)
+        .execute(&pool)
+        .await
+        .expect("delete");
+    pool.close().await;
+    let active = filter.dir.path().join("records.jsonl");
+    let mut text = std::fs::read_to_string(&active).expect("file");
+    text.push_str(&moved.to_json());
+    text.push('\n');
+    std::fs::write(&active, text).expect("append");
+    let report = flowmesh_verify::verify(&verify_config(&filter, &db, "e2e-routes", count))
+        .await
+        .expect("verify runs");
+    assert!(
+        report.file.wrong_place.contains(&moved.seq),
+        "{}",
+        report.render()
+    );
+    assert!(
+        report.postgres.missing.contains(&moved.seq),
+        "{}",
+        report.render()
+    );
+
     mongo.stop().await;
     pg.stop().await;
     filter.finish().await;

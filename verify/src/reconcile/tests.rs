@@ -184,6 +184,28 @@ fn verify_judges_each_record_by_the_routes_version_recorded_for_it() {
         BTreeSet::from([renamed.postgres[0].seq])
     );
 
+    // A record in both stores, each copy under a version that sends it there: one too many.
+    let mut twice = observed.clone();
+    let in_file = twice
+        .file
+        .iter()
+        .find(|r| {
+            r.provenance
+                .as_ref()
+                .is_some_and(|p| p.version == first.version())
+                && second.destination(r) == Destination::Broker
+        })
+        .expect("a record the second version would send to the broker")
+        .clone();
+    let mut copy = in_file.clone();
+    copy.provenance = Some(Provenance {
+        version: second.version().to_owned(),
+        route: Some(second.choose(&copy).route.name().to_owned()),
+    });
+    twice.postgres.push(copy);
+    let report = reconcile("v", Some(200), &twice, rules.clone());
+    assert_eq!(report.postgres.wrong_place, BTreeSet::from([in_file.seq]));
+
     // The same stores judged without the second version: its records are unknown.
     let report = reconcile("v", Some(200), &observed, Rules::with_routes([first]));
     assert!(!report.is_ok());
