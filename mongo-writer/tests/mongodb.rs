@@ -130,9 +130,7 @@ async fn a_run_of_inserts_meeting_an_existing_group_completes_it_and_inserts_the
     let mut in_memory: Vec<_> = twin.groups().iter().map(essence).collect();
     in_mongodb.sort();
     in_memory.sort();
-    let seqs = |groups: &[(String, String, bool, Vec<(String, Provenance)>, u64)]| {
-        groups.iter().map(|g| g.3.len()).sum::<usize>()
-    };
+    let seqs = |groups: &[Essence]| groups.iter().map(|g| g.3.len()).sum::<usize>();
     assert_eq!(in_mongodb.len(), 4, "four groups, none twice");
     assert_eq!(seqs(&in_mongodb), 8, "every record once");
     assert_eq!(in_mongodb, in_memory, "the twin agrees with MongoDB");
@@ -140,9 +138,10 @@ async fn a_run_of_inserts_meeting_an_existing_group_completes_it_and_inserts_the
 }
 
 type Provenance = Option<(String, Option<String>)>;
-
 /// A group as the two stores must agree on it: ids, order, provenance of every record, wseq.
-fn essence(group: &GroupDoc) -> (String, String, bool, Vec<(String, Provenance)>, u64) {
+type Essence = (String, String, bool, Vec<(String, Provenance)>, u64);
+
+fn essence(group: &GroupDoc) -> Essence {
     (
         group.id.clone(),
         group.source.clone(),
