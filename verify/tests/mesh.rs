@@ -232,6 +232,42 @@ fn install(path: &std::path::Path, text: &str) {
     std::fs::rename(&temporary, path).expect("install routes");
 }
 
+/// MongoDB for the routes run: the real server (`MONGODB_URL`, as the test command sets it) in a
+/// database of its own, else the in-memory twin.
+fn real_mongodb() -> Option<(String, String)> {
+    match std::env::var("MONGODB_URL") {
+        Ok(url) if !url.is_empty() => Some((
+            url,
+            format!("flowmesh_test_{}", uuid::Uuid::new_v4().simple()),
+        )),
+        _ => {
+            eprintln!(
+                "MONGODB_URL is not set: the routes run checks mongo-writer on its in-memory store"
+            );
+            None
+        }
+    }
+}
+
+async fn mongo_documents_records(url: &str, database: &str) -> usize {
+    use futures_util::TryStreamExt;
+    let client = flowmesh_mongo_writer::mongo::client(url)
+        .await
+        .expect("client");
+    let mut cursor = client
+        .database(database)
+        .collection::<mongodb::bson::Document>("records")
+        .find(mongodb::bson::doc! {})
+        .projection(mongodb::bson::doc! {"count": 1})
+        .await
+        .expect("find");
+    let mut records = 0;
+    while let Some(doc) = cursor.try_next().await.expect("next") {
+        records += doc.get_i64("count").unwrap_or_default() as usize;
+    }
+    records
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly() {
     use flowmesh_common::routing::Routes;
@@ -244,8 +280,21 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
     let filter = TestFilter::start("verify-routes", move |c| c.routes = Some(routes_path)).await;
     let prefix = prefix_of(&filter);
     let memory = MemoryStore::new();
+    let mongodb = real_mongodb();
     let pg = pg_writer(&db, &prefix).await;
-    let mongo = mongo_writer(&prefix, &memory).await;
+    let mongo = match &mongodb {
+        Some((url, database)) => {
+            let mut config = MongoWriterConfig::for_tests(&prefix);
+            config.mongodb_url = url.as_str().into();
+            config.mongodb_database = database.clone();
+            TestWriter::start(
+                flowmesh_mongo_writer::build(config)
+                    .await
+                    .expect("mongo-writer builds"),
+            )
+        }
+        None => mongo_writer(&prefix, &memory).await,
+    };
     let count = 9_000u64;
     let running = {
         let url = filter.url();
@@ -289,10 +338,29 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
     let summary = running.await.expect("generator task");
     assert_eq!(summary.counts.acked, count);
 
-    let report = settle_and_verify(&filter, &db, &memory, "e2e-routes", count).await;
+    let mut config = verify_config(&filter, &db, "e2e-routes", count);
+    let report = match &mongodb {
+        Some((url, database)) => {
+            let to_broker = count as usize - filter.file_records().len();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while pg_rows(&db).await < to_broker
+                || mongo_documents_records(url, database).await < to_broker
+            {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the writers did not catch up"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            config.mongodb_url = Some(url.as_str().into());
+            config.mongodb_database = database.clone();
+            flowmesh_verify::verify(&config).await.expect("verify runs")
+        }
+        None => settle_and_verify(&filter, &db, &memory, "e2e-routes", count).await,
+    };
     assert!(report.is_ok(), "{}", report.render());
+    assert_eq!(report.mongo.is_some(), mongodb.is_some());
     // Both versions stored records, each where it sent them.
-    let config = verify_config(&filter, &db, "e2e-routes", count);
     let observed = observe(&config).await.expect("stores readable");
     let version = |r: &flowmesh_common::record::Record| {
         r.provenance
@@ -321,12 +389,19 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
             .iter()
             .any(|r| r.value < 10 && version(r) == low.version())
     );
-    assert!(
-        memory
+    let in_mongo: Vec<flowmesh_common::record::Record> = match &observed.mongo {
+        Some(groups) => groups.iter().flat_map(|(g, _)| g.records.clone()).collect(),
+        None => memory
             .groups()
+            .into_iter()
+            .flat_map(|g| g.records)
+            .collect(),
+    };
+    assert!(!in_mongo.is_empty());
+    assert!(
+        in_mongo
             .iter()
-            .flat_map(|g| g.records.iter())
-            .all(|r| { r.provenance.as_ref().is_some_and(|p| p.route.is_some()) })
+            .all(|r| r.provenance.as_ref().is_some_and(|p| p.route.is_some()))
     );
 
     // A record moved from PostgreSQL into the file: verify names it.
@@ -348,9 +423,8 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
     text.push_str(&moved.to_json());
     text.push('\n');
     std::fs::write(&active, text).expect("append");
-    let report = flowmesh_verify::verify(&verify_config(&filter, &db, "e2e-routes", count))
-        .await
-        .expect("verify runs");
+    config.mongodb_url = Some("".into());
+    let report = flowmesh_verify::verify(&config).await.expect("verify runs");
     assert!(
         report.file.wrong_place.contains(&moved.seq),
         "{}",
@@ -366,4 +440,10 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
     pg.stop().await;
     filter.finish().await;
     db.drop().await;
+    if let Some((url, database)) = &mongodb {
+        let client = flowmesh_mongo_writer::mongo::client(url)
+            .await
+            .expect("client");
+        client.database(database).drop().await.expect("drop");
+    }
 }
