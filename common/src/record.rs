@@ -252,10 +252,51 @@ impl Record {
         Self::from_value(&value)
     }
 
-    /// The record as one line of JSON (no trailing newline).
+    /// The record as one line of JSON (no trailing newline), fields in declaration order.
     pub fn to_json(&self) -> String {
-        // Serializing a struct of strings and integers cannot fail.
-        serde_json::to_string(self).unwrap_or_default()
+        // A validated record's strings need no escaping (UUID, [A-Za-z0-9._-], RFC 3339, hex):
+        // written directly, that costs a fraction of serde's generic path, which the filter and
+        // the generator pay once per record. Anything else goes through serde_json.
+        let plain = |s: &str| {
+            s.bytes()
+                .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
+        };
+        let strings_plain = plain(&self.id)
+            && plain(&self.source)
+            && plain(&self.timestamp)
+            && plain(&self.hash)
+            && self.traceparent.as_deref().is_none_or(plain);
+        if !strings_plain {
+            // Serializing a struct of strings and integers cannot fail.
+            return serde_json::to_string(self).unwrap_or_default();
+        }
+        let mut out = String::with_capacity(
+            96 + self.id.len()
+                + self.source.len()
+                + self.timestamp.len()
+                + self.traceparent.as_ref().map_or(0, String::len),
+        );
+        let mut number = itoa::Buffer::new();
+        out.push_str("{\"id\":\"");
+        out.push_str(&self.id);
+        out.push_str("\",\"source\":\"");
+        out.push_str(&self.source);
+        out.push_str("\",\"seq\":");
+        out.push_str(number.format(self.seq));
+        out.push_str(",\"timestamp\":\"");
+        out.push_str(&self.timestamp);
+        out.push_str("\",\"value\":");
+        out.push_str(number.format(self.value));
+        out.push_str(",\"hash\":\"");
+        out.push_str(&self.hash);
+        out.push('"');
+        if let Some(traceparent) = &self.traceparent {
+            out.push_str(",\"traceparent\":\"");
+            out.push_str(traceparent);
+            out.push('"');
+        }
+        out.push('}');
+        out
     }
 
     /// The trace id inside `traceparent`, if any, for log correlation.
@@ -283,19 +324,21 @@ pub fn validate_source(source: &str) -> Result<(), String> {
 
 /// True for a well-formed W3C `traceparent` of version 00 with non-zero ids.
 pub fn is_traceparent(text: &str) -> bool {
-    let parts: Vec<&str> = text.split('-').collect();
-    let lower_hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    parts.len() == 4
-        && parts[0] == "00"
-        && lower_hex(parts[1], 32)
-        && lower_hex(parts[2], 16)
-        && lower_hex(parts[3], 2)
-        && parts[1].bytes().any(|b| b != b'0')
-        && parts[2].bytes().any(|b| b != b'0')
+    // `00-<32 hex>-<16 hex>-<2 hex>`: 55 bytes with dashes at 2, 35 and 52, checked in one pass
+    // (the filter checks one per record).
+    let bytes = text.as_bytes();
+    if bytes.len() != 55 || !bytes.starts_with(b"00-") {
+        return false;
+    }
+    let lower_hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+    let (trace_id, span_id, flags) = (&bytes[3..35], &bytes[36..52], &bytes[53..55]);
+    bytes[35] == b'-'
+        && bytes[52] == b'-'
+        && trace_id.iter().all(lower_hex)
+        && span_id.iter().all(lower_hex)
+        && flags.iter().all(lower_hex)
+        && trace_id.iter().any(|b| *b != b'0')
+        && span_id.iter().any(|b| *b != b'0')
 }
 
 /// A UUIDv7 for a record made at `at`: its millisecond timestamp and 74 random bits from the

@@ -60,8 +60,9 @@ impl FileSinkConfig {
 pub struct FileJob {
     /// One JSON document per line, without newlines.
     pub lines: Vec<String>,
-    /// The record id of each line, for dropping re-sent records; empty for no such check.
-    pub keys: Vec<String>,
+    /// The record id of each line as [`id_key`], for dropping re-sent records; empty for no
+    /// such check.
+    pub keys: Vec<u128>,
     /// The routes version the lines were routed under; `None` for lines of no version (dead
     /// letters).
     pub version: Option<String>,
@@ -136,7 +137,7 @@ async fn run(config: FileSinkConfig, mut receiver: mpsc::Receiver<FileJob>, brea
                 Err(_) => break,
             }
         }
-        let mut lines: Vec<(Option<String>, String)> = Vec::with_capacity(count);
+        let mut lines: Vec<(Option<u128>, String)> = Vec::with_capacity(count);
         let mut completions = Vec::with_capacity(jobs.len());
         for job in jobs {
             let mut keys = job.keys.into_iter();
@@ -221,7 +222,8 @@ struct RecentIds {
     order: std::collections::VecDeque<u128>,
 }
 
-fn id_key(id: &str) -> u128 {
+/// A record id as the 128-bit key the sink remembers it by (a UUID's own value).
+pub fn id_key(id: &str) -> u128 {
     match uuid::Uuid::try_parse(id) {
         Ok(uuid) => uuid.as_u128(),
         // Not a UUID (never for validated records): fall back to a hash of the text.
@@ -235,12 +237,11 @@ fn id_key(id: &str) -> u128 {
 }
 
 impl RecentIds {
-    fn contains(&self, id: &str) -> bool {
-        self.set.contains(&id_key(id))
+    fn contains(&self, id: u128) -> bool {
+        self.set.contains(&id)
     }
 
-    fn insert(&mut self, id: String, capacity: usize) {
-        let id = id_key(&id);
+    fn insert(&mut self, id: u128, capacity: usize) {
         if capacity == 0 || !self.set.insert(id) {
             return;
         }
@@ -269,7 +270,7 @@ impl Writer {
 
     fn commit(
         &mut self,
-        lines: &[(Option<String>, String)],
+        lines: &[(Option<u128>, String)],
         version: Option<&str>,
     ) -> io::Result<()> {
         let result = self.try_commit(lines, version);
@@ -281,7 +282,7 @@ impl Writer {
 
     fn try_commit(
         &mut self,
-        lines: &[(Option<String>, String)],
+        lines: &[(Option<u128>, String)],
         version: Option<&str>,
     ) -> io::Result<()> {
         self.check_room(lines)?;
@@ -292,19 +293,20 @@ impl Writer {
         self.load_recent();
         let durability = self.config.durability;
         let mut fresh_keys = Vec::new();
-        let mut in_batch = std::collections::HashSet::new();
+        let mut in_batch: std::collections::HashSet<u128, foldhash::quality::RandomState> =
+            std::collections::HashSet::default();
         let mut duplicates = 0u64;
         let mut written = 0u64;
         let recent = std::mem::take(&mut self.recent);
         let result = (|| -> io::Result<()> {
             let file = self.open()?;
             for (key, line) in lines {
-                if let Some(key) = key {
-                    if recent.contains(key) || !in_batch.insert(key.as_str()) {
+                if let Some(key) = *key {
+                    if recent.contains(key) || !in_batch.insert(key) {
                         duplicates += 1;
                         continue;
                     }
-                    fresh_keys.push(key.clone());
+                    fresh_keys.push(key);
                 }
                 file.write_all(line.as_bytes())?;
                 file.write_all(b"\n")?;
@@ -334,7 +336,7 @@ impl Writer {
 
     /// Fails when `lines` would take the files past `max_total_bytes`. The total is read from the
     /// directory at first and again whenever the cap is hit, so removing old files frees room.
-    fn check_room(&mut self, lines: &[(Option<String>, String)]) -> io::Result<()> {
+    fn check_room(&mut self, lines: &[(Option<u128>, String)]) -> io::Result<()> {
         let Some(cap) = self.config.max_total_bytes else {
             return Ok(());
         };
@@ -401,7 +403,7 @@ impl Writer {
         }
         let loaded = ids.len();
         for id in ids {
-            self.recent.insert(id, self.config.dedupe_window);
+            self.recent.insert(id_key(&id), self.config.dedupe_window);
         }
         if loaded > 0 {
             tracing::info!(

@@ -13,7 +13,7 @@ use flowmesh_common::telemetry::LogLimit;
 use serde_json::json;
 
 use crate::broker::{BrokerJob, BrokerSink};
-use crate::file_sink::{FileJob, FileSink};
+use crate::file_sink::{FileJob, FileSink, id_key};
 use crate::reply::{Completion, Destination, Replier};
 use crate::routes::RoutesHandle;
 
@@ -183,7 +183,7 @@ impl Router {
         }
         let job = FileJob {
             lines: records.iter().map(Record::to_json).collect(),
-            keys: records.iter().map(|r| r.id.clone()).collect(),
+            keys: records.iter().map(|r| id_key(&r.id)).collect(),
             version: Some(version.to_owned()),
             completion: Completion::Records {
                 seqs,

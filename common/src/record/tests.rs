@@ -335,3 +335,71 @@ fn new_ids_are_distinct_v7_uuids_carrying_their_millisecond() {
         assert_eq!((seconds, nanos / 1_000_000), (at.timestamp() as u64, 123));
     }
 }
+
+/// The straightforward reading of the `traceparent` rule, which [`is_traceparent`] must match.
+fn traceparent_by_parts(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('-').collect();
+    let lower_hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() == 4
+        && parts[0] == "00"
+        && lower_hex(parts[1], 32)
+        && lower_hex(parts[2], 16)
+        && lower_hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
+}
+
+mod written_by_hand {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn to_json_is_what_serde_writes(
+            source in "[A-Za-z0-9._\"\\\\\u{1}é-]{1,20}",
+            seq in 1u64..=MAX_SEQ,
+            value in 0u8..=100,
+            ms in 0i64..4_000_000_000_000,
+            traced in any::<bool>(),
+        ) {
+            let at = chrono::DateTime::from_timestamp_millis(ms).expect("in range");
+            let traceparent = traced.then(new_traceparent);
+            let record = Record::new(&source, seq, at, value, traceparent);
+            let by_hand = record.to_json();
+            prop_assert_eq!(&by_hand, &serde_json::to_string(&record).expect("serde"));
+            let back: Record = serde_json::from_str(&by_hand).expect("parses");
+            prop_assert_eq!(back, record);
+        }
+
+        #[test]
+        fn the_one_pass_traceparent_check_is_the_rule(
+            shape in "(0[0-9a-g]|[0-9a-fA-F]{2})-[0-9a-fA-F-]{30,34}-[0-9a-f0]{14,17}-[0-9a-fg]{1,3}",
+        ) {
+            prop_assert_eq!(is_traceparent(&shape), traceparent_by_parts(&shape), "{}", shape);
+        }
+    }
+
+    #[test]
+    fn edge_traceparents_agree() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for text in [
+            good,
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+            "",
+        ] {
+            assert_eq!(is_traceparent(text), traceparent_by_parts(text), "{text}");
+        }
+        assert!(is_traceparent(good));
+    }
+}

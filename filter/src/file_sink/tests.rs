@@ -40,7 +40,7 @@ async fn write_under(
         .iter()
         .map(|s| format!(r#"{{"id":"id-{s}","seq":{s}}}"#))
         .collect();
-    let keys = seqs.iter().map(|s| format!("id-{s}")).collect();
+    let keys = seqs.iter().map(|s| id_key(&format!("id-{s}"))).collect();
     sink.submit(FileJob {
         lines,
         keys,
