@@ -185,7 +185,12 @@ impl Broker {
                 routing_key.clone()
             };
             let record = match Record::from_json(&letter.body) {
-                Ok(record) => record,
+                // A replay keeps the provenance the filter gave it: it is judged by that version.
+                Ok(mut record) => {
+                    record.provenance =
+                        flowmesh_common::topology::provenance_of(&message.delivery.properties);
+                    record
+                }
                 Err(err) => {
                     outcomes.push(Outcome::kept(
                         &letter,

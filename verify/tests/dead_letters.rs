@@ -10,7 +10,7 @@ use flowmesh_common::testkit::{amqp_channel, amqp_url, delete_topology, drain_qu
 use flowmesh_common::topology::{Topology, record_properties};
 use flowmesh_verify::dead_letters::{Action, Broker, Selection, Target};
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 
 /// A broker handle on the test's topology.
 async fn broker(topology: &Topology) -> Broker {
@@ -32,10 +32,18 @@ async fn dead_letter(topology: &Topology, body: &[u8], properties: BasicProperti
 async fn dead_letters_are_listed_replayed_after_a_fix_and_purged() {
     let prefix = unique_prefix("dlq");
     let topology = Topology::new(&prefix, 5);
-    let record = Record::new("dlq", 1, chrono::Utc::now(), 97, None);
-    // As pg-writer dead-letters a record it could not store: the queue it came from in a header.
+    let mut record = Record::new("dlq", 1, chrono::Utc::now(), 97, None);
+    record.provenance = Some(flowmesh_common::routing::Provenance {
+        version: "0123456789ab".into(),
+        route: Some("hot".into()),
+    });
+    // As pg-writer dead-letters a record it could not store: the record's own headers (its
+    // provenance among them) and the queue it came from.
     let pg_queue = topology.queue_for("pg-writer").expect("queue").name.clone();
-    let mut headers = FieldTable::default();
+    let mut headers = record_properties(&record)
+        .headers()
+        .clone()
+        .unwrap_or_default();
     headers.insert(
         flowmesh_common::topology::HEADER_DEAD_LETTER_QUEUE.into(),
         AMQPValue::LongString(pg_queue.as_str().into()),
@@ -97,6 +105,11 @@ async fn dead_letters_are_listed_replayed_after_a_fix_and_purged() {
         if queue.name == pg_queue {
             assert_eq!(got.len(), 1, "{}", queue.name);
             assert_eq!(got[0].data, record.to_json().into_bytes());
+            assert_eq!(
+                flowmesh_common::topology::provenance_of(&got[0].properties),
+                record.provenance,
+                "a replay keeps the record's provenance"
+            );
         } else {
             assert!(
                 got.is_empty(),
