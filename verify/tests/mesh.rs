@@ -295,48 +295,43 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
         }
         None => mongo_writer(&prefix, &memory).await,
     };
-    let count = 9_000u64;
-    let running = {
+    // Three legs of one source, its seqs continued through the generator's spool: 1..=3000
+    // under HOT, a reload to LOW, 3001..=6000, a broken file (refused), 6001..=9000.
+    let spool = tempfile::tempdir().expect("spool");
+    let leg = |until: u64| {
         let url = filter.url();
-        tokio::spawn(async move {
+        let spool = spool.path().to_path_buf();
+        async move {
             let mut config = GeneratorConfig::for_tests(&url);
             config.source = Some("e2e-routes".into());
-            config.rate = Rate::PerSecond(2000.0);
-            config.count = Some(count);
+            config.rate = Rate::PerSecond(3000.0);
+            config.count = Some(until);
+            config.spool_dir = Some(spool);
             let app = Generator::build(config).await.expect("builds");
-            app.run_until_stopped(CancellationToken::new())
-                .await
-                .expect("runs")
-        })
-    };
-    let hot = Routes::parse(HOT).expect("parses");
-    let low = Routes::parse(LOW).expect("parses");
-    let progress = |at_least: usize| {
-        let filter = &filter;
-        let db = &db;
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while filter.file_records().len() + pg_rows(db).await < at_least {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "records stopped flowing"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let summary = tokio::time::timeout(
+                Duration::from_secs(180),
+                app.run_until_stopped(CancellationToken::new()),
+            )
+            .await
+            .expect("the leg finishes")
+            .expect("runs");
+            assert_eq!(summary.counts.in_flight, 0, "every record of the leg acked");
         }
     };
-    progress(2_000).await;
+    let count = 9_000u64;
+    let hot = Routes::parse(HOT).expect("parses");
+    let low = Routes::parse(LOW).expect("parses");
+    leg(3_000).await;
     install(&path, LOW);
     assert_eq!(
         filter.routes.reload("test"),
         Reload::Applied(low.version().to_owned())
     );
-    progress(5_000).await;
+    leg(6_000).await;
     install(&path, BROKEN);
     assert!(matches!(filter.routes.reload("test"), Reload::Invalid(_)));
     assert_eq!(filter.routes.current().version(), low.version());
-    let summary = running.await.expect("generator task");
-    assert_eq!(summary.counts.acked, count);
+    leg(count).await;
 
     let mut config = verify_config(&filter, &db, "e2e-routes", count);
     let report = match &mongodb {
@@ -389,6 +384,12 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
             .iter()
             .any(|r| r.value < 10 && version(r) == low.version())
     );
+    // Each record under the version in force when it was routed: HOT for the first leg, LOW
+    // for the other two (the broken file changed nothing).
+    for r in observed.file.iter().chain(&observed.postgres) {
+        let expected = if r.seq <= 3_000 { &hot } else { &low };
+        assert_eq!(version(r), expected.version(), "seq {}", r.seq);
+    }
     let in_mongo: Vec<flowmesh_common::record::Record> = match &observed.mongo {
         Some(groups) => groups.iter().flat_map(|(g, _)| g.records.clone()).collect(),
         None => memory
