@@ -373,7 +373,7 @@ fn compile(name: &str, text: String) -> Result<Condition, RoutesError> {
         .collect();
     unknown.sort_unstable();
     if let Some(first) = unknown.first() {
-        let (line, column) = position_of(&program, &text, first);
+        let (line, column) = position_of(&text, first);
         return Err(RoutesError(format!(
             "route {name:?}: `when` reads `{first}` at line {line} column {column}, which a record does not have (a record has {})",
             VARIABLES.join(", ")
@@ -401,7 +401,7 @@ fn compile(name: &str, text: String) -> Result<Condition, RoutesError> {
 }
 
 /// Line and column (1-based) of the first mention of `word` in `text`, for error messages.
-fn position_of(_program: &cel::Program, text: &str, word: &str) -> (usize, usize) {
+fn position_of(text: &str, word: &str) -> (usize, usize) {
     let offset = text.find(word).unwrap_or(0);
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
