@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::record::{Record, RecordError};
+use crate::record::{Record, RecordError, TypedFields};
 
 /// Path of the filter's WebSocket endpoint.
 pub const INGEST_PATH: &str = "/ingest";
@@ -50,7 +50,7 @@ impl ServerMessage {
 }
 
 /// One element of a client frame after validation.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
     /// A valid record.
     Valid(Record),
@@ -78,6 +78,27 @@ pub const EXCERPT_BYTES: usize = 256;
 /// the frame: elements are sliced out of the text without building a JSON tree of the whole
 /// frame, and elements past the limit are counted, not kept.
 pub fn parse_frame(text: &str, max_batch: usize) -> Result<Vec<Item>, RecordError> {
+    // An array of valid records (nearly every frame) is read in one pass; anything else is
+    // read again element by element, which names every fault. Both give the same items.
+    if text.trim_start().starts_with('[')
+        && let Some(records) = parse_valid_array(text, max_batch)
+    {
+        return Ok(records.into_iter().map(Item::Valid).collect());
+    }
+    parse_elements(text, max_batch)
+}
+
+/// The records of a frame that is an array of at most `max` valid records, read in one pass;
+/// None for any other frame.
+fn parse_valid_array(text: &str, max: usize) -> Option<Vec<Record>> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let records = ValidArray { max }.deserialize(&mut deserializer).ok()??;
+    deserializer.end().ok()?;
+    Some(records)
+}
+
+/// The element-by-element reading of [`parse_frame`].
+fn parse_elements(text: &str, max_batch: usize) -> Result<Vec<Item>, RecordError> {
     let not_json = |err: serde_json::Error| RecordError::Invalid {
         field: "record",
         reason: format!("frame is not valid JSON: {err}"),
@@ -136,6 +157,42 @@ pub fn parse_frame(text: &str, max_batch: usize) -> Result<Vec<Item>, RecordErro
             }
         })
         .collect())
+}
+
+/// Reads a JSON array whose elements are all valid records, up to `max` of them; `None` as
+/// soon as one is not (or there are more), leaving the frame to [`parse_elements`].
+struct ValidArray {
+    max: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for ValidArray {
+    type Value = Option<Vec<Record>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValidArray {
+    type Value = Option<Vec<Record>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of records")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max));
+        while let Some(fields) = seq.next_element::<TypedFields<'de>>()? {
+            if records.len() == self.max {
+                return Ok(None);
+            }
+            match fields.validate() {
+                Ok(record) => records.push(record),
+                Err(_) => return Ok(None),
+            }
+        }
+        Ok(Some(records))
+    }
 }
 
 /// Collects the elements of a JSON array as raw slices, up to `max`; beyond that only counts
@@ -269,5 +326,74 @@ mod tests {
         assert_eq!(excerpt("short"), "short");
         let multibyte = "é".repeat(300);
         assert!(excerpt(&multibyte).starts_with("ééé"));
+    }
+
+    mod one_pass {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One element's text: mostly valid records, written plainly or with an escape, and
+        /// every kind of fault the element-by-element reading names.
+        fn element() -> impl Strategy<Value = String> {
+            (1u64..1000, 0u8..=100, any::<bool>(), 0usize..10).prop_map(
+                |(seq, value, traced, fault)| {
+                    let at =
+                        chrono::DateTime::from_timestamp_millis(1_790_000_000_000 + seq as i64)
+                            .expect("in range");
+                    let traceparent = traced.then(crate::record::new_traceparent);
+                    let record = Record::new("s1", seq, at, value, traceparent);
+                    let text = record.to_json();
+                    let mut object: serde_json::Map<String, Value> =
+                        serde_json::from_str(&text).expect("an object");
+                    match fault {
+                        0..=3 => return text,
+                        4 => return text.replace(r#""source":"s1""#, r#""source":"s\u0031""#),
+                        5 => drop(object.insert("value".into(), 101.into())),
+                        6 => drop(object.insert("hash".into(), "zz".into())),
+                        7 => drop(object.remove("id")),
+                        8 => return text.replace('}', r#","seq":7}"#),
+                        _ => return ["17", "null", "{}", "[1]"][seq as usize % 4].to_owned(),
+                    }
+                    Value::Object(object).to_string()
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn reading_in_one_pass_gives_what_reading_element_by_element_gives(
+                elements in prop::collection::vec(element(), 0..12),
+                spaced in any::<bool>(),
+                max in 1usize..14,
+            ) {
+                let text = format!("[{}]", elements.join(if spaced { " ,\n " } else { "," }));
+                let expected = parse_elements(&text, max);
+                prop_assert_eq!(parse_frame(&text, max), expected.clone());
+                if let Some(records) = parse_valid_array(&text, max) {
+                    let items: Vec<Item> = records.into_iter().map(Item::Valid).collect();
+                    prop_assert_eq!(Ok(items), expected);
+                }
+            }
+        }
+
+        #[test]
+        fn a_frame_of_valid_records_is_read_in_one_pass_and_a_faulty_one_is_not() {
+            let at = crate::record::parse_timestamp("2026-11-22T04:00:00.123Z").expect("ts");
+            let good: Vec<String> = (1..=3)
+                .map(|seq| Record::new("g", seq, at, 5, None).to_json())
+                .collect();
+            let frame = format!("[{}]", good.join(","));
+            assert_eq!(parse_valid_array(&frame, 3).map(|r| r.len()), Some(3));
+            assert_eq!(parse_valid_array(&frame, 2), None, "more than the limit");
+            let faulty = format!("[{},{{\"seq\":2}}]", good[0]);
+            assert_eq!(parse_valid_array(&faulty, 10), None);
+            assert_eq!(
+                parse_valid_array(&format!("{frame} x"), 10),
+                None,
+                "trailing text"
+            );
+        }
     }
 }

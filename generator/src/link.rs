@@ -161,7 +161,7 @@ async fn run_connection(
                     }
                     let count = batch.len();
                     let frame = if count == 1 {
-                        batch.into_iter().next().map(|(_, json)| json).unwrap_or_default()
+                        batch[0].1.to_string()
                     } else {
                         let mut frame = String::with_capacity(batch.iter().map(|(_, j)| j.len() + 1).sum::<usize>() + 2);
                         frame.push('[');

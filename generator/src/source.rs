@@ -76,6 +76,7 @@ pub async fn produce(
     stop: CancellationToken,
 ) -> u64 {
     let mut made = 0u64;
+    let generated = metrics::counter!(m::GEN_GENERATED);
     // The schedule restarts after a pause on a full window, so a stall is not followed by a burst.
     let mut epoch = Instant::now();
     let mut made_at_epoch = 0u64;
@@ -96,7 +97,7 @@ pub async fn produce(
             waited = window.push(&record) => waited,
         };
         made += 1;
-        metrics::counter!(m::GEN_GENERATED).increment(1);
+        generated.increment(1);
         if waited {
             epoch = Instant::now();
             made_at_epoch = made;

@@ -6,7 +6,7 @@
 //! with it). A seq is never queued twice.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flowmesh_common::metrics as m;
@@ -18,7 +18,8 @@ use crate::spool::Spool;
 
 #[derive(Debug)]
 struct Pending {
-    json: String,
+    /// Shared with the batches that carry it, so sending copies no record.
+    json: Arc<str>,
     queued: bool,
     sent_before: bool,
 }
@@ -44,7 +45,7 @@ pub struct WindowCounts {
 }
 
 /// A batch of records to send: `(seq, json)` in seq order.
-pub type Batch = Vec<(u64, String)>;
+pub type Batch = Vec<(u64, Arc<str>)>;
 
 /// The bounded set of unacked records and the queue of those to (re-)send.
 #[derive(Debug)]
@@ -57,6 +58,8 @@ pub struct Window {
     changed: Notify,
     /// Signalled when records are queued for sending.
     ready: Notify,
+    /// `flowmesh_generator_in_flight`, set on every change (resolved once, not per record).
+    in_flight: metrics::Gauge,
 }
 
 impl Window {
@@ -68,6 +71,7 @@ impl Window {
             capacity: capacity.max(1),
             changed: Notify::new(),
             ready: Notify::new(),
+            in_flight: metrics::gauge!(m::GEN_IN_FLIGHT),
         }
     }
 
@@ -86,14 +90,14 @@ impl Window {
                 state.records.insert(
                     record.seq,
                     Pending {
-                        json: record.to_json(),
+                        json: record.to_json().into(),
                         queued: true,
                         sent_before: true,
                     },
                 );
                 state.queue.push_back(record.seq);
             }
-            metrics::gauge!(m::GEN_IN_FLIGHT).set(state.records.len() as f64);
+            window.in_flight.set(state.records.len() as f64);
         }
         window
     }
@@ -114,7 +118,7 @@ impl Window {
     /// Adds a record, waiting while the window is full. Returns true if it had to wait. With a
     /// spool, the record's line is logged first (written before it is sent: [`Window::take_batch`]).
     pub async fn push(&self, record: &Record) -> bool {
-        let json = record.to_json();
+        let json: Arc<str> = record.to_json().into();
         if let Some(spool) = &self.spool {
             spool.generated(&json);
         }
@@ -129,13 +133,13 @@ impl Window {
                     state.records.insert(
                         record.seq,
                         Pending {
-                            json: json.clone(),
+                            json: Arc::clone(&json),
                             queued: true,
                             sent_before: false,
                         },
                     );
                     state.queue.push_back(record.seq);
-                    metrics::gauge!(m::GEN_IN_FLIGHT).set(state.records.len() as f64);
+                    self.in_flight.set(state.records.len() as f64);
                     break;
                 }
             }
@@ -217,7 +221,7 @@ impl Window {
             }
             pending.sent_before = true;
             bytes += pending.json.len() + 1;
-            batch.push((seq, pending.json.clone()));
+            batch.push((seq, Arc::clone(&pending.json)));
         }
         batch
     }
@@ -234,7 +238,7 @@ impl Window {
         }
         state.acked += removed;
         metrics::counter!(m::GEN_ACKED).increment(removed);
-        metrics::gauge!(m::GEN_IN_FLIGHT).set(state.records.len() as f64);
+        self.in_flight.set(state.records.len() as f64);
         drop(state);
         self.changed.notify_waiters();
     }
@@ -263,7 +267,7 @@ impl Window {
             state.rejected += 1;
             metrics::counter!(m::GEN_REJECTED).increment(1);
         }
-        metrics::gauge!(m::GEN_IN_FLIGHT).set(state.records.len() as f64);
+        self.in_flight.set(state.records.len() as f64);
         drop(state);
         self.changed.notify_waiters();
     }

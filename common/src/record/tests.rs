@@ -378,6 +378,29 @@ mod written_by_hand {
         }
 
         #[test]
+        fn the_timestamp_is_what_chrono_writes(
+            secs in -70_000_000_000i64..300_000_000_000,
+            nanos in 0u32..2_000_000_000,
+        ) {
+            // Years from before 0 to after 9999, and leap-second nanos, where chrono takes over.
+            if let Some(at) = chrono::DateTime::from_timestamp(secs, nanos) {
+                prop_assert_eq!(
+                    format_timestamp(at),
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                );
+            }
+        }
+
+        #[test]
+        fn a_new_traceparent_is_well_formed_and_random(_case in 0u8..8) {
+            let (a, b) = (new_traceparent(), new_traceparent());
+            prop_assert!(is_traceparent(&a), "{}", a);
+            prop_assert!(traceparent_by_parts(&a), "{}", a);
+            prop_assert!(a.starts_with("00-") && a.ends_with("-01"), "{}", a);
+            prop_assert_ne!(a, b);
+        }
+
+        #[test]
         fn the_one_pass_traceparent_check_is_the_rule(
             shape in "(0[0-9a-g]|[0-9a-fA-F]{2})-[0-9a-fA-F-]{30,34}-[0-9a-f0]{14,17}-[0-9a-fg]{1,3}",
         ) {
