@@ -64,6 +64,8 @@ metric() { # ADDR NAME LABEL → the sum of NAME's series that carry LABEL (0 wh
 }
 stored() { metric "$1" flowmesh_writer_records_total 'outcome="stored"'; }
 broker_acked() { metric "$FILTER_HTTP_ADDR" flowmesh_filter_records_acked_total 'destination="broker"'; }
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; } # user + system CPU of PID
+ticks_of() { local sum=0 t; for pid in $(pgrep -x "$1"); do t=$(ticks "$pid"); sum=$((sum + ${t:-0})); done; echo "$sum"; }
 rss_mib() { awk '/VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo "-"; }
 raw() { "$BIN/bench" "$@" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["rate"]))'; }
 
@@ -98,6 +100,23 @@ drain_rate() {
   done
   [ "$n" -ge "$target" ] || { log "writer at $addr stored $n of $target"; echo 0; return; }
   calc "round(($n - $first) / max($(now) - $t0, 1e-3))"
+}
+
+# The pg-writer's drain rate from PostgreSQL's own clock, read after the drain: `received_at` is
+# each batch's transaction time, so the rows after the first batch, over the time from the first
+# batch to the last, is the rate of the drain with neither polling's cost nor its granularity.
+# Waits (polling every 200 ms) until TARGET records of sources SOURCES (a SQL list) are stored.
+pg_drain_rate() {
+  local target=$1 sources=$2 n=0
+  for _ in $(seq 3000); do
+    n=$(stored "$PG_WRITER_HTTP_ADDR")
+    [ "$n" -ge "$target" ] && break
+    sleep 0.2
+  done
+  [ "$n" -ge "$target" ] || { log "pg-writer stored $n of $target"; echo 0; return; }
+  psql "$DATABASE_URL" -Atc "with r as (select received_at from records where source in ($sources))
+    select round((count(*) filter (where received_at > (select min(received_at) from r)))
+      / greatest(extract(epoch from max(received_at) - min(received_at)), 1e-3)) from r"
 }
 
 mongo_up() { (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; }
@@ -148,8 +167,8 @@ row "generator → filter, mixed (0-100)" "$(calc "round($COUNT / $SECONDS_MIXED
 QUEUED=$(( $(broker_acked) - LATENCY_ACKED ))
 log "writers draining $QUEUED records"
 start pg-writer
-row "pg-writer draining its queue" "$(drain_rate "$PG_WRITER_HTTP_ADDR" "$QUEUED")" \
-  "consume (prefetch 2000) / insert unnest (batch 1000)" "$RAW_CONSUME / $RAW_INSERT" ""
+row "pg-writer draining its queue" "$(pg_drain_rate "$QUEUED" "'broker-only', 'mixed'")" \
+  "consume (prefetch 2000) / insert unnest (batch 1000)" "$RAW_CONSUME / $RAW_INSERT" "rate from PostgreSQL's received_at"
 start mongo-writer MONGO_WRITER_STORE=memory
 row "mongo-writer draining its queue, in-memory store" "$(drain_rate "$MONGO_WRITER_HTTP_ADDR" "$QUEUED")" \
   "consume (prefetch 2000)" "$RAW_CONSUME" ""
@@ -169,8 +188,13 @@ log "whole mesh: $MESH_COUNT records"
 start mongo-writer MONGO_WRITER_STORE=memory
 wait_ready mongo-writer "$MONGO_WRITER_HTTP_ADDR"
 PG0=$(stored "$PG_WRITER_HTTP_ADDR"); B0=$(broker_acked)
+# CPU seconds each process spends on the run, beside what the machine's cores offered.
+declare -A CPU0
+for name in filter pg-writer mongo-writer; do CPU0[$name]=$(ticks "${PID[$name]}"); done
+CPU0[rabbitmq]=$(ticks_of beam.smp); CPU0[postgresql]=$(ticks_of postgres)
 T0=$(now)
-generate "$MESH_COUNT" max 0-100 mesh >/dev/null
+TIMEFORMAT='%U %S'
+GEN_CPU=$( { time generate "$MESH_COUNT" max 0-100 mesh >/dev/null; } 2>&1 )
 GEN_DONE=$(now)
 for _ in $(seq 6000); do
   target=$(( $(broker_acked) - B0 ))
@@ -178,8 +202,15 @@ for _ in $(seq 6000); do
   sleep 0.05
 done
 T1=$(now)
+HZ=$(getconf CLK_TCK)
+CPU="generator $(calc "round(sum(map(float, '$GEN_CPU'.split())), 1)")"
+for name in filter pg-writer mongo-writer; do CPU+=", $name $(calc "round(($(ticks "${PID[$name]}") - ${CPU0[$name]}) / $HZ, 1)")"; done
+CPU+=", RabbitMQ $(calc "round(($(ticks_of beam.smp) - ${CPU0[rabbitmq]}) / $HZ, 1)")"
+CPU+=", PostgreSQL $(calc "round(($(ticks_of postgres) - ${CPU0[postgresql]}) / $HZ, 1)")"
+CPU+=" of $(calc "round($(nproc) * ($T1 - $T0), 1)") available ($(nproc) cores)"
 row "whole mesh, generated until all stored" "$(calc "round($MESH_COUNT / ($T1 - $T0))")" "" "" \
   "generator done after $(calc "round($GEN_DONE - $T0, 1)") s, everything stored after $(calc "round($T1 - $T0, 1)") s; mongo-writer in memory"
+row "CPU seconds spent on the whole-mesh run" "" "" "" "$CPU"
 
 # ---- sustained -------------------------------------------------------------------------------
 BEST="-"

@@ -102,13 +102,20 @@ fn records(count: usize) -> Vec<Record> {
     let now = chrono::Utc::now();
     (0..count)
         .map(|i| {
-            Record::new(
+            let mut record = Record::new(
                 &source,
                 i as u64 + 1,
                 now,
                 (i % 101) as u8,
                 Some(flowmesh_common::record::new_traceparent()),
-            )
+            );
+            // The provenance the filter's routes give a broker-bound record, so a message
+            // carries the same headers as one of the mesh's.
+            record.provenance = Some(flowmesh_common::routing::Provenance {
+                version: "0123456789ab".into(),
+                route: Some("hot".into()),
+            });
+            record
         })
         .collect()
 }
@@ -321,7 +328,8 @@ async fn insert(database_url: &str, count: usize, batch: usize) -> anyhow::Resul
          create table bench_records (
              id uuid primary key, source text not null, seq bigint not null,
              ts timestamptz not null, value smallint not null check (value between 0 and 100),
-             hash char(2) not null, received_at timestamptz not null default now());
+             hash char(2) not null, received_at timestamptz not null default now(),
+             route text, routes_version text);
          create index on bench_records (source, seq);",
     )
     .execute(&pool)
@@ -342,9 +350,17 @@ async fn insert(database_url: &str, count: usize, batch: usize) -> anyhow::Resul
             .context("timestamps parse")?;
         let values: Vec<i16> = chunk.iter().map(|r| i16::from(r.value)).collect();
         let hashes: Vec<&str> = chunk.iter().map(|r| r.hash.as_str()).collect();
+        let routes: Vec<Option<&str>> = chunk
+            .iter()
+            .map(|r| r.provenance.as_ref().and_then(|p| p.route.as_deref()))
+            .collect();
+        let versions: Vec<Option<&str>> = chunk
+            .iter()
+            .map(|r| r.provenance.as_ref().map(|p| p.version.as_str()))
+            .collect();
         sqlx::query(
-            "insert into bench_records (id, source, seq, ts, value, hash)
-             select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::int2[], $6::text[])
+            "insert into bench_records (id, source, seq, ts, value, hash, route, routes_version)
+             select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::int2[], $6::text[], $7::text[], $8::text[])
              on conflict (id) do nothing",
         )
         .bind(ids)
@@ -353,6 +369,8 @@ async fn insert(database_url: &str, count: usize, batch: usize) -> anyhow::Resul
         .bind(times)
         .bind(values)
         .bind(hashes)
+        .bind(routes)
+        .bind(versions)
         .execute(&pool)
         .await?;
     }
@@ -384,7 +402,11 @@ async fn mongo(mongodb_url: &str, count: usize, batch: usize) -> anyhow::Result<
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let record = mongodb::bson::to_document(r).expect("a record is a document");
+            let mut record = mongodb::bson::to_document(r).expect("a record is a document");
+            if let Some(provenance) = &r.provenance {
+                record.insert("route", provenance.route.clone());
+                record.insert("routes_version", provenance.version.clone());
+            }
             doc! {
                 "_id": &r.id, "source": &r.source, "nested": false, "records": [record],
                 "count": 1, "first_seq": r.seq as i64, "last_seq": r.seq as i64,
