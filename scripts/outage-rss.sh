@@ -23,6 +23,9 @@ export DATABASE_URL="$PG_BASE/$DB" AMQP_PREFIX="flowmesh-rss-$KIND" LOG_FORMAT=j
 export FILTER_DATA_DIR="$WORK/filter" FILTER_LISTEN=127.0.0.1:28080 FILTER_HTTP_ADDR=127.0.0.1:28082
 export GENERATOR_HTTP_ADDR=127.0.0.1:28081 PG_WRITER_HTTP_ADDR=127.0.0.1:28083 MONGO_WRITER_HTTP_ADDR=127.0.0.1:28084
 export FILTER_URL=ws://127.0.0.1:28080/ingest GENERATOR_RATE=$RATE GENERATOR_SOURCE="rss-$KIND-$RANDOM"
+# After the heal the generator is stopped and must first hand over everything in its window; the
+# filter's reconnect backoff after a long outage can outlast the default grace of 20 s.
+export GENERATOR_GRACE=300s
 export GENERATOR_SPOOL_DIR="$WORK/spool" MONGO_WRITER_STORE=memory MONGO_WRITER_MEMORY_FAIL_WHILE="$WORK/mongodb-down"
 declare -A PID
 for s in filter pg-writer mongo-writer; do "$BIN/$s" >>"$WORK/$s.log" 2>&1 & PID[$s]=$!; done
