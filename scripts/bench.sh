@@ -103,8 +103,9 @@ drain_rate() {
 }
 
 # The pg-writer's drain rate from PostgreSQL's own clock, read after the drain: `received_at` is
-# each batch's transaction time, so the rows after the first batch, over the time from the first
-# batch to the last, is the rate of the drain with neither polling's cost nor its granularity.
+# each batch's transaction time, and a batch starts after the one before committed, so from the
+# first batch's time to the last's the writer stored every batch but the last. Those rows over
+# that time is the rate of the drain, with neither polling's cost nor its granularity.
 # Waits (polling every 200 ms) until TARGET records of sources SOURCES (a SQL list) are stored.
 pg_drain_rate() {
   local target=$1 sources=$2 n=0
@@ -115,7 +116,7 @@ pg_drain_rate() {
   done
   [ "$n" -ge "$target" ] || { log "pg-writer stored $n of $target"; echo 0; return; }
   psql "$DATABASE_URL" -Atc "with r as (select received_at from records where source in ($sources))
-    select round((count(*) filter (where received_at > (select min(received_at) from r)))
+    select round((count(*) filter (where received_at < (select max(received_at) from r)))
       / greatest(extract(epoch from max(received_at) - min(received_at)), 1e-3)) from r"
 }
 

@@ -104,10 +104,12 @@ pub fn record_hash(timestamp: &str, value: u8) -> String {
     String::from_utf8(vec![high, low]).expect("hex digits are ASCII")
 }
 
+/// Lowercase hex digits, for the hash and for new traceparents.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// The two lowercase hex characters of [`record_hash`], without allocating (the filter computes
 /// one per record it validates).
 fn hash_chars(timestamp: &str, value: u8) -> [u8; 2] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut context = md5::Context::new();
     context.consume(timestamp.as_bytes());
     context.consume(b"|");
@@ -396,7 +398,6 @@ pub fn new_id(at: DateTime<Utc>) -> uuid::Uuid {
 /// A fresh random `traceparent` (sampled flag set).
 pub fn new_traceparent() -> String {
     // `00-{:032x}-{:016x}-01`, written without the formatting machinery (one per record made).
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
     let (mut trace_id, mut span_id) = (fastrand::u128(1..), fastrand::u64(1..));
     for i in (3..35).rev() {

@@ -58,7 +58,7 @@ pub struct Window {
     changed: Notify,
     /// Signalled when records are queued for sending.
     ready: Notify,
-    /// `flowmesh_generator_in_flight`, set on every change (resolved once, not per record).
+    /// The in-flight gauge ([`m::GEN_IN_FLIGHT`]), resolved once rather than per record.
     in_flight: metrics::Gauge,
 }
 
