@@ -11,7 +11,8 @@
 # the WebSocket → file hop and its ceiling, which are too fast for fewer [500000]; BENCH_MONGO_COUNT
 # records for the hops that touch the MongoDB server [20000]; BENCH_MESH_COUNT [300000];
 # BENCH_LATENCY_SECONDS at 5 records/s [30]; BENCH_SUSTAIN_RATES ["10000 20000 40000"],
-# BENCH_SUSTAIN_SECONDS per rate [60] (empty rates skip the sustained run).
+# BENCH_SUSTAIN_SECONDS per rate [60] (empty rates skip the sustained run); BENCH_PARTS, the parts
+# to run, in this order ["ceilings latency hops drains mesh sustained"], e.g. "mesh" alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -23,6 +24,8 @@ MESH_COUNT=${BENCH_MESH_COUNT:-300000}
 LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-30}
 SUSTAIN_RATES=${BENCH_SUSTAIN_RATES-10000 20000 40000}
 SUSTAIN_SECONDS=${BENCH_SUSTAIN_SECONDS:-60}
+PARTS=" ${BENCH_PARTS:-ceilings latency hops drains mesh sustained} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 
 BIN=$(target_dir)/release
 cargo build --release --quiet --bins
@@ -52,6 +55,12 @@ start() { # SERVICE [env assignments…]
   local name=$1; shift
   env "$@" "$BIN/$name" >>"$WORK/$name.log" 2>&1 &
   PID[$name]=$!
+}
+running() { [ -n "${PID[$1]:-}" ]; }
+ensure() { # SERVICE ADDR [env assignments…]: starts SERVICE unless it runs, and waits until ready
+  local name=$1 addr=$2; shift 2
+  running "$name" || start "$name" "$@"
+  wait_ready "$name" "$addr"
 }
 stop() { [ -n "${PID[$1]:-}" ] && { kill -TERM "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; }; PID[$1]=""; }
 wait_ready() { # SERVICE ADDR
@@ -123,18 +132,21 @@ pg_drain_rate() {
 mongo_up() { (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; }
 
 # ---- raw ceilings -------------------------------------------------------------------------
-log "raw ceilings ($COUNT records)"
-RAW_WS=$(raw ws --count "$FILE_COUNT")
-RAW_PUBLISH=$(raw publish --count "$COUNT" --prefix "$RAW_PREFIX")
-RAW_CONSUME=$(raw consume --count "$COUNT" --prefix "$RAW_PREFIX")
-RAW_INSERT=$(raw insert --count "$COUNT")
-RAW_MONGO=""
-mongo_up && RAW_MONGO=$(raw mongo --count "$MONGO_COUNT")
+RAW_WS="" RAW_PUBLISH="" RAW_CONSUME="" RAW_INSERT="" RAW_MONGO=""
+if want ceilings; then
+  log "raw ceilings ($COUNT records)"
+  RAW_WS=$(raw ws --count "$FILE_COUNT")
+  RAW_PUBLISH=$(raw publish --count "$COUNT" --prefix "$RAW_PREFIX")
+  RAW_CONSUME=$(raw consume --count "$COUNT" --prefix "$RAW_PREFIX")
+  RAW_INSERT=$(raw insert --count "$COUNT")
+  mongo_up && RAW_MONGO=$(raw mongo --count "$MONGO_COUNT")
+fi
 
 # ---- latency and memory at 5 records/s, fresh services ------------------------------------
+ensure filter "$FILTER_HTTP_ADDR"
+if want latency; then
 log "latency and memory: ${LATENCY_SECONDS} s at 5 records/s"
-start filter; start pg-writer; start mongo-writer MONGO_WRITER_STORE=memory
-wait_ready filter "$FILTER_HTTP_ADDR"
+start pg-writer; start mongo-writer MONGO_WRITER_STORE=memory
 wait_ready pg-writer "$PG_WRITER_HTTP_ADDR"
 GENERATOR_COUNT=$((LATENCY_SECONDS * 5)) GENERATOR_RATE=5 GENERATOR_VALUES=91-100 GENERATOR_SOURCE=latency \
   GENERATOR_SPOOL_DIR="$WORK/spool-latency" "$BIN/generator" >>"$WORK/generator.log" 2>&1 &
@@ -151,9 +163,11 @@ LATENCY=$(psql "$DATABASE_URL" -Atc "select concat_ws(' / ',
 row "generator → PostgreSQL latency at 5/s, p50 / p99 / max ms" "$LATENCY" "" "" "records made with values 91-100, so all go to PostgreSQL"
 row "RSS at 5/s" "$RSS" "" "" ""
 stop pg-writer; stop mongo-writer
+fi
 LATENCY_ACKED=$(broker_acked) # already stored: the writers started next begin from zero
 
 # ---- the filter, one destination at a time (writers stopped: their queues fill) -------------
+if want hops; then
 log "filter hops ($COUNT records each)"
 SECONDS_BROKER=$(generate "$COUNT" max 91-100 broker-only)
 row "generator → filter → RabbitMQ (91-100)" "$(calc "round($COUNT / $SECONDS_BROKER)")" \
@@ -163,8 +177,10 @@ row "generator → filter → file (0-90)" "$(calc "round($FILE_COUNT / $SECONDS
   "WebSocket loopback, JSON parse + ack" "$RAW_WS" "fsync per group commit"
 SECONDS_MIXED=$(generate "$COUNT" max 0-100 mixed)
 row "generator → filter, mixed (0-100)" "$(calc "round($COUNT / $SECONDS_MIXED)")" "" "" ""
+fi
 
 # ---- the writers draining what the filter left in their queues -----------------------------
+if want drains; then
 QUEUED=$(( $(broker_acked) - LATENCY_ACKED ))
 log "writers draining $QUEUED records"
 start pg-writer
@@ -183,11 +199,15 @@ if [ -n "$RAW_MONGO" ]; then
     "insert_many of the same documents (j: true)" "$RAW_MONGO" "server: whatever answers on 27017"
   stop mongo-writer
 fi
+fi
 
 # ---- the whole mesh --------------------------------------------------------------------------
+if want mesh || want sustained; then
+  ensure pg-writer "$PG_WRITER_HTTP_ADDR"
+  ensure mongo-writer "$MONGO_WRITER_HTTP_ADDR" MONGO_WRITER_STORE=memory
+fi
+if want mesh; then
 log "whole mesh: $MESH_COUNT records"
-start mongo-writer MONGO_WRITER_STORE=memory
-wait_ready mongo-writer "$MONGO_WRITER_HTTP_ADDR"
 PG0=$(stored "$PG_WRITER_HTTP_ADDR"); B0=$(broker_acked)
 # CPU seconds each process spends on the run, beside what the machine's cores offered.
 declare -A CPU0
@@ -212,9 +232,11 @@ CPU+=" of $(calc "round($(nproc) * ($T1 - $T0), 1)") available ($(nproc) cores)"
 row "whole mesh, generated until all stored" "$(calc "round($MESH_COUNT / ($T1 - $T0))")" "" "" \
   "generator done after $(calc "round($GEN_DONE - $T0, 1)") s, everything stored after $(calc "round($T1 - $T0, 1)") s; mongo-writer in memory"
 row "CPU seconds spent on the whole-mesh run" "" "" "" "$CPU"
+fi
 
 # ---- sustained -------------------------------------------------------------------------------
 BEST="-"
+want sustained || SUSTAIN_RATES=""
 for rate in $SUSTAIN_RATES; do
   log "sustained: $rate records/s for $SUSTAIN_SECONDS s"
   source_name="sustain-$rate"
