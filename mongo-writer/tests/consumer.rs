@@ -1,6 +1,7 @@
 //! mongo-writer against the real RabbitMQ with the in-memory store (no MongoDB can run on every
 //! machine): nesting in queue order, a restart in the middle of a nested group, an unreachable
-//! store that holds the messages in RabbitMQ, and poison messages dead-lettered.
+//! store that holds the messages in RabbitMQ, poison messages dead-lettered, and one failed
+//! store call in the middle of a backlog.
 
 use std::time::Duration;
 
@@ -186,4 +187,113 @@ async fn poison_messages_are_dead_lettered_and_do_not_break_the_nesting() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].data, b"garbage");
     writer.finish().await;
+}
+
+/// Wraps the writer's store: notes each call's seqs and fails one call once (an outage of one
+/// attempt), with the time a database takes, while the consumer holds more deliveries.
+struct Probe<S> {
+    inner: S,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
+    fail_at: usize,
+}
+
+impl<S: flowmesh_common::consumer::RecordStore + Sync> flowmesh_common::consumer::RecordStore
+    for Probe<S>
+{
+    async fn store(
+        &mut self,
+        records: &[Record],
+    ) -> anyhow::Result<flowmesh_common::consumer::StoreReport> {
+        let call = {
+            let mut calls = self.calls.lock().expect("calls");
+            calls.push(records.iter().map(|r| r.seq).collect());
+            calls.len() - 1
+        };
+        // The time a database takes; RabbitMQ keeps delivering up to the prefetch meanwhile.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if call == self.fail_at {
+            anyhow::bail!("the database went away for one attempt");
+        }
+        self.inner.store(records).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_in_a_backlog_retries_that_batch_first_and_keeps_queue_order() {
+    use flowmesh_common::breaker::{Breaker, BreakerSettings};
+    use flowmesh_common::consumer::{self, ConsumerProgress, ConsumerSettings};
+    use std::sync::{Arc, Mutex};
+
+    let prefix = unique_prefix("mongo-ahead");
+    let topology = Topology::new(&prefix, 5);
+    let memory = MemoryStore::new();
+    let count = 600u64;
+    let records: Vec<Record> = (1..=count).map(|seq| record(seq, seq % 3 != 0)).collect();
+    // A backlog, so the consumer has deliveries in hand while it stores.
+    publish_records(&topology, &records).await;
+
+    let progress = Arc::new(ConsumerProgress::default());
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let fail_at = 3;
+    let probe = Probe {
+        inner: flowmesh_mongo_writer::store::NestingStore::new(Groups::Memory(memory.clone()), 100),
+        calls: calls.clone(),
+        fail_at,
+    };
+    let settings = ConsumerSettings {
+        url: flowmesh_common::testkit::amqp_url(),
+        topology: topology.clone(),
+        writer: "mongo-writer",
+        prefetch: 500,
+        batch_max: 50,
+        linger: Duration::ZERO,
+    };
+    let queue = settings.queue();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let consuming = tokio::spawn(consumer::run(
+        settings,
+        probe,
+        Breaker::new("mongodb", BreakerSettings::default()),
+        flowmesh_common::link::LinkStatus::new("amqp"),
+        Arc::new(|| true),
+        progress.clone(),
+        shutdown.clone(),
+    ));
+    eventually("everything stored", Duration::from_secs(60), || {
+        stored(&memory) == count as usize
+    })
+    .await;
+    shutdown.cancel();
+    consuming.await.expect("consumer ends");
+
+    let calls = calls.lock().expect("calls").clone();
+    assert!(
+        calls.len() > fail_at + 1,
+        "the failure came before the end: {calls:?}"
+    );
+    // The failed batch is tried again before anything else.
+    assert_eq!(calls[fail_at], calls[fail_at + 1]);
+    let stored_in_order: Vec<u64> = calls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != fail_at)
+        .flat_map(|(_, seqs)| seqs.iter().copied())
+        .collect();
+    assert_eq!(stored_in_order, (1..=count).collect::<Vec<_>>());
+    // Nested exactly as a writer storing them one by one in queue order would.
+    let expected: Vec<(bool, Vec<u64>)> = {
+        let mut groups: Vec<(bool, Vec<u64>)> = Vec::new();
+        for seq in 1..=count {
+            let high = seq % 3 != 0;
+            match groups.last_mut() {
+                Some((true, seqs)) if high && seqs.len() < 100 => seqs.push(seq),
+                _ => groups.push((high, vec![seq])),
+            }
+        }
+        groups
+    };
+    assert_eq!(shape(&memory), expected);
+    // Everything acked: nothing came back to the queue when the consumer closed.
+    assert_eq!(queue_depth(&queue).await, 0);
+    flowmesh_common::testkit::delete_topology(&topology).await;
 }
