@@ -224,7 +224,7 @@ async fn a_store_failure_in_a_backlog_retries_that_batch_first_and_keeps_queue_o
     use flowmesh_common::consumer::{self, ConsumerProgress, ConsumerSettings};
     use std::sync::{Arc, Mutex};
 
-    let prefix = unique_prefix("mongo-ahead");
+    let prefix = unique_prefix("mongo-backlog");
     let topology = Topology::new(&prefix, 5);
     let memory = MemoryStore::new();
     let count = 600u64;
