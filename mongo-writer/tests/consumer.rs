@@ -197,7 +197,7 @@ struct Probe<S> {
     fail_at: usize,
 }
 
-impl<S: flowmesh_common::consumer::RecordStore + Sync> flowmesh_common::consumer::RecordStore
+impl<S: flowmesh_common::consumer::RecordStore> flowmesh_common::consumer::RecordStore
     for Probe<S>
 {
     async fn store(
