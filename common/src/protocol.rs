@@ -47,6 +47,25 @@ impl ServerMessage {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
+
+    /// Reads one text frame. Gives exactly what `serde_json::from_str` gives, but an ack in the
+    /// filter's own shape, `{"type":"ack","seqs":[…]}` (nearly every answer), is read in one
+    /// pass: the derived reading of an internally tagged enum first copies the whole object
+    /// into an intermediate tree, one allocation per seq.
+    pub fn from_json(text: &str) -> serde_json::Result<Self> {
+        /// An ack's two fields and nothing else; anything more goes the general way.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct PlainAck<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: std::borrow::Cow<'a, str>,
+            seqs: Vec<u64>,
+        }
+        match serde_json::from_str::<PlainAck>(text) {
+            Ok(ack) if ack.kind == "ack" => Ok(ServerMessage::Ack { seqs: ack.seqs }),
+            _ => serde_json::from_str(text),
+        }
+    }
 }
 
 /// One element of a client frame after validation.
@@ -326,6 +345,78 @@ mod tests {
         assert_eq!(excerpt("short"), "short");
         let multibyte = "é".repeat(300);
         assert!(excerpt(&multibyte).starts_with("ééé"));
+    }
+
+    mod answers {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn message() -> impl Strategy<Value = ServerMessage> {
+            let seqs = || prop::collection::vec(any::<u64>(), 0..20);
+            prop_oneof![
+                seqs().prop_map(|seqs| ServerMessage::Ack { seqs }),
+                (seqs(), ".{0,12}", any::<u64>()).prop_map(|(seqs, reason, retry_after_ms)| {
+                    ServerMessage::Nack {
+                        seqs,
+                        reason,
+                        retry_after_ms,
+                    }
+                }),
+                (any::<Option<u64>>(), ".{0,12}")
+                    .prop_map(|(seq, error)| ServerMessage::Reject { seq, error }),
+            ]
+        }
+
+        /// The message's text, or a variant of it: reordered, spaced, escaped, with a field
+        /// more, one less, a wrong type, the other tag, a duplicate key, or not an object.
+        fn text() -> impl Strategy<Value = String> {
+            (message(), 0usize..12).prop_map(|(message, change)| {
+                let text = message.to_json();
+                let mut object: serde_json::Map<String, Value> =
+                    serde_json::from_str(&text).expect("an object");
+                match change {
+                    0..=3 => return text,
+                    4 => return text.replace(r#""type":"#, r#" "type" : "#),
+                    5 => return text.replace(r#""ack""#, r#""\u0061ck""#),
+                    6 => drop(object.insert("extra".into(), 1.into())),
+                    7 => drop(object.remove("seqs")),
+                    8 => drop(object.insert("seqs".into(), "1".into())),
+                    9 => drop(object.insert("type".into(), "nack".into())),
+                    10 => return text.replace('}', r#","seqs":[1]}"#),
+                    _ => return text.replace('{', "[").replace('}', "]"),
+                }
+                let mut fields: Vec<(String, Value)> = object.into_iter().collect();
+                fields.reverse();
+                Value::Object(fields.into_iter().collect()).to_string()
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn reading_an_answer_gives_what_the_derived_reading_gives(text in text()) {
+                let fast = ServerMessage::from_json(&text).map_err(|e| e.to_string());
+                let derived = serde_json::from_str::<ServerMessage>(&text).map_err(|e| e.to_string());
+                prop_assert_eq!(fast, derived);
+            }
+        }
+
+        #[test]
+        fn an_ack_in_the_filters_shape_reads_and_other_shapes_still_do() {
+            let ack = ServerMessage::from_json(r#"{"type":"ack","seqs":[1,2]}"#).expect("ack");
+            assert_eq!(ack, ServerMessage::Ack { seqs: vec![1, 2] });
+            let with_more = ServerMessage::from_json(r#"{"seqs":[3],"type":"ack","note":"x"}"#);
+            assert_eq!(
+                with_more.expect("ack"),
+                ServerMessage::Ack { seqs: vec![3] }
+            );
+            let plain_nack = r#"{"type":"nack","seqs":[3]}"#;
+            assert!(
+                ServerMessage::from_json(plain_nack).is_err(),
+                "a nack needs its reason"
+            );
+        }
     }
 
     mod one_pass {

@@ -169,7 +169,7 @@ impl RawClient {
                 .expect("an answer within 20 s");
             match message {
                 Some(Ok(Message::Text(text))) => {
-                    return Ok(serde_json::from_str(text.as_str())
+                    return Ok(ServerMessage::from_json(text.as_str())
                         .expect("answers are ServerMessage JSON"));
                 }
                 Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),

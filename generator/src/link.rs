@@ -206,7 +206,7 @@ async fn run_connection(
 }
 
 fn handle_answer(text: &str, window: &Window) {
-    match serde_json::from_str::<ServerMessage>(text) {
+    match ServerMessage::from_json(text) {
         Ok(ServerMessage::Ack { seqs }) => window.ack(&seqs),
         Ok(ServerMessage::Nack {
             seqs,
