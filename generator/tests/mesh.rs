@@ -214,6 +214,9 @@ async fn a_generator_stopped_mid_stream_drains_its_window_and_everything_it_made
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_shut_down_mid_stream_loses_nothing_it_acked() {
     let filter = TestFilter::start("filterstop", |_| {}).await;
+    // The run is cut short, so its broker-bound records are acked (and its queues declared)
+    // only if the publisher is connected before records flow.
+    filter.wait_connected().await;
     let mut config = generator(&filter.url(), "filterstop", None);
     config.rate = Rate::PerSecond(3000.0);
     config.service.grace = Duration::from_secs(1);
