@@ -101,7 +101,7 @@ pub struct ConsumerProgress {
     pub stored: AtomicU64,
     /// Records that were stored already.
     pub duplicates: AtomicU64,
-    /// Messages dead-lettered.
+    /// Records dead-lettered (a message dead-lettered whole counts as its lines).
     pub dead_lettered: AtomicU64,
     /// Messages in hand, unacked (the batch being stored).
     pub held: AtomicU64,
@@ -303,15 +303,20 @@ impl<S: RecordStore> Session<'_, S> {
                 Next::Drained => continue,
                 Next::Shutdown => return Ok(()),
             };
+            // Sized in records: a packed message counts as the records it says it holds.
+            let mut records = crate::message::records_hint(&first.properties);
             let mut batch = vec![first];
             let more = if self.settings.linger.is_zero() {
                 Wait::NotAtAll
             } else {
                 Wait::Until(tokio::time::Instant::now() + self.settings.linger)
             };
-            while batch.len() < self.settings.batch_max {
+            while records < self.settings.batch_max {
                 match self.next(shutdown, more).await? {
-                    Next::Delivery(delivery) => batch.push(*delivery),
+                    Next::Delivery(delivery) => {
+                        records += crate::message::records_hint(&delivery.properties);
+                        batch.push(*delivery);
+                    }
                     Next::Drained | Next::Shutdown => break,
                 }
             }
@@ -462,15 +467,41 @@ impl<S: RecordStore> Session<'_, S> {
         // Deliveries that hold a record, still unsettled (the others are dead-lettered now).
         let mut valid = Vec::with_capacity(batch.len());
         for (index, delivery) in batch.iter().enumerate() {
-            match decode(&delivery.data) {
-                Ok(mut record) => {
-                    record.provenance = crate::topology::provenance_of(&delivery.properties);
-                    records.push(record);
+            match crate::message::decode(&delivery.properties, &delivery.data) {
+                Ok(decoded) => {
+                    if !decoded.invalid.is_empty() {
+                        // Only the bad lines go to the dead-letter queue; the message itself is
+                        // acked with the batch, once its valid records are stored.
+                        let lines: Vec<String> = decoded
+                            .invalid
+                            .iter()
+                            .map(|bad| format!("line {}: {}", bad.line, bad.reason))
+                            .collect();
+                        tracing::warn!(writer, records = decoded.invalid.len(), error = %lines.join("; "), "lines of a packed message can never be stored; dead-lettering them");
+                        self.count_dead_lettered(decoded.invalid.len() as u64);
+                        let body: Vec<&str> = decoded
+                            .invalid
+                            .iter()
+                            .map(|bad| bad.text.as_str())
+                            .collect();
+                        dead_letter_lines(
+                            self.settings,
+                            self.channel,
+                            delivery,
+                            body.join("\n").as_bytes(),
+                            &format!("not a valid record: {}", lines.join("; ")),
+                        )
+                        .await?;
+                    }
+                    records.extend(decoded.records);
                     valid.push(index);
                 }
                 Err(reason) => {
                     tracing::warn!(writer, error = %reason, "message can never be stored; dead-lettering it");
-                    self.count_dead_lettered(1);
+                    self.count_dead_lettered(crate::message::lines(
+                        &delivery.properties,
+                        &delivery.data,
+                    ) as u64);
                     dead_letter(
                         self.settings,
                         self.channel,
@@ -605,12 +636,6 @@ impl<S: RecordStore> Session<'_, S> {
     }
 }
 
-fn decode(data: &[u8]) -> Result<Record, String> {
-    std::str::from_utf8(data)
-        .map_err(|e| e.to_string())
-        .and_then(|text| Record::from_json(text).map_err(|e| e.to_string()))
-}
-
 /// Sends `delivery` to the dead-letter exchange with `reason` and the queue it came from in its
 /// headers (publisher-confirmed), then acks it. If that fails, rejects it without requeue, so it
 /// still reaches the dead-letter queue (with RabbitMQ's `x-death` only).
@@ -620,6 +645,51 @@ async fn dead_letter(
     delivery: &Delivery,
     reason: &str,
 ) -> Result<(), String> {
+    if publish_dead_letter(settings, channel, delivery, &delivery.data, reason).await {
+        bounded(
+            "ack after dead-lettering",
+            delivery.ack(BasicAckOptions::default()),
+        )
+        .await
+        .map(|_| ())
+    } else {
+        bounded(
+            "reject",
+            delivery.reject(BasicRejectOptions { requeue: false }),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Sends the bad `lines` of packed `delivery` to the dead-letter exchange, as
+/// [`dead_letter`] does a whole message, but leaves the delivery itself unsettled: its valid
+/// records are stored and it is acked with its batch. If the publish is not confirmed, the
+/// link counts as failed, so the message comes back (and is read again) rather than lose the
+/// lines.
+async fn dead_letter_lines(
+    settings: &ConsumerSettings,
+    channel: &lapin::Channel,
+    delivery: &Delivery,
+    lines: &[u8],
+    reason: &str,
+) -> Result<(), String> {
+    if publish_dead_letter(settings, channel, delivery, lines, reason).await {
+        Ok(())
+    } else {
+        Err("the dead-letter publish of a packed message's bad lines was not confirmed".into())
+    }
+}
+
+/// Publishes `body` with `delivery`'s properties plus `reason` and the queue to the
+/// dead-letter exchange; true when RabbitMQ confirmed it.
+async fn publish_dead_letter(
+    settings: &ConsumerSettings,
+    channel: &lapin::Channel,
+    delivery: &Delivery,
+    body: &[u8],
+    reason: &str,
+) -> bool {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
         HEADER_DEAD_LETTER_REASON.into(),
@@ -629,6 +699,13 @@ async fn dead_letter(
         HEADER_DEAD_LETTER_QUEUE.into(),
         AMQPValue::LongString(settings.queue().into()),
     );
+    if crate::message::is_packed(&delivery.properties) {
+        let lines = crate::message::lines(&delivery.properties, body);
+        headers.insert(
+            crate::message::HEADER_RECORDS.into(),
+            AMQPValue::LongLongInt(lines as i64),
+        );
+    }
     let properties = delivery.properties.clone().with_headers(headers);
     let published = bounded("dead-letter publish", async {
         channel
@@ -636,25 +713,12 @@ async fn dead_letter(
                 settings.topology.dead_letter_exchange.as_str().into(),
                 "".into(),
                 BasicPublishOptions::default(),
-                &delivery.data,
+                body,
                 properties,
             )
             .await?
             .await
     })
     .await;
-    match published {
-        Ok(confirmation) if confirmation.is_ack() => bounded(
-            "ack after dead-lettering",
-            delivery.ack(BasicAckOptions::default()),
-        )
-        .await
-        .map(|_| ()),
-        _ => bounded(
-            "reject",
-            delivery.reject(BasicRejectOptions { requeue: false }),
-        )
-        .await
-        .map(|_| ()),
-    }
+    matches!(published, Ok(confirmation) if confirmation.is_ack())
 }

@@ -9,6 +9,7 @@ pub mod consumer;
 pub mod health;
 pub mod http;
 pub mod link;
+pub mod message;
 pub mod metrics;
 pub mod progress;
 pub mod protocol;

@@ -123,6 +123,8 @@ catalogue! {
         "Time from publishing a frame's records to RabbitMQ's last confirm.";
     FILTER_PUBLISH_IN_FLIGHT = "flowmesh_filter_publish_in_flight", Gauge, Filter, [],
         "Published records awaiting RabbitMQ's confirm.";
+    FILTER_PUBLISH_MESSAGE_RECORDS = "flowmesh_filter_publish_message_records", Histogram, Filter, [],
+        "Records per message published to RabbitMQ (1 unless FILTER_PUBLISH_PACK is above 1).";
     FILTER_FILE_COMMIT_SECONDS = "flowmesh_filter_file_commit_duration_seconds", Histogram, Filter, ["file"],
         "Time to write, flush (and fsync) one group commit of a file sink.";
     FILTER_FILE_COMMIT_RECORDS = "flowmesh_filter_file_commit_records", Histogram, Filter, ["file"],

@@ -1,8 +1,11 @@
 //! The RabbitMQ sink: pipelined publishes with publisher confirms, and a supervisor that
 //! reconnects with backoff and jitter.
 //!
-//! Many publishes are in flight at once (up to `max_unconfirmed`); each job (one frame's broker
-//! records) is answered when all its confirms are in. Only a positive confirm without a return
+//! Many publishes are in flight at once (up to `max_unconfirmed` records); each job (one
+//! frame's broker records) is answered when all its confirms are in. With `pack` above 1, a
+//! job's consecutive records of one provenance travel packed, up to `pack` a message
+//! (docs/contracts.md §4): under load frames grow, and so do messages; a frame of one record is
+//! still a record message. Only a positive confirm without a return
 //! is an ack: a nack, a returned (unroutable) message or a lost connection nacks the record back
 //! to the client, which sends it again. Nothing is ever acked on hope.
 
@@ -11,11 +14,12 @@ use std::time::{Duration, Instant};
 use backon::BackoffBuilder;
 use flowmesh_common::breaker::Breaker;
 use flowmesh_common::link::LinkStatus;
+use flowmesh_common::message;
 use flowmesh_common::metrics as m;
 use flowmesh_common::record::Record;
 use flowmesh_common::retry;
 use flowmesh_common::telemetry::redact_url;
-use flowmesh_common::topology::{Topology, record_properties};
+use flowmesh_common::topology::Topology;
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, join_all};
 use futures_util::stream::FuturesUnordered;
@@ -39,6 +43,8 @@ pub struct BrokerConfig {
     pub topology: Topology,
     /// Published records awaiting a confirm at most.
     pub max_unconfirmed: usize,
+    /// Records per message at most (1: every record its own message).
+    pub pack: usize,
 }
 
 /// Records bound for RabbitMQ and the connection to answer.
@@ -107,11 +113,13 @@ struct Link {
     failed: mpsc::UnboundedReceiver<lapin::Error>,
 }
 
+/// A job's seqs, who to answer, when its publishing started, and each message's confirm with
+/// the number of records (of `seqs`, in order) it carried.
 type Confirmed = (
     Vec<u64>,
     Replier,
     Instant,
-    Vec<Result<Confirmation, String>>,
+    Vec<(usize, Result<Confirmation, String>)>,
 );
 
 struct Publisher {
@@ -178,7 +186,7 @@ impl Publisher {
                             let seqs = job.records.iter().map(|r| r.seq).collect();
                             job.replier.nack(seqs, Destination::Broker, "RabbitMQ unavailable", self.breaker.retry_after());
                         }
-                        Some(current) => match publish(current, &self.config.topology, job).await {
+                        Some(current) => match publish(current, &self.config.topology, self.config.pack, job).await {
                             Ok(confirming) => {
                                 unconfirmed += count;
                                 metrics::gauge!(m::FILTER_PUBLISH_IN_FLIGHT).set(unconfirmed as f64);
@@ -221,11 +229,17 @@ impl Publisher {
     }
 
     /// Acks the records RabbitMQ confirmed and nacks the rest.
-    fn settle(&self, seqs: Vec<u64>, replier: Replier, results: Vec<Result<Confirmation, String>>) {
+    fn settle(
+        &self,
+        seqs: Vec<u64>,
+        replier: Replier,
+        results: Vec<(usize, Result<Confirmation, String>)>,
+    ) {
         let mut acked = Vec::with_capacity(seqs.len());
         let mut failed = Vec::new();
         let mut first_error = None;
-        for (seq, result) in seqs.into_iter().zip(results) {
+        let mut seqs = seqs.into_iter();
+        for (count, result) in results {
             let problem = match result {
                 Ok(Confirmation::Ack(None)) => None,
                 Ok(Confirmation::Ack(Some(returned))) => Some(format!(
@@ -236,10 +250,11 @@ impl Publisher {
                 Ok(Confirmation::NotRequested) => Some("channel not in confirm mode".to_owned()),
                 Err(err) => Some(err),
             };
+            let carried = seqs.by_ref().take(count);
             match problem {
-                None => acked.push(seq),
+                None => acked.extend(carried),
                 Some(problem) => {
-                    failed.push(seq);
+                    failed.extend(carried);
                     first_error.get_or_insert(problem);
                 }
             }
@@ -299,31 +314,42 @@ async fn connect(config: BrokerConfig) -> Result<Link, String> {
     }
 }
 
-/// Publishes every record of a job; the returned future resolves when all are confirmed.
+/// Publishes every record of a job, at most `pack` a message; the returned future resolves
+/// when all are confirmed.
 async fn publish(
     link: &Link,
     topology: &Topology,
+    pack: usize,
     job: BrokerJob,
 ) -> Result<BoxFuture<'static, Confirmed>, (BrokerJob, String)> {
     let started = Instant::now();
-    let mut confirms = Vec::with_capacity(job.records.len());
+    let mut confirms = Vec::new();
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    for record in &job.records {
+    let runs: Vec<usize> = packs(&job.records, pack).map(<[Record]>::len).collect();
+    let sizes = metrics::histogram!(m::FILTER_PUBLISH_MESSAGE_RECORDS);
+    let mut start = 0;
+    for len in runs {
+        let run = &job.records[start..start + len];
+        start += len;
+        let (body, properties) = message::encode(run);
         let published = link
             .channel
             .basic_publish(
                 topology.exchange.as_str().into(),
                 "".into(),
                 options,
-                record.to_json().as_bytes(),
-                record_properties(record),
+                &body,
+                properties,
             )
             .await;
         match published {
-            Ok(confirm) => confirms.push(confirm),
+            Ok(confirm) => {
+                sizes.record(len as f64);
+                confirms.push((len, confirm));
+            }
             // Records published before the failure still get their confirms (or errors);
             // simplest correct answer is to nack the whole job: duplicates are harmless.
             Err(err) => return Err((job, err.to_string())),
@@ -332,11 +358,70 @@ async fn publish(
     let seqs: Vec<u64> = job.records.iter().map(|r| r.seq).collect();
     let replier = job.replier;
     Ok(Box::pin(async move {
-        let results = join_all(confirms)
-            .await
+        let (counts, confirms): (Vec<usize>, Vec<_>) = confirms.into_iter().unzip();
+        let results = counts
             .into_iter()
-            .map(|r| r.map_err(|e| e.to_string()))
+            .zip(join_all(confirms).await)
+            .map(|(count, r)| (count, r.map_err(|e| e.to_string())))
             .collect();
         (seqs, replier, started, results)
     }))
+}
+
+/// The messages a job's records travel in: consecutive runs of at most `pack` records that
+/// share their provenance (a packed message carries it once).
+fn packs(records: &[Record], pack: usize) -> impl Iterator<Item = &[Record]> {
+    let mut rest = records;
+    std::iter::from_fn(move || {
+        let first = rest.first()?;
+        let len = rest
+            .iter()
+            .take(pack.max(1))
+            .take_while(|r| r.provenance == first.provenance)
+            .count();
+        let (run, tail) = rest.split_at(len);
+        rest = tail;
+        Some(run)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowmesh_common::routing::Provenance;
+
+    fn record(seq: u64, version: &str) -> Record {
+        let mut record = Record::new("gen-a", seq, chrono::Utc::now(), 95, None);
+        record.provenance = Some(Provenance {
+            version: version.into(),
+            route: Some("broker".into()),
+        });
+        record
+    }
+
+    fn runs(records: &[Record], pack: usize) -> Vec<Vec<u64>> {
+        packs(records, pack)
+            .map(|run| run.iter().map(|r| r.seq).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_job_packs_into_runs_of_at_most_pack_records_of_one_provenance() {
+        let records: Vec<Record> = (1..=7)
+            .map(|seq| record(seq, if seq == 4 { "v2" } else { "v1" }))
+            .collect();
+        assert_eq!(
+            runs(&records, 1),
+            (1..=7).map(|s| vec![s]).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            runs(&records, 2),
+            vec![vec![1, 2], vec![3], vec![4], vec![5, 6], vec![7]]
+        );
+        assert_eq!(
+            runs(&records, 100),
+            vec![vec![1, 2, 3], vec![4], vec![5, 6, 7]]
+        );
+        assert!(runs(&[], 100).is_empty());
+    }
 }

@@ -92,6 +92,13 @@ pub struct FilterConfig {
     #[arg(long, env = "FILTER_MAX_UNCONFIRMED", default_value_t = 20_000)]
     pub max_unconfirmed: usize,
 
+    /// Records per RabbitMQ message at most. 1 (the default): every record is its own
+    /// message. Above 1, a frame's consecutive broker-bound records travel packed, one JSON line
+    /// each (docs/contracts.md §4), which divides RabbitMQ's per-message cost; both writers read
+    /// either kind. At most 10000.
+    #[arg(long, env = "FILTER_PUBLISH_PACK", default_value_t = 1)]
+    pub publish_pack: usize,
+
     /// The routes file (TOML, docs/contracts.md §3), reloaded on SIGHUP and when it changes.
     /// Unset: the built-in routes (`value > 90` → RabbitMQ, the rest → the file).
     #[arg(long, env = "FILTER_ROUTES")]
@@ -167,6 +174,12 @@ impl Validate for FilterConfig {
         }
         if self.max_unconfirmed == 0 {
             return Err("--max-unconfirmed (FILTER_MAX_UNCONFIRMED): must be at least 1".into());
+        }
+        if !(1..=flowmesh_common::message::MAX_PACKED).contains(&self.publish_pack) {
+            return Err(format!(
+                "--publish-pack (FILTER_PUBLISH_PACK): must be within 1 ..= {}",
+                flowmesh_common::message::MAX_PACKED
+            ));
         }
         if self.file_max_bytes < 1024 {
             return Err("--file-max-bytes (FILTER_FILE_MAX_BYTES): must be at least 1KiB".into());

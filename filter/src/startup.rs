@@ -60,6 +60,7 @@ impl Application {
                 url: config.broker.url.expose().to_owned(),
                 topology: config.broker.topology(),
                 max_unconfirmed: config.max_unconfirmed,
+                pack: config.publish_pack,
             },
             Breaker::new(BREAKER_BROKER, breaker_settings.clone()),
         );

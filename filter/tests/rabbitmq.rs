@@ -122,6 +122,76 @@ async fn published_messages_carry_the_properties_and_headers_of_the_spec_in_both
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_packing_on_a_frame_s_broker_records_travel_packed_in_runs_of_at_most_the_pack() {
+    let filter = TestFilter::start("packed", |c| c.publish_pack = 3).await;
+    filter.wait_connected().await;
+    let mut client = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("connect");
+    // Seven broker-bound records with a file-bound one among them, in one frame.
+    let sent: Vec<Record> = (1..=8)
+        .map(|seq| record("packed", seq, if seq == 4 { 10 } else { 95 }))
+        .collect();
+    let frame: Vec<String> = sent.iter().map(Record::to_json).collect();
+    client.send_text(format!("[{}]", frame.join(","))).await;
+    client.expect_acks(&(1..=8).collect::<Vec<_>>()).await;
+    // A frame of one record is a record message, packing or not.
+    let alone = record("packed", 9, 99);
+    client.send_text(alone.to_json()).await;
+    client.expect_acks(&[9]).await;
+
+    let broker_bound: Vec<&Record> = sent.iter().filter(|r| r.value > 90).collect();
+    let (connection, channel) = amqp_channel().await;
+    for queue in &filter.topology.writer_queues {
+        let got = drain_queue(&channel, &queue.name, 4, Duration::from_secs(10)).await;
+        let shapes: Vec<(String, usize)> = got
+            .iter()
+            .map(|d| {
+                let kind = d.properties.content_type().as_ref().map(|s| s.to_string());
+                let lines = d.data.split(|&b| b == b'\n').count();
+                (kind.unwrap_or_default(), lines)
+            })
+            .collect();
+        let packed = || "application/x-ndjson".to_string();
+        let json = || "application/json".to_string();
+        assert_eq!(
+            shapes,
+            vec![(packed(), 3), (packed(), 3), (json(), 1), (json(), 1)],
+            "{}",
+            queue.name
+        );
+        let mut lines = Vec::new();
+        for delivery in &got[..2] {
+            let props = &delivery.properties;
+            assert_eq!(*props.delivery_mode(), Some(2));
+            let text = String::from_utf8(delivery.data.clone()).expect("utf-8");
+            let first: Record = serde_json::from_str(text.lines().next().expect("a line"))
+                .expect("a line is a record");
+            assert_eq!(
+                props.message_id().as_ref().map(|s| s.as_str()),
+                Some(first.id.as_str())
+            );
+            let headers = props.headers().as_ref().expect("headers").inner();
+            assert_eq!(
+                headers.get("x-flowmesh-records"),
+                Some(&AMQPValue::LongLongInt(3))
+            );
+            assert!(headers.contains_key("x-flowmesh-routes-version"));
+            assert!(!headers.contains_key("seq"), "seq is per line");
+            lines.extend(text.lines().map(str::to_owned));
+        }
+        let last: Record = serde_json::from_slice(&got[2].data).expect("a record body");
+        let expected: Vec<String> = broker_bound.iter().map(|r| r.to_json()).collect();
+        assert_eq!(lines, expected[..6], "in frame order, each line the record");
+        assert_eq!(&last, broker_bound[6]);
+        let single: Record = serde_json::from_slice(&got[3].data).expect("a record body");
+        assert_eq!(single, alone);
+    }
+    let _ = connection.close(200, "ok".into()).await;
+    filter.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_flows_when_it_returns()
  {
     let (proxy, proxied) = proxy_url(&amqp_url()).await;

@@ -1,21 +1,24 @@
 //! mongo-writer against the real RabbitMQ with the in-memory store (no MongoDB can run on every
 //! machine): nesting in queue order, a restart in the middle of a nested group, an unreachable
-//! store that holds the messages in RabbitMQ, poison messages dead-lettered, and one failed
+//! store that holds the messages in RabbitMQ, poison messages dead-lettered, packed messages
+//! (with bad lines among them), and one failed
 //! store call in the middle of a backlog.
 
 use std::time::Duration;
 
 use flowmesh_common::breaker::BreakerState;
+use flowmesh_common::message;
 use flowmesh_common::record::Record;
 use flowmesh_common::testkit::unique_prefix;
 use flowmesh_common::testkit::{
     TestWriter, drain_dead_letters, eventually, publish, publish_records, queue_depth,
 };
-use flowmesh_common::topology::{Topology, record_properties};
+use flowmesh_common::topology::{HEADER_DEAD_LETTER_REASON, Topology, record_properties};
 use flowmesh_mongo_writer::nesting::nests;
 use flowmesh_mongo_writer::store::{Groups, MemoryStore};
 use flowmesh_mongo_writer::{MongoWriterConfig, build_with};
 use lapin::BasicProperties;
+use lapin::types::AMQPValue;
 
 /// A valid record whose hash is above "99" (`high`) or not.
 fn record(seq: u64, high: bool) -> Record {
@@ -187,6 +190,89 @@ async fn poison_messages_are_dead_lettered_and_do_not_break_the_nesting() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].data, b"garbage");
     writer.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_messages_nest_like_their_records_sent_alone_and_only_bad_lines_are_dead_lettered() {
+    let prefix = unique_prefix("mongo-packed");
+    let topology = Topology::new(&prefix, 5);
+    let memory = MemoryStore::new();
+    let writer = start(&prefix, &memory, 100).await;
+    let pattern = [true, true, false, true, true, true, false, true];
+    let r: Vec<Record> = pattern
+        .iter()
+        .enumerate()
+        .map(|(i, high)| record(i as u64 + 1, *high))
+        .collect();
+    let (_, packed) = message::encode(&r[..2]);
+    let partly_bad = format!("{}\nnot a record\n{}", r[3].to_json(), r[4].to_json());
+    publish(
+        &topology,
+        &topology.exchange,
+        vec![
+            message::encode(&r[..3]),
+            (partly_bad.into_bytes(), packed.clone()),
+            (b"junk one\njunk two".to_vec(), packed),
+            message::encode(&r[5..6]),
+            message::encode(&r[6..]),
+        ],
+    )
+    .await;
+    eventually("the valid records stored", Duration::from_secs(30), || {
+        stored(&memory) == r.len()
+    })
+    .await;
+    // Exactly what the same records give one message each, in the same order.
+    assert_eq!(
+        shape(&memory),
+        vec![
+            (true, vec![1, 2]),
+            (false, vec![3]),
+            (true, vec![4, 5, 6]),
+            (false, vec![7]),
+            (true, vec![8]),
+        ]
+    );
+    let dead = drain_dead_letters(&topology, 2, Duration::from_secs(20)).await;
+    let bodies: Vec<&[u8]> = dead.iter().map(|d| d.data.as_slice()).collect();
+    assert_eq!(
+        bodies,
+        vec![&b"not a record"[..], &b"junk one\njunk two"[..]]
+    );
+    let header = |d: &lapin::message::Delivery, key: &str| {
+        d.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(key).cloned())
+    };
+    assert_eq!(
+        header(&dead[0], message::HEADER_RECORDS),
+        Some(AMQPValue::LongLongInt(1)),
+        "the dead letter counts its own lines"
+    );
+    match header(&dead[0], HEADER_DEAD_LETTER_REASON) {
+        Some(AMQPValue::LongString(reason)) => {
+            assert!(reason.to_string().contains("line 2"), "{reason}")
+        }
+        other => panic!("no reason: {other:?}"),
+    }
+    let (_, metrics) =
+        flowmesh_common::http::get(writer.http_addr, "/metrics", Duration::from_secs(5))
+            .await
+            .expect("metrics");
+    let counted =
+        r#"flowmesh_writer_records_total{writer="mongo-writer",outcome="dead_lettered"} 3"#;
+    assert!(
+        metrics.lines().any(|line| line == counted),
+        "one bad line and a whole message of two counted: {metrics}"
+    );
+    writer.stop().await;
+    assert_eq!(
+        queue_depth(&topology.queue_for("mongo-writer").expect("queue").name).await,
+        0,
+        "every message acked, the partly bad one too"
+    );
+    flowmesh_common::testkit::delete_topology(&topology).await;
 }
 
 /// Wraps the writer's store: notes each call's seqs and fails one call once (an outage of one

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use flowmesh_common::breaker::BreakerState;
+use flowmesh_common::message;
 use flowmesh_common::record::Record;
 use flowmesh_common::testkit::{
     TestWriter, amqp_url, drain_dead_letters, eventually, proxy_url, publish, publish_records,
@@ -135,6 +136,47 @@ async fn records_are_inserted_in_batches_with_every_field_and_acked_after_commit
     assert_eq!(read_back.len(), 1200);
     for stored in &read_back {
         let sent = &records[stored.seq as usize - 1];
+        assert_eq!(stored.provenance, sent.provenance, "seq {}", stored.seq);
+    }
+    let queue = case.queue();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while queue_depth(&queue).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "messages left unacked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    case.finish(writer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_messages_store_every_record_with_the_message_s_provenance_and_are_acked() {
+    let case = Case::new("pg-packed").await;
+    let writer = case.start(case.config()).await;
+    let mut records = case.records(1..=1205);
+    for record in &mut records {
+        record.provenance = Some(flowmesh_common::routing::Provenance {
+            version: "0123456789ab".into(),
+            route: Some(if record.seq <= 600 { "hot" } else { "warm" }.into()),
+        });
+    }
+    // As the filter packs them: runs of at most 100 of one provenance; the last one alone.
+    let mut messages: Vec<_> = records[..600]
+        .chunks(100)
+        .chain(records[600..1200].chunks(100))
+        .map(message::encode)
+        .collect();
+    messages.extend(records[1200..].chunks(1).map(message::encode));
+    publish(&case.topology, &case.topology.exchange, messages).await;
+    wait_rows(&case.pool, 1205, Duration::from_secs(60)).await;
+    let read_back = flowmesh_pg_writer::store::records_of(&case.pool, "pg-packed")
+        .await
+        .expect("read back");
+    assert_eq!(read_back.len(), 1205);
+    for stored in &read_back {
+        let sent = &records[stored.seq as usize - 1];
+        assert_eq!(stored.id, sent.id);
         assert_eq!(stored.provenance, sent.provenance, "seq {}", stored.seq);
     }
     let queue = case.queue();

@@ -5,10 +5,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use flowmesh_common::record::Record;
-use flowmesh_common::topology::{
-    HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology, record_properties,
-};
+use flowmesh_common::message;
+use flowmesh_common::topology::{HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology};
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions,
@@ -184,21 +182,30 @@ impl Broker {
             } else {
                 routing_key.clone()
             };
-            let record = match Record::from_json(&letter.body) {
-                // A replay keeps the provenance the filter gave it: it is judged by that version.
-                Ok(mut record) => {
-                    record.provenance =
-                        flowmesh_common::topology::provenance_of(&message.delivery.properties);
-                    record
-                }
-                Err(err) => {
-                    outcomes.push(Outcome::kept(
-                        &letter,
-                        &format!("still not a valid record: {err}"),
-                    ));
-                    continue;
-                }
-            };
+            // A replay keeps the provenance the filter gave it (it is judged by that version),
+            // and a packed message stays packed.
+            let records =
+                match message::decode(&message.delivery.properties, &message.delivery.data) {
+                    Ok(decoded) if decoded.invalid.is_empty() => decoded.records,
+                    Ok(decoded) => {
+                        let bad = &decoded.invalid[0];
+                        outcomes.push(Outcome::kept(
+                            &letter,
+                            &format!(
+                                "line {} is still not a valid record: {}",
+                                bad.line, bad.reason
+                            ),
+                        ));
+                        continue;
+                    }
+                    Err(err) => {
+                        outcomes.push(Outcome::kept(
+                            &letter,
+                            &format!("still not a valid record: {err}"),
+                        ));
+                        continue;
+                    }
+                };
             if dry_run {
                 outcomes.push(Outcome {
                     id: letter.id,
@@ -207,6 +214,7 @@ impl Broker {
                 });
                 continue;
             }
+            let (body, properties) = message::encode(&records);
             let confirm = self
                 .channel
                 .basic_publish(
@@ -216,8 +224,8 @@ impl Broker {
                         mandatory: true,
                         ..BasicPublishOptions::default()
                     },
-                    record.to_json().as_bytes(),
-                    record_properties(&record),
+                    &body,
+                    properties,
                 )
                 .await?
                 .await?;

@@ -1,9 +1,10 @@
 //! `dead-letters` against the real RabbitMQ: list leaves the queue as it is, replay puts a fixed
 //! record back into the queue it died in after its confirm (a dry run changes nothing), purge
-//! empties the queue.
+//! empties the queue; a packed message is replayed packed.
 
 use std::time::Duration;
 
+use flowmesh_common::message;
 use flowmesh_common::record::Record;
 use flowmesh_common::testkit::unique_prefix;
 use flowmesh_common::testkit::{amqp_channel, amqp_url, delete_topology, drain_queue, publish};
@@ -124,6 +125,58 @@ async fn dead_letters_are_listed_replayed_after_a_fix_and_purged() {
     assert_eq!(purged, 1);
     let left = broker(&topology).await.list().await.expect("list");
     assert!(left.is_empty());
+    delete_topology(&topology).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packed_dead_letter_is_replayed_packed_and_one_with_a_bad_line_is_kept() {
+    let prefix = unique_prefix("dlq-packed");
+    let topology = Topology::new(&prefix, 5);
+    let mut records: Vec<Record> = (1..=3)
+        .map(|seq| Record::new("dlq-packed", seq, chrono::Utc::now(), 95, None))
+        .collect();
+    for record in &mut records {
+        record.provenance = Some(flowmesh_common::routing::Provenance {
+            version: "0123456789ab".into(),
+            route: Some("hot".into()),
+        });
+    }
+    // As RabbitMQ dead-letters a packed message past its delivery limit: whole, as published.
+    let (body, properties) = message::encode(&records);
+    dead_letter(&topology, &body, properties.clone()).await;
+    let with_bad_line = format!("{}\nnot a record", records[0].to_json());
+    dead_letter(
+        &topology,
+        with_bad_line.as_bytes(),
+        properties.with_message_id("half".into()),
+    )
+    .await;
+
+    let outcomes = broker(&topology)
+        .await
+        .replay(&Selection::All, Target::Fanout, false)
+        .await
+        .expect("replay");
+    let kept: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| match &o.action {
+            Action::Kept(why) => Some((o.id.as_str(), why.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{outcomes:?}");
+    assert_eq!(kept[0].0, "half");
+    assert!(kept[0].1.contains("line 2"), "{}", kept[0].1);
+    let (connection, channel) = amqp_channel().await;
+    for queue in &topology.writer_queues {
+        let got = drain_queue(&channel, &queue.name, 1, Duration::from_secs(3)).await;
+        assert_eq!(got.len(), 1, "{}", queue.name);
+        let decoded = message::decode(&got[0].properties, &got[0].data).expect("a packed message");
+        assert!(message::is_packed(&got[0].properties));
+        assert_eq!(decoded.records, records, "the records and their provenance");
+    }
+    let _ = connection.close(200, "ok".into()).await;
+    assert_eq!(broker(&topology).await.count().await.expect("count"), 1);
     delete_topology(&topology).await;
 }
 
