@@ -9,7 +9,8 @@
 #
 # Environment (defaults in brackets): BENCH_COUNT records per hop [50000]; BENCH_FILE_COUNT for
 # the WebSocket → file hop and its ceiling, which are too fast for fewer [500000]; BENCH_MONGO_COUNT
-# records for the hops that touch the MongoDB server [20000]; BENCH_MESH_COUNT [300000];
+# records for the hops that touch the MongoDB server [20000]; BENCH_MESH_COUNT [300000], run once
+# with one record a message and once packed, BENCH_PACK records a message at most [100];
 # BENCH_LATENCY_SECONDS at 5 records/s [30]; BENCH_SUSTAIN_RATES ["10000 20000 40000"],
 # BENCH_SUSTAIN_SECONDS per rate [60] (empty rates skip the sustained run); BENCH_PARTS, the parts
 # to run, in this order ["ceilings latency hops drains mesh sustained"], e.g. "mesh" alone (the
@@ -22,6 +23,7 @@ COUNT=${BENCH_COUNT:-50000}
 FILE_COUNT=${BENCH_FILE_COUNT:-500000}
 MONGO_COUNT=${BENCH_MONGO_COUNT:-20000}
 MESH_COUNT=${BENCH_MESH_COUNT:-300000}
+PACK=${BENCH_PACK:-100}
 LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-30}
 SUSTAIN_RATES=${BENCH_SUSTAIN_RATES-10000 20000 40000}
 SUSTAIN_SECONDS=${BENCH_SUSTAIN_SECONDS:-60}
@@ -210,20 +212,21 @@ if want mesh || want sustained; then
   ensure pg-writer "$PG_WRITER_HTTP_ADDR"
   ensure mongo-writer "$MONGO_WRITER_HTTP_ADDR" MONGO_WRITER_STORE=memory
 fi
-if want mesh; then
-log "whole mesh: $MESH_COUNT records"
-PG0=$(stored "$PG_WRITER_HTTP_ADDR"); B0=$(broker_acked)
+mesh_run() { # LABEL: the whole mesh with the filter as it runs now, until everything is stored
+local label=$1
+log "whole mesh ($label): $MESH_COUNT records"
+PG0=$(stored "$PG_WRITER_HTTP_ADDR"); B0=$(broker_acked); M0=$(stored "$MONGO_WRITER_HTTP_ADDR")
 # CPU seconds each process spends on the run, beside what the machine's cores offered.
 declare -A CPU0
 for name in filter pg-writer mongo-writer; do CPU0[$name]=$(ticks "${PID[$name]}"); done
 CPU0[rabbitmq]=$(ticks_of beam.smp); CPU0[postgresql]=$(ticks_of postgres)
 T0=$(now)
 TIMEFORMAT='%U %S'
-GEN_CPU=$( { time generate "$MESH_COUNT" max 0-100 mesh >/dev/null; } 2>&1 )
+GEN_CPU=$( { time generate "$MESH_COUNT" max 0-100 "mesh-${label%% *}" >/dev/null; } 2>&1 )
 GEN_DONE=$(now)
 for _ in $(seq 6000); do
   target=$(( $(broker_acked) - B0 ))
-  [ $(( $(stored "$PG_WRITER_HTTP_ADDR") - PG0 )) -ge "$target" ] && [ "$(stored "$MONGO_WRITER_HTTP_ADDR")" -ge "$target" ] && break
+  [ $(( $(stored "$PG_WRITER_HTTP_ADDR") - PG0 )) -ge "$target" ] && [ $(( $(stored "$MONGO_WRITER_HTTP_ADDR") - M0 )) -ge "$target" ] && break
   sleep 0.05
 done
 T1=$(now)
@@ -233,9 +236,16 @@ for name in filter pg-writer mongo-writer; do CPU+=", $name $(calc "round(($(tic
 CPU+=", RabbitMQ $(calc "round(($(ticks_of beam.smp) - ${CPU0[rabbitmq]}) / $HZ, 1)")"
 CPU+=", PostgreSQL $(calc "round(($(ticks_of postgres) - ${CPU0[postgresql]}) / $HZ, 1)")"
 CPU+=" of $(calc "round($(nproc) * ($T1 - $T0), 1)") available ($(nproc) cores)"
-row "whole mesh, generated until all stored" "$(calc "round($MESH_COUNT / ($T1 - $T0))")" "" "" \
+row "whole mesh, $label, generated until all stored" "$(calc "round($MESH_COUNT / ($T1 - $T0))")" "" "" \
   "generator done after $(calc "round($GEN_DONE - $T0, 1)") s, everything stored after $(calc "round($T1 - $T0, 1)") s; mongo-writer in memory"
-row "CPU seconds spent on the whole-mesh run" "" "" "" "$CPU"
+row "CPU seconds spent on that run" "" "" "" "$CPU"
+}
+if want mesh; then
+mesh_run "one record a message"
+# The same run with the filter packing broker-bound records (FILTER_PUBLISH_PACK).
+stop filter; ensure filter "$FILTER_HTTP_ADDR" FILTER_PUBLISH_PACK="$PACK"
+mesh_run "packed (FILTER_PUBLISH_PACK=$PACK)"
+stop filter; ensure filter "$FILTER_HTTP_ADDR"
 fi
 
 # ---- sustained -------------------------------------------------------------------------------

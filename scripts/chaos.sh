@@ -9,6 +9,8 @@
 #   scripts/chaos.sh kill-filter     # some of them
 #
 # Environment: CHAOS_COUNT (records per scenario, default 3000), CHAOS_RATE (per second, 300).
+# The services inherit the rest, e.g. FILTER_PUBLISH_PACK=100 runs the scenarios with packed
+# RabbitMQ messages (the backlog a fault leaves is re-sent in large frames, so it travels packed).
 # MongoDB is the one deps.sh started (MONGODB_URL, default mongodb://127.0.0.1:27017); an empty
 # MONGODB_URL runs mongo-writer on its in-memory store, which verify cannot read.
 set -euo pipefail
@@ -253,6 +255,11 @@ run() {
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$((COUNT * ${#SOURCES[@]}))" "$acked" "$file" "$pg" "$mongo" "$lost" "$dup" "$dead" "$recovered" "$result" >>"$RESULTS"
   log "scenario $scenario: $result"
+  # What the filter running at the end published: messages, and the records they carried.
+  curl -fsS "http://$FILTER_HTTP_ADDR/metrics" 2>/dev/null | awk -v s="$scenario" '
+    $1 == "flowmesh_filter_publish_message_records_count" { m = $2 }
+    $1 == "flowmesh_filter_publish_message_records_sum" { r = $2 }
+    END { if (m != "") printf "[chaos] scenario %s: the last filter published %d records in %d messages\n", s, r, m }' >&2 || true
   teardown
 }
 
