@@ -12,9 +12,10 @@
 # records for the hops that touch the MongoDB server [20000]; BENCH_MESH_COUNT [300000], run once
 # with one record a message and once packed, BENCH_PACK records a message at most [100];
 # BENCH_LATENCY_SECONDS at 5 records/s [30]; BENCH_SUSTAIN_RATES ["10000 20000 40000"],
-# BENCH_SUSTAIN_SECONDS per rate [60] (empty rates skip the sustained run); BENCH_PARTS, the parts
-# to run, in this order ["ceilings latency hops drains mesh sustained"], e.g. "mesh" alone (the
-# drains drain what the hops queued, so "drains" runs the hops too).
+# BENCH_SUSTAIN_SECONDS per rate [60] (empty rates skip the sustained run), BENCH_SUSTAIN_PACK the
+# filter's FILTER_PUBLISH_PACK during it [1]; BENCH_PARTS, the parts to run, in this order
+# ["ceilings latency hops drains mesh sustained"], e.g. "mesh" alone (the drains drain what the
+# hops queued, so "drains" runs the hops too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -27,6 +28,7 @@ PACK=${BENCH_PACK:-100}
 LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-30}
 SUSTAIN_RATES=${BENCH_SUSTAIN_RATES-10000 20000 40000}
 SUSTAIN_SECONDS=${BENCH_SUSTAIN_SECONDS:-60}
+SUSTAIN_PACK=${BENCH_SUSTAIN_PACK:-1}
 PARTS=" ${BENCH_PARTS:-ceilings latency hops drains mesh sustained} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 want drains && PARTS+="hops "
@@ -251,6 +253,9 @@ fi
 # ---- sustained -------------------------------------------------------------------------------
 BEST="-"
 want sustained || SUSTAIN_RATES=""
+if [ -n "$SUSTAIN_RATES" ] && [ "$SUSTAIN_PACK" != 1 ]; then
+  stop filter; ensure filter "$FILTER_HTTP_ADDR" FILTER_PUBLISH_PACK="$SUSTAIN_PACK"
+fi
 for rate in $SUSTAIN_RATES; do
   log "sustained: $rate records/s for $SUSTAIN_SECONDS s"
   source_name="sustain-$rate"
@@ -272,7 +277,7 @@ for rate in $SUSTAIN_RATES; do
   p99=$(psql "$DATABASE_URL" -Atc "select round((percentile_cont(0.99) within group (order by extract(epoch from received_at - ts)) * 1000)::numeric)
     from records where source = '$source_name'")
   kept=$(calc "1 if $took <= $SUSTAIN_SECONDS * 1.05 + 2 and ${p99:-999999} < 1000 else 0")
-  row "sustained $rate/s for $SUSTAIN_SECONDS s" "$([ "$kept" = 1 ] && echo kept up || echo fell behind)" "" "" \
+  row "sustained $rate/s for $SUSTAIN_SECONDS s$([ "$SUSTAIN_PACK" != 1 ] && echo ", packed $SUSTAIN_PACK")" "$([ "$kept" = 1 ] && echo kept up || echo fell behind)" "" "" \
     "took $took s, p99 to PostgreSQL ${p99:-?} ms, peak queue depth $peak"
   [ "$kept" = 1 ] || break
   BEST=$rate
