@@ -141,6 +141,9 @@ pub fn decode(properties: &BasicProperties, data: &[u8]) -> Result<Decoded, Stri
             invalid: Vec::new(),
         });
     }
+    // One trailing newline (as many NDJSON writers leave) ends the last line; it is not an
+    // empty line of its own.
+    let text = text.strip_suffix('\n').unwrap_or(text);
     if text.is_empty() {
         return Err("a packed message with no records".into());
     }

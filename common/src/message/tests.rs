@@ -65,6 +65,11 @@ fn several_records_travel_packed_and_read_back_in_order_with_their_provenance() 
         decoded.records, records,
         "same records, same order, provenance kept"
     );
+    let mut trailing = body.clone();
+    trailing.push(b'\n');
+    let decoded = decode(&properties, &trailing).expect("records");
+    assert_eq!(decoded.records, records, "a trailing newline adds no line");
+    assert!(decoded.invalid.is_empty());
 }
 
 #[test]
@@ -100,6 +105,7 @@ fn a_message_with_nothing_storable_is_refused_whole() {
     let (_, single) = encode(&[record(3, 97)]);
     for (properties, body) in [
         (&packed, &b""[..]),
+        (&packed, &b"\n"[..]),
         (&packed, &b"junk\n{}"[..]),
         (&packed, &[0xff, 0xfe][..]),
         (&single, &b"junk"[..]),
