@@ -62,6 +62,19 @@ impl Case {
             .clone()
     }
 
+    /// Waits (20 s at most) until the writer's queue holds nothing: every message acked.
+    async fn wait_all_acked(&self) {
+        let queue = self.queue();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while queue_depth(&queue).await > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "messages left unacked"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn finish(self, writer: TestWriter) {
         writer.finish().await;
         self.db.drop().await;
@@ -138,15 +151,7 @@ async fn records_are_inserted_in_batches_with_every_field_and_acked_after_commit
         let sent = &records[stored.seq as usize - 1];
         assert_eq!(stored.provenance, sent.provenance, "seq {}", stored.seq);
     }
-    let queue = case.queue();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while queue_depth(&queue).await > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "messages left unacked"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    case.wait_all_acked().await;
     case.finish(writer).await;
 }
 
@@ -179,15 +184,7 @@ async fn packed_messages_store_every_record_with_the_message_s_provenance_and_ar
         assert_eq!(stored.id, sent.id);
         assert_eq!(stored.provenance, sent.provenance, "seq {}", stored.seq);
     }
-    let queue = case.queue();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while queue_depth(&queue).await > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "messages left unacked"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    case.wait_all_acked().await;
     case.finish(writer).await;
 }
 
