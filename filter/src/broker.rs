@@ -5,9 +5,9 @@
 //! frame's broker records) is answered when all its confirms are in. With `pack` above 1, a
 //! job's consecutive records of one provenance travel packed, up to `pack` a message
 //! (docs/contracts.md §4): under load frames grow, and so do messages; a frame of one record is
-//! still a record message. Only a positive confirm without a return
-//! is an ack: a nack, a returned (unroutable) message or a lost connection nacks the record back
-//! to the client, which sends it again. Nothing is ever acked on hope.
+//! still a record message. Only a positive confirm without a return is an ack: a nack, a
+//! returned (unroutable) message or a lost connection nacks the records back to the client,
+//! which sends them again. Nothing is ever acked on hope.
 
 use std::time::{Duration, Instant};
 
