@@ -10,7 +10,8 @@
 #
 # Environment: CHAOS_COUNT (records per scenario, default 3000), CHAOS_RATE (per second, 300).
 # The services inherit the rest, e.g. FILTER_PUBLISH_PACK=100 runs the scenarios with packed
-# RabbitMQ messages (the backlog a fault leaves is re-sent in large frames, so it travels packed).
+# RabbitMQ messages: at 300/s frames hold one record, so only the backlog a filter or RabbitMQ
+# fault leaves travels packed; at CHAOS_RATE=3000 every scenario's traffic partly does.
 # MongoDB is the one deps.sh started (MONGODB_URL, default mongodb://127.0.0.1:27017); an empty
 # MONGODB_URL runs mongo-writer on its in-memory store, which verify cannot read.
 set -euo pipefail
