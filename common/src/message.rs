@@ -31,14 +31,14 @@ pub fn encode(records: &[Record]) -> (Vec<u8>, BasicProperties) {
         [] => panic!("a message carries at least one record"),
         [record] => (record.to_json().into_bytes(), record_properties(record)),
         [first, ..] => {
-            let mut body = Vec::with_capacity(records.len() * 200);
+            let mut body = String::with_capacity(records.len() * 256);
             for (index, record) in records.iter().enumerate() {
                 if index > 0 {
-                    body.push(b'\n');
+                    body.push('\n');
                 }
-                body.extend_from_slice(record.to_json().as_bytes());
+                record.write_json(&mut body);
             }
-            (body, packed_properties(first, records.len()))
+            (body.into_bytes(), packed_properties(first, records.len()))
         }
     }
 }

@@ -290,6 +290,19 @@ impl Record {
 
     /// The record as one line of JSON (no trailing newline), fields in declaration order.
     pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(
+            96 + self.id.len()
+                + self.source.len()
+                + self.timestamp.len()
+                + self.traceparent.as_ref().map_or(0, String::len),
+        );
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Appends [`to_json`](Self::to_json)'s text to `out`, without a buffer of its own (a packed
+    /// message writes its lines this way).
+    pub fn write_json(&self, out: &mut String) {
         // A validated record's strings need no escaping (UUID, [A-Za-z0-9._-], RFC 3339, hex):
         // written directly, that costs a fraction of serde's generic path, which the filter and
         // the generator pay once per record. Anything else goes through serde_json.
@@ -306,14 +319,9 @@ impl Record {
             && self.traceparent.as_deref().is_none_or(plain);
         if !strings_plain {
             // Serializing a struct of strings and integers cannot fail.
-            return serde_json::to_string(self).unwrap_or_default();
+            out.push_str(&serde_json::to_string(self).unwrap_or_default());
+            return;
         }
-        let mut out = String::with_capacity(
-            96 + self.id.len()
-                + self.source.len()
-                + self.timestamp.len()
-                + self.traceparent.as_ref().map_or(0, String::len),
-        );
         let mut number = itoa::Buffer::new();
         out.push_str("{\"id\":\"");
         out.push_str(&self.id);
@@ -334,7 +342,6 @@ impl Record {
             out.push('"');
         }
         out.push('}');
-        out
     }
 
     /// The trace id inside `traceparent`, if any, for log correlation.
