@@ -90,6 +90,7 @@ cleanup() {
   local mongo=(); mongo_up && mongo=(--mongodb-database "$MONGO_DB")
   "$BIN/bench" cleanup --prefix "$AMQP_PREFIX" "${mongo[@]}" >/dev/null 2>&1 || true
   "$BIN/bench" cleanup --prefix "$RAW_PREFIX" >/dev/null 2>&1 || true
+  "$BIN/bench" cleanup --prefix "$RAW_PREFIX-latency" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
@@ -153,7 +154,11 @@ fi
 # ---- latency and memory at 5 records/s, fresh services ------------------------------------
 ensure filter "$FILTER_HTTP_ADDR"
 if want latency; then
-log "latency and memory: ${LATENCY_SECONDS} s at 5 records/s"
+log "latency and memory: ${LATENCY_SECONDS} s at 5 records/s, raw and through the mesh"
+# The raw floor of the same path: one WebSocket hop, one confirmed publish, one consume and one
+# insert a record, at the same rate and for as long, just before the mesh's own run.
+RAW_LATENCY=$("$BIN/bench" latency --count $((LATENCY_SECONDS * 5)) --rate 5 --prefix "$RAW_PREFIX-latency" \
+  | python3 -c 'import json,sys; d=json.load(sys.stdin); print(" / ".join(f"{d[k]:.1f}" for k in ("p50_ms", "p99_ms", "max_ms")))')
 start pg-writer; start mongo-writer MONGO_WRITER_STORE=memory
 wait_ready pg-writer "$PG_WRITER_HTTP_ADDR"
 GENERATOR_COUNT=$((LATENCY_SECONDS * 5)) GENERATOR_RATE=5 GENERATOR_VALUES=91-100 GENERATOR_SOURCE=latency \
@@ -168,7 +173,8 @@ LATENCY=$(psql "$DATABASE_URL" -Atc "select concat_ws(' / ',
     round((percentile_cont(0.99) within group (order by extract(epoch from received_at - ts)) * 1000)::numeric, 1),
     round((max(extract(epoch from received_at - ts)) * 1000)::numeric, 1))
   from records where source = 'latency'")
-row "generator → PostgreSQL latency at 5/s, p50 / p99 / max ms" "$LATENCY" "" "" "records made with values 91-100, so all go to PostgreSQL"
+row "generator → PostgreSQL latency at 5/s, p50 / p99 / max ms" "$LATENCY" \
+  "WS hop + confirmed publish + consume + insert, same rate" "$RAW_LATENCY" "records made with values 91-100, so all go to PostgreSQL"
 row "RSS at 5/s" "$RSS" "" "" ""
 stop pg-writer; stop mongo-writer
 fi

@@ -4,7 +4,8 @@
 //! beside each of these, measured in the same run, so a ratio says how much of the hop's cost
 //! is ours.
 //!
-//! Each subcommand prints one JSON line `{"hop", "count", "seconds", "rate"}` on stdout.
+//! Each subcommand prints one JSON line `{"hop", "count", "seconds", "rate"}` on stdout;
+//! `latency` prints `{"hop", "count", "rate", "p50_ms", "p99_ms", "max_ms"}`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -87,6 +88,22 @@ enum Hop {
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
+    /// One record at a time at `rate` records/s: a WebSocket client sends each in its own frame,
+    /// the server publishes it (confirmed, persistent, mandatory) into the records fanout of the
+    /// prefix's topology and acks the frame after the confirm, a consumer on the pg-writer queue
+    /// inserts each delivery as one row (`received_at` = `now()`) into a fresh table shaped like
+    /// `records` and acks it after the commit. Reports `received_at - timestamp` percentiles in
+    /// milliseconds: the floor of the mesh's latency from generator to PostgreSQL.
+    Latency {
+        #[arg(long, env = "AMQP_URL")]
+        amqp_url: String,
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long, default_value = "flowmesh-bench-raw-latency")]
+        prefix: String,
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+    },
     /// `insert_many` (`j: true`) of one-record group documents shaped like mongo-writer's, in
     /// batches, into a fresh collection (dropped after).
     Mongo {
@@ -166,6 +183,12 @@ async fn main() -> anyhow::Result<()> {
             batch,
         } => insert(&database_url, count, batch).await,
         Hop::Mongo { mongodb_url, batch } => mongo(&mongodb_url, count, batch).await,
+        Hop::Latency {
+            amqp_url,
+            database_url,
+            prefix,
+            rate,
+        } => latency(&amqp_url, &database_url, &prefix, count, rate).await,
     }
 }
 
@@ -428,5 +451,157 @@ async fn mongo(mongodb_url: &str, count: usize, batch: usize) -> anyhow::Result<
         .await
         .ok();
     report("mongo", count, elapsed);
+    Ok(())
+}
+
+async fn latency(
+    amqp_url: &str,
+    database_url: &str,
+    prefix: &str,
+    count: usize,
+    rate: f64,
+) -> anyhow::Result<()> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(database_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    sqlx::raw_sql(
+        "drop table if exists bench_latency;
+         create table bench_latency (
+             id uuid primary key, source text not null, seq bigint not null,
+             ts timestamptz not null, value smallint not null, hash char(2) not null,
+             received_at timestamptz not null default now());",
+    )
+    .execute(&pool)
+    .await?;
+    let (_connection, publisher) = channel(amqp_url).await?;
+    let topology = Topology::new(prefix, 5);
+    topology.declare(&publisher).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = topology
+        .queue_for("pg-writer")
+        .context("the topology has a pg-writer queue")?;
+    // The consumer: one row per delivery, acked after its commit.
+    let (_consume_connection, consume_channel) = channel(amqp_url).await?;
+    consume_channel
+        .basic_qos(2000, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consume_channel
+        .basic_consume(
+            queue.name.as_str().into(),
+            "bench-latency".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let inserter = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            for _ in 0..count {
+                let Some(delivery) = consumer.next().await else {
+                    bail!("the consumer ended early");
+                };
+                let delivery = delivery?;
+                let record: Record = serde_json::from_slice(&delivery.data)?;
+                let ts = flowmesh_common::record::parse_timestamp(&record.timestamp)
+                    .context("a timestamp parses")?;
+                sqlx::query(
+                    "insert into bench_latency (id, source, seq, ts, value, hash)
+                     values ($1, $2, $3, $4, $5, $6) on conflict (id) do nothing",
+                )
+                .bind(uuid::Uuid::parse_str(&record.id)?)
+                .bind(&record.source)
+                .bind(record.seq as i64)
+                .bind(ts)
+                .bind(i16::from(record.value))
+                .bind(&record.hash)
+                .execute(&pool)
+                .await?;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    // The server: each frame's record published, the frame acked after the confirm.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let exchange = topology.exchange.clone();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let mut socket = tokio_tungstenite::accept_async(stream).await?;
+        while let Some(message) = socket.next().await {
+            let Message::Text(text) = message? else {
+                continue;
+            };
+            let parsed: Vec<Record> = serde_json::from_str(text.as_str())?;
+            let mut seqs = Vec::with_capacity(parsed.len());
+            for record in &parsed {
+                let confirmation = publisher
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "".into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        record.to_json().as_bytes(),
+                        record_properties(record),
+                    )
+                    .await?
+                    .await?;
+                if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
+                    bail!("a publish was nacked");
+                }
+                seqs.push(record.seq);
+            }
+            let ack = serde_json::json!({"type": "ack", "seqs": seqs}).to_string();
+            socket.send(Message::text(ack)).await?;
+        }
+        anyhow::Ok(())
+    });
+    // The client: one record a frame at `rate`, timestamped as it is made.
+    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await?;
+    let (mut sink, mut stream) = socket.split();
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+    let source = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let started = tokio::time::Instant::now();
+    for i in 0..count {
+        tokio::time::sleep_until(started + interval * i as u32).await;
+        let record = Record::new(
+            &source,
+            i as u64 + 1,
+            chrono::Utc::now(),
+            91 + (i % 10) as u8,
+            Some(flowmesh_common::record::new_traceparent()),
+        );
+        let frame = format!("[{}]", record.to_json());
+        sink.send(Message::text(frame)).await?;
+    }
+    inserter.await??;
+    let (p50, p99, max): (f64, f64, f64) = sqlx::query_as(
+        "select percentile_cont(0.5) within group (order by ms), percentile_cont(0.99) within group (order by ms), max(ms)
+         from (select extract(epoch from received_at - ts)::float8 * 1000 as ms from bench_latency) t",
+    )
+    .fetch_one(&pool)
+    .await?;
+    sink.close().await.ok();
+    reader.abort();
+    server.abort();
+    sqlx::raw_sql("drop table bench_latency")
+        .execute(&pool)
+        .await?;
+    topology.delete(&consume_channel).await?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "hop": "latency", "count": count, "rate": rate,
+            "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+        })
+    );
     Ok(())
 }
