@@ -192,7 +192,18 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn ws(count: usize, batch: usize) -> anyhow::Result<()> {
+/// A WebSocket server on a loopback port for one client: each text frame is read as records
+/// and answered by one ack frame listing the seqs `handle` returns for them.
+async fn serve_records<F, Fut>(
+    mut handle: F,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)>
+where
+    F: FnMut(Vec<Record>) -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<Vec<u64>>> + Send,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move {
@@ -203,13 +214,18 @@ async fn ws(count: usize, batch: usize) -> anyhow::Result<()> {
             let Message::Text(text) = message? else {
                 continue;
             };
-            let parsed: Vec<Record> = serde_json::from_str(text.as_str())?;
-            let seqs: Vec<u64> = parsed.iter().map(|r| r.seq).collect();
+            let seqs = handle(serde_json::from_str(text.as_str())?).await?;
             let ack = serde_json::json!({"type": "ack", "seqs": seqs}).to_string();
             socket.send(Message::text(ack)).await?;
         }
         anyhow::Ok(())
     });
+    Ok((addr, server))
+}
+
+async fn ws(count: usize, batch: usize) -> anyhow::Result<()> {
+    let (addr, server) =
+        serve_records(|parsed| async move { Ok(parsed.iter().map(|r| r.seq).collect()) }).await?;
     let frames: Vec<String> = records(count)
         .chunks(batch)
         .map(|chunk| serde_json::to_string(chunk).expect("records serialise"))
@@ -293,6 +309,29 @@ async fn publish(amqp_url: &str, prefix: &str, count: usize, window: usize) -> a
     Ok(())
 }
 
+/// A consumer on the pg-writer queue of `topology` with `prefetch`.
+async fn pg_writer_consumer(
+    channel: &lapin::Channel,
+    topology: &Topology,
+    prefetch: u16,
+    tag: &str,
+) -> anyhow::Result<lapin::Consumer> {
+    let queue = topology
+        .queue_for("pg-writer")
+        .context("the topology has a pg-writer queue")?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    Ok(channel
+        .basic_consume(
+            queue.name.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?)
+}
+
 async fn consume(
     amqp_url: &str,
     prefix: &str,
@@ -302,20 +341,7 @@ async fn consume(
 ) -> anyhow::Result<()> {
     let (_connection, channel) = channel(amqp_url).await?;
     let topology = Topology::new(prefix, 5);
-    let queue = topology
-        .queue_for("pg-writer")
-        .context("the topology has a pg-writer queue")?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.name.as_str().into(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = pg_writer_consumer(&channel, &topology, prefetch, "bench").await?;
     let mut taken = 0usize;
     let mut started = None;
     while taken < count {
@@ -340,12 +366,17 @@ async fn consume(
     Ok(())
 }
 
-async fn insert(database_url: &str, count: usize, batch: usize) -> anyhow::Result<()> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
+/// One connection to PostgreSQL: the writers' inserts run one at a time.
+async fn pg_pool(database_url: &str) -> anyhow::Result<sqlx::PgPool> {
+    sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(database_url)
         .await
-        .context("connecting to PostgreSQL")?;
+        .context("connecting to PostgreSQL")
+}
+
+async fn insert(database_url: &str, count: usize, batch: usize) -> anyhow::Result<()> {
+    let pool = pg_pool(database_url).await?;
     sqlx::raw_sql(
         "drop table if exists bench_records;
          create table bench_records (
@@ -461,11 +492,7 @@ async fn latency(
     count: usize,
     rate: f64,
 ) -> anyhow::Result<()> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(database_url)
-        .await
-        .context("connecting to PostgreSQL")?;
+    let pool = pg_pool(database_url).await?;
     sqlx::raw_sql(
         "drop table if exists bench_latency;
          create table bench_latency (
@@ -481,22 +508,10 @@ async fn latency(
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let queue = topology
-        .queue_for("pg-writer")
-        .context("the topology has a pg-writer queue")?;
     // The consumer: one row per delivery, acked after its commit.
     let (_consume_connection, consume_channel) = channel(amqp_url).await?;
-    consume_channel
-        .basic_qos(2000, BasicQosOptions::default())
-        .await?;
-    let mut consumer = consume_channel
-        .basic_consume(
-            queue.name.as_str().into(),
-            "bench-latency".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer =
+        pg_writer_consumer(&consume_channel, &topology, 2000, "bench-latency").await?;
     let inserter = tokio::spawn({
         let pool = pool.clone();
         async move {
@@ -526,18 +541,10 @@ async fn latency(
         }
     });
     // The server: each frame's record published, the frame acked after the confirm.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     let exchange = topology.exchange.clone();
-    let server = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await?;
-        stream.set_nodelay(true)?;
-        let mut socket = tokio_tungstenite::accept_async(stream).await?;
-        while let Some(message) = socket.next().await {
-            let Message::Text(text) = message? else {
-                continue;
-            };
-            let parsed: Vec<Record> = serde_json::from_str(text.as_str())?;
+    let (addr, server) = serve_records(move |parsed| {
+        let (publisher, exchange) = (publisher.clone(), exchange.clone());
+        async move {
             let mut seqs = Vec::with_capacity(parsed.len());
             for record in &parsed {
                 let confirmation = publisher
@@ -558,11 +565,10 @@ async fn latency(
                 }
                 seqs.push(record.seq);
             }
-            let ack = serde_json::json!({"type": "ack", "seqs": seqs}).to_string();
-            socket.send(Message::text(ack)).await?;
+            Ok(seqs)
         }
-        anyhow::Ok(())
-    });
+    })
+    .await?;
     // The client: one record a frame at `rate`, timestamped as it is made.
     let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await?;
     let (mut sink, mut stream) = socket.split();
