@@ -542,7 +542,7 @@ async fn latency(
     });
     // The server: each frame's record published, the frame acked after the confirm.
     let exchange = topology.exchange.clone();
-    let (addr, server) = serve_records(move |parsed| {
+    let (addr, mut server) = serve_records(move |parsed| {
         let (publisher, exchange) = (publisher.clone(), exchange.clone());
         async move {
             let mut seqs = Vec::with_capacity(parsed.len());
@@ -588,7 +588,18 @@ async fn latency(
         let frame = format!("[{}]", record.to_json());
         sink.send(Message::text(frame)).await?;
     }
-    inserter.await??;
+    // Every record stored, unless a part fails first or nothing arrives for half a minute more
+    // than the run should take.
+    tokio::select! {
+        stored = inserter => stored??,
+        served = &mut server => {
+            served??;
+            bail!("the WebSocket client went away before every record was stored");
+        }
+        _ = tokio::time::sleep(interval * count as u32 + Duration::from_secs(30)) => {
+            bail!("not every record was stored within the run's time and 30 s more");
+        }
+    }
     let (p50, p99, max): (f64, f64, f64) = sqlx::query_as(
         "select percentile_cont(0.5) within group (order by ms), percentile_cont(0.99) within group (order by ms), max(ms)
          from (select extract(epoch from received_at - ts)::float8 * 1000 as ms from bench_latency) t",
