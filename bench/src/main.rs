@@ -115,26 +115,33 @@ enum Hop {
 }
 
 fn records(count: usize) -> Vec<Record> {
-    let source = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let source = bench_source();
     let now = chrono::Utc::now();
     (0..count)
-        .map(|i| {
-            let mut record = Record::new(
-                &source,
-                i as u64 + 1,
-                now,
-                (i % 101) as u8,
-                Some(flowmesh_common::record::new_traceparent()),
-            );
-            // The provenance the filter's routes give a broker-bound record, so a message
-            // carries the same headers as one of the mesh's.
-            record.provenance = Some(flowmesh_common::routing::Provenance {
-                version: "0123456789ab".into(),
-                route: Some("hot".into()),
-            });
-            record
-        })
+        .map(|i| record(&source, i as u64 + 1, now, (i % 101) as u8))
         .collect()
+}
+
+/// A source name of its own for each bench run.
+fn bench_source() -> String {
+    format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// A valid record with a traceparent and the provenance the filter's routes give a broker-bound
+/// record, so a message carries the same headers as one of the mesh's.
+fn record(source: &str, seq: u64, at: chrono::DateTime<chrono::Utc>, value: u8) -> Record {
+    let mut record = Record::new(
+        source,
+        seq,
+        at,
+        value,
+        Some(flowmesh_common::record::new_traceparent()),
+    );
+    record.provenance = Some(flowmesh_common::routing::Provenance {
+        version: "0123456789ab".into(),
+        route: Some("hot".into()),
+    });
+    record
 }
 
 fn report(hop: &str, count: usize, elapsed: Duration) {
@@ -573,31 +580,31 @@ async fn latency(
     let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await?;
     let (mut sink, mut stream) = socket.split();
     let reader = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
-    let source = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let source = bench_source();
     let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
     let started = tokio::time::Instant::now();
     for i in 0..count {
         tokio::time::sleep_until(started + interval * i as u32).await;
-        let record = Record::new(
+        let record = record(
             &source,
             i as u64 + 1,
             chrono::Utc::now(),
             91 + (i % 10) as u8,
-            Some(flowmesh_common::record::new_traceparent()),
         );
         let frame = format!("[{}]", record.to_json());
         sink.send(Message::text(frame)).await?;
     }
-    // Every record stored, unless a part fails first or nothing arrives for half a minute more
-    // than the run should take.
+    // Every record stored, unless a part fails first or the run takes half a minute more than
+    // its schedule.
+    let deadline = started + interval * count as u32 + Duration::from_secs(30);
     tokio::select! {
         stored = inserter => stored??,
         served = &mut server => {
             served??;
             bail!("the WebSocket client went away before every record was stored");
         }
-        _ = tokio::time::sleep(interval * count as u32 + Duration::from_secs(30)) => {
-            bail!("not every record was stored within the run's time and 30 s more");
+        _ = tokio::time::sleep_until(deadline) => {
+            bail!("not every record was stored within the run's schedule and 30 s more");
         }
     }
     let (p50, p99, max): (f64, f64, f64) = sqlx::query_as(
