@@ -249,11 +249,27 @@ macro_rules! consumer_args {
             #[arg(long, env = concat!($prefix, "_LINGER"), default_value = "0s",
                                                   value_parser = $crate::config::parse_duration)]
             pub linger: std::time::Duration,
+
+            /// Deadline of one store call (a batch written to the database). Past it the call
+            /// counts as a failure of the database: the breaker counts it, the batch stays in
+            /// hand, unacked, and is tried again (the stores are idempotent). It must be well
+            /// under the grace period, so a frozen database cannot hold a stopping writer.
+            #[arg(long, env = concat!($prefix, "_STORE_TIMEOUT"), default_value = "10s",
+                                                  value_parser = $crate::config::parse_duration)]
+            pub store_timeout: std::time::Duration,
         }
 
         impl ConsumerArgs {
             /// Checks the settings, naming the one at fault.
             pub fn validate(&self) -> Result<(), String> {
+                if self.store_timeout < std::time::Duration::from_millis(100) {
+                    return Err(concat!(
+                        "--store-timeout (",
+                        $prefix,
+                        "_STORE_TIMEOUT): must be at least 100ms"
+                    )
+                    .into());
+                }
                 if self.prefetch == 0
                     || self.batch_max == 0
                     || self.batch_max > usize::from(self.prefetch)
@@ -311,6 +327,7 @@ macro_rules! writer_args {
                         prefetch: self.consumer.prefetch,
                         batch_max: self.consumer.batch_max,
                         linger: self.consumer.linger,
+                        store_timeout: self.consumer.store_timeout,
                     },
                     breaker: (D::BREAKER, self.breaker.settings()),
                     http_addr: self.service.http_addr,
@@ -330,6 +347,16 @@ macro_rules! writer_args {
             pub fn validate(&self) -> Result<(), String> {
                 self.broker.validate()?;
                 self.consumer.validate()?;
+                if self.consumer.store_timeout >= self.service.grace {
+                    return Err(concat!(
+                        "--store-timeout (",
+                        $prefix,
+                        "_STORE_TIMEOUT): must be shorter than --grace (",
+                        $prefix,
+                        "_GRACE), so a stuck store call cannot outlast a stop"
+                    )
+                    .into());
+                }
                 self.breaker.validate()
             }
         }

@@ -82,6 +82,10 @@ enum Stored {
 /// A database the consumer writes to. Storing must be idempotent by record id.
 pub trait RecordStore: Send + 'static {
     /// Stores `records` (in delivery order) durably, or fails without acking anything.
+    ///
+    /// The consumer bounds every call by its deadline (`store_timeout`) and drops the future
+    /// past it, so a store must tolerate being cancelled at any await point: what it wrote
+    /// before is written again harmlessly on the next try.
     fn store(
         &mut self,
         records: &[Record],
@@ -174,6 +178,9 @@ pub struct ConsumerSettings {
     /// How long a batch may wait for more records after its first (zero: takes only what has
     /// already arrived).
     pub linger: Duration,
+    /// Deadline of one store call: past it the call counts as a failure (see
+    /// [`RecordStore::store`]).
+    pub store_timeout: Duration,
 }
 
 /// Consumes until `shutdown` fires. The batch in hand when it fires is stored and acked if the
@@ -599,7 +606,17 @@ impl<S: RecordStore> Session<'_, S> {
                 }
             }
             let started = Instant::now();
-            match self.store.store(records).await {
+            let deadline = self.settings.store_timeout;
+            let stored = match tokio::time::timeout(deadline, self.store.store(records)).await {
+                Ok(stored) => stored,
+                // A database that took the call and stopped answering (a frozen host, a lock
+                // that is never released): the call is given up, the batch stays in hand.
+                Err(_) => Err(anyhow::anyhow!(
+                    "the store call did not finish within {} ms (its deadline)",
+                    deadline.as_millis()
+                )),
+            };
+            match stored {
                 Ok(report) => {
                     self.breaker.record(true);
                     self.progress.set_failing(false);

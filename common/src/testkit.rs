@@ -29,11 +29,12 @@ pub fn unique_prefix(test: &str) -> String {
     format!("flowmesh-test-{test}-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// A loopback TCP proxy to `upstream` that a test can cut and heal.
+/// A loopback TCP proxy to `upstream` that a test can cut and heal, or freeze and thaw.
 pub struct Proxy {
     addr: SocketAddr,
     open: Arc<AtomicBool>,
     generation: watch::Sender<u64>,
+    frozen: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -44,16 +45,19 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let open = Arc::new(AtomicBool::new(true));
         let (generation, _) = watch::channel(0u64);
+        let (frozen, _) = watch::channel(false);
         let task = tokio::spawn(accept_loop(
             listener,
             upstream,
             open.clone(),
             generation.clone(),
+            frozen.clone(),
         ));
         Ok(Self {
             addr,
             open,
             generation,
+            frozen,
             task,
         })
     }
@@ -73,12 +77,25 @@ impl Proxy {
     pub fn heal(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
+
+    /// As a frozen host (`docker pause`, SIGSTOP): every connection stays open and new ones are
+    /// accepted, but no byte passes either way until [`thaw`](Self::thaw). Nothing is lost:
+    /// what was sent meanwhile is delivered after the thaw.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Lets the bytes held by a [`freeze`](Self::freeze) through, and everything after them.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
         self.generation.send_modify(|g| *g += 1);
+        self.frozen.send_replace(false);
     }
 }
 
@@ -87,23 +104,51 @@ async fn accept_loop(
     upstream: SocketAddr,
     open: Arc<AtomicBool>,
     generation: watch::Sender<u64>,
+    frozen: watch::Sender<bool>,
 ) {
-    while let Ok((mut inbound, _)) = listener.accept().await {
+    while let Ok((inbound, _)) = listener.accept().await {
         if !open.load(Ordering::SeqCst) {
             drop(inbound);
             continue;
         }
         let mut cut = generation.subscribe();
         cut.mark_unchanged();
+        let (up, down) = (frozen.subscribe(), frozen.subscribe());
         tokio::spawn(async move {
-            let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+            let Ok(outbound) = TcpStream::connect(upstream).await else {
                 return;
             };
+            let (from_client, to_client) = inbound.into_split();
+            let (from_server, to_server) = outbound.into_split();
             tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                _ = pump(from_client, to_server, up) => {}
+                _ = pump(from_server, to_client, down) => {}
                 _ = cut.changed() => {}
             }
         });
+    }
+}
+
+/// Copies one direction of a proxied connection, holding every byte while `frozen` says so.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        // A freeze that came while reading holds what was read, too.
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -22,6 +22,8 @@ use crate::progress::Tally;
 const PING_EVERY: Duration = Duration::from_secs(2);
 /// After this long without reaching the database, one clear error line says so.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(7);
+/// How long closing the database's connections may take at the end of a stop.
+const CLOSE_WITHIN: Duration = Duration::from_secs(2);
 
 /// The database a writer stores into, as the shell needs it. Clones share one client or pool.
 pub trait Database: Clone + Send + Sync + 'static {
@@ -155,7 +157,16 @@ impl<D: Database> Writer<D> {
         let http = crate::http::spawn(http_listener, health.clone(), metrics, background.clone());
 
         let name = database.name();
-        if let Err(err) = database.prepare().await {
+        let deadline = settings.consumer.store_timeout;
+        let prepared = tokio::time::timeout(deadline, database.prepare())
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "no answer within {} ms",
+                    deadline.as_millis()
+                ))
+            });
+        if let Err(err) = prepared {
             tracing::warn!(
                 database = name,
                 error = format!("{err:#}"),
@@ -189,7 +200,7 @@ impl<D: Database> Writer<D> {
             link.clone(),
             background.clone(),
         );
-        let consuming = tokio::spawn(consumer::run(
+        let mut consuming = tokio::spawn(consumer::run(
             settings.consumer.clone(),
             database.store(),
             breaker,
@@ -200,15 +211,26 @@ impl<D: Database> Writer<D> {
         ));
         shutdown.cancelled().await;
         health.set_draining();
-        if tokio::time::timeout(settings.grace, consuming)
+        if tokio::time::timeout(settings.grace, &mut consuming)
             .await
             .is_err()
         {
+            consuming.abort();
             tracing::warn!(
                 "the batch in hand was not stored within the grace period; it will be redelivered"
             );
         }
-        database.close().await;
+        // A frozen database may never answer a polite close: the process exits all the same.
+        if tokio::time::timeout(CLOSE_WITHIN, database.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                database = database.name(),
+                "the database did not close its connections within {} s; exiting without them",
+                CLOSE_WITHIN.as_secs()
+            );
+        }
         background.cancel();
         let _ = http.await;
         tracing::info!("{writer} stopped");

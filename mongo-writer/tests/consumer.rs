@@ -333,6 +333,7 @@ async fn a_store_failure_in_a_backlog_retries_that_batch_first_and_keeps_queue_o
         prefetch: 500,
         batch_max: 50,
         linger: Duration::ZERO,
+        store_timeout: Duration::from_secs(10),
     };
     let queue = settings.queue();
     let shutdown = tokio_util::sync::CancellationToken::new();

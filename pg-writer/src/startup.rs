@@ -7,6 +7,9 @@ use sqlx::PgPool;
 use crate::config::PgWriterConfig;
 use crate::store::{self, PgStore};
 
+/// How long a health check's `select 1` may wait for its answer.
+const PING_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A pg-writer with its probe port bound, not yet consuming.
 pub type Application = Writer<Postgres>;
 
@@ -14,6 +17,8 @@ pub type Application = Writer<Postgres>;
 #[derive(Debug, Clone)]
 pub struct Postgres {
     pool: PgPool,
+    /// The store deadline the inserts are bounded by (a little under the consumer's).
+    deadline: std::time::Duration,
 }
 
 impl Database for Postgres {
@@ -26,11 +31,22 @@ impl Database for Postgres {
     }
 
     async fn ping(&self) -> bool {
-        sqlx::query("select 1").execute(&self.pool).await.is_ok()
+        let Ok(mut connection) = self.pool.acquire().await else {
+            return false;
+        };
+        let ping = sqlx::query("select 1").execute(&mut *connection);
+        match tokio::time::timeout(PING_WITHIN, ping).await {
+            Ok(answered) => answered.is_ok(),
+            Err(_) => {
+                // As for an insert: a connection without an answer is closed, not kept.
+                connection.close_on_drop();
+                false
+            }
+        }
     }
 
     fn store(&self) -> PgStore {
-        PgStore::new(self.pool.clone())
+        PgStore::new(self.pool.clone(), self.deadline)
     }
 
     async fn prepare(&self) -> anyhow::Result<()> {
@@ -44,7 +60,17 @@ impl Database for Postgres {
 
 /// Binds the probe port and prepares the pool; nothing connects yet.
 pub async fn build(config: PgWriterConfig) -> anyhow::Result<Application> {
-    let pool = store::pool(config.postgres.database_url.expose(), config.pool_size)?;
+    let deadline = config.writer.consumer.store_timeout;
+    let pool = store::pool(
+        config.postgres.database_url.expose(),
+        config.pool_size,
+        deadline,
+    )?;
     let settings = config.writer.settings::<Postgres>();
-    Writer::build(settings, Postgres { pool }).await
+    // The insert gives up a little before the consumer's own bound, closing its connection.
+    let database = Postgres {
+        pool,
+        deadline: deadline.mul_f64(0.9),
+    };
+    Writer::build(settings, database).await
 }

@@ -1,13 +1,14 @@
 //! The PostgreSQL side: embedded migrations, one set-based, idempotent INSERT per batch, and
 //! the read-back `verify` uses.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
 use flowmesh_common::consumer::{RecordStore, StoreReport};
 use flowmesh_common::record::{Record, format_timestamp, parse_timestamp};
 use flowmesh_common::routing::Provenance;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
 /// The migrations in `pg-writer/migrations`, compiled into the binary.
@@ -54,12 +55,19 @@ pub async fn records_of(pool: &PgPool, source: &str) -> anyhow::Result<Vec<Recor
 }
 
 /// A lazily connecting pool: the writer starts (and reports not ready) while PostgreSQL is down.
-pub fn pool(url: &str, size: u32) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
+///
+/// `deadline` is the writer's store deadline. PostgreSQL is told to give up on a statement a
+/// little before it (`statement_timeout`), so a lock that is never released ends in a clean
+/// error on a connection that stays usable; a wait for a free connection is shorter still.
+pub fn pool(url: &str, size: u32, deadline: Duration) -> anyhow::Result<PgPool> {
+    let statement_timeout = deadline.mul_f64(0.8).as_millis().max(1);
+    let options = PgConnectOptions::from_str(url)
+        .context("parsing DATABASE_URL")?
+        .options([("statement_timeout", statement_timeout.to_string())]);
+    Ok(PgPoolOptions::new()
         .max_connections(size)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy(url)
-        .context("parsing DATABASE_URL")
+        .acquire_timeout(deadline.mul_f64(0.5).min(Duration::from_secs(5)))
+        .connect_lazy_with(options))
 }
 
 /// Runs the embedded migrations (idempotent).
@@ -72,14 +80,18 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 pub struct PgStore {
     pool: PgPool,
     migrated: bool,
+    /// How long one insert may wait for PostgreSQL's answer on its connection.
+    deadline: Duration,
 }
 
 impl PgStore {
-    /// A store over `pool`; migrations run before the first batch.
-    pub fn new(pool: PgPool) -> Self {
+    /// A store over `pool` whose inserts give up after `deadline`; migrations run before the
+    /// first batch.
+    pub fn new(pool: PgPool, deadline: Duration) -> Self {
         Self {
             pool,
             migrated: false,
+            deadline,
         }
     }
 }
@@ -110,7 +122,8 @@ impl RecordStore for PgStore {
             routes.push(provenance.and_then(|p| p.route.as_deref()));
             versions.push(provenance.map(|p| p.version.as_str()));
         }
-        let result = sqlx::query(INSERT)
+        let mut connection = self.pool.acquire().await.context("taking a connection")?;
+        let insert = sqlx::query(INSERT)
             .bind(ids)
             .bind(sources)
             .bind(seqs)
@@ -119,9 +132,19 @@ impl RecordStore for PgStore {
             .bind(hashes)
             .bind(routes)
             .bind(versions)
-            .execute(&self.pool)
-            .await
-            .context("inserting a batch")?;
+            .execute(&mut *connection);
+        let result = match tokio::time::timeout(self.deadline, insert).await {
+            Ok(result) => result.context("inserting a batch")?,
+            Err(_) => {
+                // No answer at all (a frozen server, a dead link): this connection is closed
+                // rather than returned, where testing it would wait for the answer too.
+                connection.close_on_drop();
+                anyhow::bail!(
+                    "inserting a batch: PostgreSQL did not answer within {} ms",
+                    self.deadline.as_millis()
+                );
+            }
+        };
         let stored = result.rows_affected();
         Ok(StoreReport {
             stored,

@@ -357,3 +357,52 @@ async fn a_database_url_with_sslmode_require_stores_over_tls() {
     wait_rows(&case.pool, 10, Duration::from_secs(30)).await;
     case.finish(writer).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_postgresql_costs_a_deadline_not_the_writer_and_loses_nothing() {
+    let case = Case::new("pg-frozen").await;
+    let (proxy, proxied) = proxy_url(&case.db.url).await;
+    let config = || {
+        let mut config = PgWriterConfig::for_tests(&proxied, &case.prefix);
+        config.writer.consumer.store_timeout = Duration::from_secs(2);
+        config.writer.service.grace = Duration::from_secs(6);
+        config
+    };
+    let writer = case.start(config()).await;
+    publish_records(&case.topology, &case.records(1..=100)).await;
+    wait_rows(&case.pool, 100, Duration::from_secs(30)).await;
+
+    // The server takes the connection's bytes and never answers: without a deadline the
+    // insert in hand would wait for ever and the breaker would never learn of it.
+    proxy.freeze();
+    publish_records(&case.topology, &case.records(101..=300)).await;
+    let breaker = writer.breaker.clone();
+    eventually(
+        "store calls end at their deadline and open the breaker",
+        Duration::from_secs(60),
+        || breaker.state() == BreakerState::Open,
+    )
+    .await;
+    proxy.thaw();
+    wait_rows(&case.pool, 300, Duration::from_secs(60)).await;
+    case.wait_all_acked().await;
+
+    // Stopped while frozen mid-insert, the writer still ends within its grace period.
+    proxy.freeze();
+    publish_records(&case.topology, &case.records(301..=320)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = std::time::Instant::now();
+    writer.stop().await;
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(6 + 2),
+        "the writer took {took:?} to stop during a freeze (grace 6 s)"
+    );
+    proxy.thaw();
+    let writer = case.start(config()).await;
+    wait_rows(&case.pool, 320, Duration::from_secs(60)).await;
+    case.wait_all_acked().await;
+    let dead = drain_dead_letters(&case.topology, 0, Duration::from_secs(1)).await;
+    assert!(dead.is_empty(), "{} records were dead-lettered", dead.len());
+    case.finish(writer).await;
+}
