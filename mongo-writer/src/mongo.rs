@@ -15,12 +15,12 @@ use anyhow::Context;
 use futures_util::TryStreamExt;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::{ClientOptions, WriteConcern};
+use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 use tokio::sync::OnceCell;
 
 use crate::nesting::{GroupDoc, Op, OpenGroup};
-use crate::store::GroupStore;
+use crate::store::{Conflict, GroupStore};
 use flowmesh_common::consumer::Permanent;
 use flowmesh_common::record::Record;
 
@@ -132,16 +132,12 @@ impl MongoStore {
 
     async fn ensure_indexes(&mut self) -> anyhow::Result<()> {
         if !self.indexed {
-            // records.id: de-duplication; {source, wseq}: a source's open group (exactly the
-            // recovery query); {wseq}: the highest write sequence.
-            for keys in [
-                doc! {"records.id": 1},
-                doc! {"source": 1, "wseq": -1},
-                doc! {"wseq": -1},
-            ] {
-                self.coll()
-                    .await?
-                    .create_index(IndexModel::builder().keys(keys).build())
+            let collection = self.coll().await?.clone();
+            replace_plain_indexes(&collection).await?;
+            for (keys, unique) in INDEXES {
+                let options = IndexOptions::builder().unique(unique).build();
+                collection
+                    .create_index(IndexModel::builder().keys(keys()).options(options).build())
                     .await
                     .map_err(|e| classify(e, "creating indexes"))?;
             }
@@ -150,11 +146,14 @@ impl MongoStore {
         Ok(())
     }
 
-    /// Appends the records of `records` the group lacks, as operation `wseq`. Fails when the
-    /// group does not exist.
+    /// Appends `records` to group `id` as operation `wseq`, only if the group still holds
+    /// `seen.0` records at write sequence `seen.1`: a compare-and-set on the group's state.
+    /// Anything else (another writer got there first, an earlier attempt of this batch did, the
+    /// group is gone) is a [`Conflict`].
     async fn append(
         &self,
         id: &str,
+        seen: (usize, u64),
         records: &[Record],
         wseq: u64,
         at: chrono::DateTime<chrono::Utc>,
@@ -162,52 +161,17 @@ impl MongoStore {
         if records.is_empty() {
             return Ok(());
         }
-        if self.push(id, records, wseq, at).await? {
-            return Ok(());
-        }
-        // Matched nothing: the group is gone, or already holds some of these records (an
-        // earlier attempt got that far). Re-read it and push only what it lacks.
-        let group = self
-            .coll()
-            .await?
-            .find_one(doc! {"_id": id})
-            .projection(doc! {"records.id": 1})
-            .await
-            .map_err(|e| classify(e, "re-reading a group"))?
-            .with_context(|| format!("appending to group {id}: the group does not exist"))?;
-        let held: HashSet<&str> = group
-            .get_array("records")
-            .map(|a| a.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|r| r.as_document().and_then(|r| r.get_str("id").ok()))
-            .collect();
-        let missing: Vec<Record> = records
-            .iter()
-            .filter(|r| !held.contains(r.id.as_str()))
-            .cloned()
-            .collect();
-        if missing.is_empty() || self.push(id, &missing, wseq, at).await? {
-            Ok(())
-        } else {
-            anyhow::bail!("appending to group {id}: the group changed while appending")
-        }
-    }
-
-    /// One guarded `$push`: true when it matched the group (none of `records` was in it).
-    async fn push(
-        &self,
-        id: &str,
-        records: &[Record],
-        wseq: u64,
-        at: chrono::DateTime<chrono::Utc>,
-    ) -> anyhow::Result<bool> {
         let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
         let last_seq = records.last().map(|r| r.seq as i64).unwrap_or_default();
         let pushed = records_bson(records)?;
         let result = self.coll().await?
             .update_one(
-                doc! {"_id": id, "records.id": {"$nin": ids}},
+                doc! {
+                    "_id": id,
+                    "count": seen.0 as i64,
+                    "wseq": seen.1 as i64,
+                    "records.id": {"$nin": ids},
+                },
                 doc! {
                     "$push": {"records": {"$each": pushed}},
                     "$inc": {"count": records.len() as i64},
@@ -216,7 +180,15 @@ impl MongoStore {
             )
             .await
             .map_err(|e| classify(e, "appending to a group"))?;
-        Ok(result.matched_count == 1)
+        if result.matched_count == 1 {
+            Ok(())
+        } else {
+            Err(Conflict(format!(
+                "group {id} is no longer at {} records and write sequence {}",
+                seen.0, seen.1
+            ))
+            .into())
+        }
     }
 }
 
@@ -228,13 +200,14 @@ impl GroupStore for MongoStore {
             .await?
             .find_one(doc! {"source": source})
             .sort(doc! {"wseq": -1})
-            .projection(doc! {"nested": 1, "count": 1})
+            .projection(doc! {"nested": 1, "count": 1, "wseq": 1})
             .await
             .map_err(|e| classify(e, "finding the open group"))?;
         Ok(last.map(|doc| OpenGroup {
             id: doc.get_str("_id").unwrap_or_default().to_owned(),
             nested: doc.get_bool("nested").unwrap_or(false),
             count: integer(&doc, "count") as usize,
+            wseq: integer(&doc, "wseq").max(0) as u64,
         }))
     }
 
@@ -306,11 +279,12 @@ impl GroupStore for MongoStore {
                 }
                 Op::Append {
                     id,
+                    seen,
                     records,
                     wseq,
                     at,
                 } => {
-                    self.append(id, records, *wseq, *at).await?;
+                    self.append(id, *seen, records, *wseq, *at).await?;
                     rest = &rest[1..];
                 }
             }
@@ -319,58 +293,110 @@ impl GroupStore for MongoStore {
     }
 }
 
-impl MongoStore {
-    /// Inserts `groups` in order. A group whose `_id` exists already (created by an earlier
-    /// attempt of the same batch) gets the records it lacks appended instead; an ordered
-    /// `insert_many` stops at that group, so the rest is inserted after it.
-    async fn insert_groups(&self, mut groups: &[&GroupDoc]) -> anyhow::Result<()> {
-        while !groups.is_empty() {
-            let documents = groups
-                .iter()
-                .map(|group| to_document(group))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let inserted = self.coll().await?.insert_many(documents).await;
-            let failed_at = match inserted {
-                Ok(_) => return Ok(()),
-                Err(err) => match duplicate_key_index(&err) {
-                    Some(index) if index < groups.len() => index,
-                    _ => return Err(classify(err, "inserting groups")),
-                },
-            };
-            // Everything before `failed_at` is in; that one already existed.
-            let group = groups[failed_at];
-            self.append(&group.id, &group.records[1..], group.wseq, group.updated_at)
-                .await?;
-            groups = &groups[failed_at + 1..];
+/// The collection's indexes and whether each is unique. `records.id`, unique: no record in two
+/// groups (de-duplication, and part of the fence between writers); `{source, wseq}`: a
+/// source's open group (exactly the recovery query); `{wseq}`, unique: the highest write
+/// sequence, and no two groups written as one operation.
+const INDEXES: [(fn() -> Document, bool); 3] = [
+    (|| doc! {"records.id": 1}, true),
+    (|| doc! {"source": 1, "wseq": -1}, false),
+    (|| doc! {"wseq": -1}, true),
+];
+
+/// Drops the indexes that earlier versions created on the same keys without `unique` (under
+/// MongoDB's default name), so the unique ones can take their place: MongoDB refuses a second
+/// index on the same keys with other options. Any other index is left alone.
+async fn replace_plain_indexes(collection: &Collection<Document>) -> anyhow::Result<()> {
+    let mut existing = match collection.list_indexes().await {
+        Ok(existing) => existing,
+        // No collection yet (MongoDB answers NamespaceNotFound): no index to replace.
+        Err(err) if server_code(&err) == Some(NAMESPACE_NOT_FOUND) => return Ok(()),
+        Err(err) => return Err(classify(err, "listing indexes")),
+    };
+    let mut plain = Vec::new();
+    while let Some(index) = existing
+        .try_next()
+        .await
+        .map_err(|e| classify(e, "listing indexes"))?
+    {
+        let unique = index
+            .options
+            .as_ref()
+            .and_then(|o| o.unique)
+            .unwrap_or(false);
+        let name = index.options.as_ref().and_then(|o| o.name.clone());
+        let wanted_unique = INDEXES
+            .iter()
+            .any(|(keys, unique)| *unique && keys() == index.keys);
+        if wanted_unique && !unique && name.as_deref() == Some(&default_index_name(&index.keys)) {
+            plain.extend(name);
         }
-        Ok(())
     }
+    for name in plain {
+        tracing::info!(index = %name, "replacing an index of an earlier version by its unique form");
+        collection
+            .drop_index(name)
+            .await
+            .map_err(|e| classify(e, "dropping a replaced index"))?;
+    }
+    Ok(())
 }
 
-/// The position of the first failed insert of an ordered `insert_many` when it failed on a
-/// duplicate `_id` and nothing else.
-fn duplicate_key_index(err: &mongodb::error::Error) -> Option<usize> {
-    match err.kind.as_ref() {
-        ErrorKind::InsertMany(failure) if failure.write_concern_error.is_none() => {
-            match failure.write_errors.as_deref() {
-                Some([only]) if only.code == 11000 => Some(only.index),
-                _ => None,
-            }
-        }
-        _ => None,
+/// The name MongoDB gives an index of `keys` when none is given (`records.id_1`, `wseq_-1`).
+fn default_index_name(keys: &Document) -> String {
+    keys.iter()
+        .map(|(key, order)| format!("{key}_{order}"))
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
+impl MongoStore {
+    /// Inserts `groups` in one ordered `insert_many`. A duplicate key (the `_id`, a record id or
+    /// the write sequence is taken: another writer or an earlier attempt wrote first) is a
+    /// [`Conflict`]; the groups before it stay inserted.
+    async fn insert_groups(&self, groups: &[&GroupDoc]) -> anyhow::Result<()> {
+        let documents = groups
+            .iter()
+            .map(|group| to_document(group))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        self.coll()
+            .await?
+            .insert_many(documents)
+            .await
+            .map_err(|e| classify(e, "inserting groups"))?;
+        Ok(())
     }
 }
 
 /// Server error codes that no retry can fix (MongoDB manual, error codes): BadValue,
 /// FailedToParse, TypeMismatch, InvalidLength, IndexOptionsConflict, IndexKeySpecsConflict,
 /// CannotCreateIndex, DocumentValidationFailure, BSONObjectTooLarge, KeyTooLong.
+/// A unique index refused a write: the fence between writers (see [`Conflict`]).
+const DUPLICATE_KEY: i32 = 11000;
+
+/// The collection (or database) does not exist.
+const NAMESPACE_NOT_FOUND: i32 = 26;
+
 const PERMANENT_CODES: &[i32] = &[2, 9, 14, 16, 85, 86, 67, 121, 10334, 17280];
 
 /// Tags `err` as [`Permanent`] when its server code says retrying cannot help, so the consumer
 /// dead-letters the batch; anything else (network, server selection, retryable labels, a
 /// failpoint) stays transient and goes through the breaker and retries.
 fn classify(err: mongodb::error::Error, what: &str) -> anyhow::Error {
-    let code = match err.kind.as_ref() {
+    match server_code(&err) {
+        Some(DUPLICATE_KEY) => anyhow::Error::new(Conflict(format!("{what}: {err}"))),
+        Some(code)
+            if PERMANENT_CODES.contains(&code) && !err.contains_label("RetryableWriteError") =>
+        {
+            anyhow::Error::new(Permanent(format!("{what}: MongoDB error {code}: {err}")))
+        }
+        _ => anyhow::Error::new(err).context(what.to_owned()),
+    }
+}
+
+/// The server's error code of `err`, when the server answered with one.
+fn server_code(err: &mongodb::error::Error) -> Option<i32> {
+    match err.kind.as_ref() {
         ErrorKind::Write(WriteFailure::WriteError(e)) => Some(e.code),
         ErrorKind::Write(WriteFailure::WriteConcernError(e)) => Some(e.code),
         ErrorKind::Command(e) => Some(e.code),
@@ -381,14 +407,6 @@ fn classify(err: mongodb::error::Error, what: &str) -> anyhow::Error {
             .map(|e| e.code)
             .or(e.write_concern_error.as_ref().map(|e| e.code)),
         _ => None,
-    };
-    match code {
-        Some(code)
-            if PERMANENT_CODES.contains(&code) && !err.contains_label("RetryableWriteError") =>
-        {
-            anyhow::Error::new(Permanent(format!("{what}: MongoDB error {code}: {err}")))
-        }
-        _ => anyhow::Error::new(err).context(what.to_owned()),
     }
 }
 

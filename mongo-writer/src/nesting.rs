@@ -70,6 +70,7 @@ impl GroupDoc {
             id: self.id.clone(),
             nested: self.nested,
             count: self.records.len(),
+            wseq: self.wseq,
         }
     }
 }
@@ -83,6 +84,8 @@ pub struct OpenGroup {
     pub nested: bool,
     /// Records it holds.
     pub count: usize,
+    /// The write sequence of the last operation on it.
+    pub wseq: u64,
 }
 
 /// One write to perform.
@@ -90,10 +93,14 @@ pub struct OpenGroup {
 pub enum Op {
     /// Create a group (possibly already holding several records).
     Insert(GroupDoc),
-    /// Append records to an existing group, in order.
+    /// Append records to an existing group, in order, if the group is still as the plan saw
+    /// it (`seen`): its count and write sequence are the fence between two writers.
     Append {
         /// The group's `_id`.
         id: String,
+        /// The group's count and write sequence when planned: the store applies the append
+        /// only to a group still in that state, and reports a conflict otherwise.
+        seen: (usize, u64),
         /// The records to add.
         records: Vec<Record>,
         /// The operation's write sequence (the group's new `wseq`).
@@ -135,10 +142,12 @@ pub fn plan(
                     _ => {
                         ops.push(Op::Append {
                             id: group.id.clone(),
+                            seen: (group.count - 1, group.wseq),
                             records: vec![record.clone()],
                             wseq: *next_wseq,
                             at: now,
                         });
+                        group.wseq = *next_wseq;
                         *next_wseq += 1;
                     }
                 }

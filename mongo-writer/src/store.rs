@@ -18,6 +18,20 @@ use flowmesh_common::record::Record;
 
 use crate::nesting::{GroupDoc, Op, OpenGroup, OpenGroups, plan};
 
+/// A write refused because the store is no longer as the plan saw it: another writer (or an
+/// earlier attempt of this one) wrote first. The writer re-reads the store and plans again.
+///
+/// This is the fence between writers (docs/contracts.md §6): an append applies only to a group
+/// whose count and write sequence are those it was planned from, no record id may stand in two
+/// groups, and no two groups may share a write sequence.
+#[derive(Debug, thiserror::Error)]
+#[error("write conflict: {0}")]
+pub struct Conflict(pub String);
+
+/// How many times one batch is planned again after a [`Conflict`] before the call fails (and
+/// the consumer retries it with backoff).
+pub const MAX_REPLANS: usize = 8;
+
 /// What the writer needs from a document store.
 pub trait GroupStore: Send + 'static {
     /// The group of `source` written last (highest `wseq`), if any.
@@ -32,9 +46,11 @@ pub trait GroupStore: Send + 'static {
         &mut self,
         ids: &[String],
     ) -> impl Future<Output = anyhow::Result<HashSet<String>>> + Send;
-    /// Performs the operations in order. An insert of an existing `_id` adds only the records
-    /// the group lacks; an append adds only the records the group lacks, and fails when the
-    /// group does not exist.
+    /// Performs the operations in order, stopping at the first that fails. An insert whose
+    /// `_id`, write sequence or any record id is stored already, and an append to a group that
+    /// is missing or no longer in the state it was planned from (or that would store a record
+    /// id twice or reuse a write sequence), fail with [`Conflict`]; the operations before it
+    /// stay written.
     fn apply(&mut self, ops: &[Op]) -> impl Future<Output = anyhow::Result<()>> + Send;
     /// Work before the first batch (indexes); done again lazily if it fails here.
     fn prepare(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
@@ -111,6 +127,8 @@ struct Indexed {
     record_ids: HashSet<String>,
     /// Source → position of its group with the highest `wseq`.
     last_by_source: HashMap<String, usize>,
+    /// Every group's `wseq` (unique, as MongoDB's index makes it).
+    wseqs: HashSet<u64>,
 }
 
 impl Indexed {
@@ -200,102 +218,123 @@ impl GroupStore for MemoryStore {
     async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
         self.check()?;
         let mut store = self.lock();
-        // As MongoDB does it (see `mongo.rs`): an insert of an existing `_id` becomes an append
-        // of what the group lacks; an append adds only missing records and fails on a missing
-        // group.
+        // As MongoDB does it (see `mongo.rs`): unique `_id`, `records.id` and `wseq`, and an
+        // append guarded by the group's count and wseq.
         for op in ops {
-            let (id, records, wseq, at) = match op {
+            match op {
                 Op::Insert(doc) => {
-                    if !store.by_id.contains_key(&doc.id) {
-                        let index = store.groups.len();
-                        store.by_id.insert(doc.id.clone(), index);
-                        for record in &doc.records {
-                            store.record_ids.insert(record.id.clone());
-                        }
-                        store.groups.push(doc.clone());
-                        store.note_written(index);
-                        continue;
+                    if store.by_id.contains_key(&doc.id) {
+                        return Err(Conflict(format!("group {} exists already", doc.id)).into());
                     }
-                    (&doc.id, &doc.records[1..], doc.wseq, doc.updated_at)
+                    store.check_new(&doc.records, doc.wseq)?;
+                    let index = store.groups.len();
+                    store.by_id.insert(doc.id.clone(), index);
+                    store
+                        .record_ids
+                        .extend(doc.records.iter().map(|r| r.id.clone()));
+                    store.wseqs.insert(doc.wseq);
+                    store.groups.push(doc.clone());
+                    store.note_written(index);
                 }
                 Op::Append {
                     id,
+                    seen,
                     records,
                     wseq,
                     at,
-                } => (id, &records[..], *wseq, *at),
-            };
-            let Some(&index) = store.by_id.get(id) else {
-                anyhow::bail!("appending to group {id}: the group does not exist");
-            };
-            let group = &store.groups[index];
-            let missing: Vec<Record> = records
-                .iter()
-                .filter(|r| !group.records.iter().any(|g| g.id == r.id))
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                for record in &missing {
-                    store.record_ids.insert(record.id.clone());
+                } => {
+                    let index = store.as_planned(id, *seen)?;
+                    store.check_new(records, *wseq)?;
+                    let old_wseq = store.groups[index].wseq;
+                    store.wseqs.remove(&old_wseq);
+                    store.wseqs.insert(*wseq);
+                    store
+                        .record_ids
+                        .extend(records.iter().map(|r| r.id.clone()));
+                    let group = &mut store.groups[index];
+                    group.records.extend(records.iter().cloned());
+                    group.wseq = *wseq;
+                    group.updated_at = *at;
+                    store.note_written(index);
                 }
-                let group = &mut store.groups[index];
-                group.records.extend(missing);
-                group.wseq = wseq;
-                group.updated_at = at;
-                store.note_written(index);
             }
         }
         Ok(())
     }
 }
 
+impl Indexed {
+    /// The position of group `id` if it exists and holds `seen.0` records at write
+    /// sequence `seen.1`; a [`Conflict`] otherwise.
+    fn as_planned(&self, id: &str, seen: (usize, u64)) -> Result<usize, Conflict> {
+        let Some(&index) = self.by_id.get(id) else {
+            return Err(Conflict(format!("group {id} does not exist")));
+        };
+        let group = &self.groups[index];
+        if (group.records.len(), group.wseq) != seen {
+            return Err(Conflict(format!(
+                "group {id} is no longer at {} records and write sequence {}",
+                seen.0, seen.1
+            )));
+        }
+        Ok(index)
+    }
+
+    /// Refuses records already stored and a write sequence already taken, as MongoDB's unique
+    /// indexes do.
+    fn check_new(&self, records: &[Record], wseq: u64) -> Result<(), Conflict> {
+        if let Some(record) = records.iter().find(|r| self.record_ids.contains(&r.id)) {
+            return Err(Conflict(format!("record {} is stored already", record.id)));
+        }
+        if self.wseqs.contains(&wseq) {
+            return Err(Conflict(format!("write sequence {wseq} is taken")));
+        }
+        Ok(())
+    }
+}
+
 /// Turns batches of records into group writes on a [`GroupStore`].
+///
+/// Each batch is planned from the store as it is now, read in this order: which of the
+/// records are stored already, then the highest write sequence, then each source's open group.
+/// That order, with the store's fence ([`Conflict`]), is what keeps two writers from corrupting
+/// a group: anything another writer stores for a source after the first read includes the
+/// source's first record this batch would write, so this batch's first write for that source
+/// conflicts (a record id stored twice, a write sequence taken, or a group no longer as read),
+/// and the batch is planned again from the new state. Nothing is cached between batches: a
+/// writer that lost its queue to another and got it back never plans from what it saw before.
 #[derive(Debug)]
 pub struct NestingStore<G> {
     groups: G,
     max_nest: usize,
-    /// Open groups of the sources seen since the last (re)read of the store.
-    open: OpenGroups,
-    /// The next write sequence, once recovered from the store.
-    next_wseq: Option<u64>,
 }
 
 impl<G: GroupStore> NestingStore<G> {
     /// A writer over `groups` nesting at most `max_nest` records per document.
     pub fn new(groups: G, max_nest: usize) -> Self {
-        Self {
-            groups,
-            max_nest,
-            open: OpenGroups::new(),
-            next_wseq: None,
-        }
+        Self { groups, max_nest }
     }
 
     async fn store_batch(&mut self, records: &[Record]) -> anyhow::Result<StoreReport> {
-        let mut next_wseq = match self.next_wseq {
-            Some(next) => next,
-            None => self.groups.max_wseq().await? + 1,
-        };
-        let mut open = self.open.clone();
-        for record in records {
-            if !open.contains_key(&record.source) {
-                let group = self.groups.last_group(&record.source).await?;
-                tracing::debug!(source = %record.source, open_group = ?group, "recovered the open group from the store");
-                open.insert(record.source.clone(), group);
-            }
-        }
         let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
         let stored = self.groups.stored_ids(&ids).await?;
+        let mut next_wseq = self.groups.max_wseq().await? + 1;
         let mut seen = HashSet::new();
         let fresh: Vec<Record> = records
             .iter()
             .filter(|r| !stored.contains(&r.id) && seen.insert(r.id.clone()))
             .cloned()
             .collect();
+        let mut open = OpenGroups::new();
+        for record in &fresh {
+            if !open.contains_key(&record.source) {
+                let group = self.groups.last_group(&record.source).await?;
+                tracing::debug!(source = %record.source, open_group = ?group, "read the open group from the store");
+                open.insert(record.source.clone(), group);
+            }
+        }
         let ops = plan(&mut open, &fresh, self.max_nest, &mut next_wseq, Utc::now());
         self.groups.apply(&ops).await?;
-        self.open = open;
-        self.next_wseq = Some(next_wseq);
         Ok(StoreReport {
             stored: fresh.len() as u64,
             duplicates: (records.len() - fresh.len()) as u64,
@@ -305,13 +344,22 @@ impl<G: GroupStore> NestingStore<G> {
 
 impl<G: GroupStore> RecordStore for NestingStore<G> {
     async fn store(&mut self, records: &[Record]) -> anyhow::Result<StoreReport> {
-        let result = self.store_batch(records).await;
-        if result.is_err() {
-            // Part of the batch may have been written: re-read the truth before the next try.
-            self.open.clear();
-            self.next_wseq = None;
+        let mut replans = 0;
+        loop {
+            let result = self.store_batch(records).await;
+            let Err(err) = result else {
+                return result;
+            };
+            // Part of the batch may have been written, or another writer wrote first: the
+            // next try plans from what the store holds then.
+            match err.downcast_ref::<Conflict>() {
+                Some(conflict) if replans < MAX_REPLANS => {
+                    replans += 1;
+                    tracing::info!(error = %conflict, replans, "the store changed under this writer; planning the batch again from what it holds");
+                }
+                _ => return Err(err),
+            }
         }
-        result
     }
 }
 

@@ -13,7 +13,7 @@ use flowmesh_common::topology::Topology;
 use flowmesh_mongo_writer::MongoWriterConfig;
 use flowmesh_mongo_writer::mongo::{self, MongoStore, from_document};
 use flowmesh_mongo_writer::nesting::{GroupDoc, Op, nests};
-use flowmesh_mongo_writer::store::{GroupStore, MemoryStore, NestingStore};
+use flowmesh_mongo_writer::store::{Conflict, GroupStore, MemoryStore, NestingStore};
 use flowmesh_mongo_writer::testing::Crashing;
 use futures_util::TryStreamExt;
 use mongodb::bson::doc;
@@ -90,9 +90,8 @@ async fn groups_are_written_recovered_and_never_duplicated_in_a_real_mongodb() {
         .expect("drop test database");
 }
 
-/// What a group is, without the wall-clock times (which differ between two runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_of_inserts_meeting_an_existing_group_completes_it_and_inserts_the_rest() {
+async fn writes_that_meet_a_changed_store_are_conflicts_in_mongodb_and_in_the_twin_alike() {
     let Some(url) = mongodb_url() else { return };
     let client = mongo::client(&url).await.expect("client");
     let database = format!("flowmesh_test_{}", uuid::Uuid::new_v4().simple());
@@ -107,20 +106,51 @@ async fn a_run_of_inserts_meeting_an_existing_group_completes_it_and_inserts_the
         );
         doc
     };
-    // B (seqs 3..5) exists already with its first record only: an earlier attempt created it.
-    let earlier = [Op::Insert(group(&[3], 1))];
-    let ops = [
-        Op::Insert(group(&[1, 2], 2)),
-        Op::Insert(group(&[3, 4, 5], 3)),
-        Op::Insert(group(&[6], 4)),
-        Op::Insert(group(&[7, 8], 5)),
+    let append = |id: u64, seen: (usize, u64), seqs: &[u64], wseq: u64| Op::Append {
+        id: records[id as usize - 1].id.clone(),
+        seen,
+        records: seqs
+            .iter()
+            .map(|&s| records[s as usize - 1].clone())
+            .collect(),
+        wseq,
+        at: now,
+    };
+    // What another writer wrote first: group 3 holds seqs 3 and 4, at wseq 1.
+    let earlier = [Op::Insert(group(&[3, 4], 1))];
+    let refused: [&[Op]; 6] = [
+        // Its `_id` is taken (the ops before it stay written).
+        &[Op::Insert(group(&[1, 2], 2)), Op::Insert(group(&[3], 3))],
+        // A record id is stored already, in another group.
+        &[Op::Insert(group(&[4, 5], 4))],
+        // The write sequence is taken.
+        &[Op::Insert(group(&[6], 1))],
+        // An append planned from an older state of the group (one record, wseq 0).
+        &[append(3, (1, 0), &[5], 5)],
+        // An append that would reuse a write sequence.
+        &[append(3, (2, 1), &[5], 2)],
+        // An append to a group that does not exist.
+        &[append(7, (1, 9), &[8], 6)],
     ];
     let mut real = MongoStore::new(&client, &database, "records");
     let mut twin = MemoryStore::new();
-    for batch in [&earlier[..], &ops[..]] {
-        real.apply(batch).await.expect("apply to MongoDB");
-        twin.apply(batch).await.expect("apply to the twin");
+    real.apply(&earlier).await.expect("apply to MongoDB");
+    twin.apply(&earlier).await.expect("apply to the twin");
+    for ops in refused {
+        for (store, err) in [
+            ("MongoDB", real.apply(ops).await.expect_err("refused")),
+            ("the twin", twin.apply(ops).await.expect_err("refused")),
+        ] {
+            assert!(
+                err.downcast_ref::<Conflict>().is_some(),
+                "{store}: {ops:?} is a conflict, not {err:#}"
+            );
+        }
     }
+    // The append planned from the group as it is goes through.
+    let fits = [append(3, (2, 1), &[5], 7)];
+    real.apply(&fits).await.expect("apply to MongoDB");
+    twin.apply(&fits).await.expect("apply to the twin");
     let collection = real.collection().await.expect("collection");
     let mut cursor = collection.find(doc! {}).await.expect("find");
     let mut in_mongodb = Vec::new();
@@ -130,10 +160,61 @@ async fn a_run_of_inserts_meeting_an_existing_group_completes_it_and_inserts_the
     let mut in_memory: Vec<_> = twin.groups().iter().map(essence).collect();
     in_mongodb.sort();
     in_memory.sort();
-    let seqs = |groups: &[Essence]| groups.iter().map(|g| g.3.len()).sum::<usize>();
-    assert_eq!(in_mongodb.len(), 4, "four groups, none twice");
-    assert_eq!(seqs(&in_mongodb), 8, "every record once");
+    assert_eq!(in_mongodb.len(), 2, "groups 1 and 3, nothing else");
     assert_eq!(in_mongodb, in_memory, "the twin agrees with MongoDB");
+    client.database(&database).drop().await.expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_over_one_mongodb_never_overfill_a_group_or_tie_a_write_sequence() {
+    let Some(url) = mongodb_url() else { return };
+    let client = mongo::client(&url).await.expect("client");
+    let database = format!("flowmesh_test_{}", uuid::Uuid::new_v4().simple());
+    let records: Vec<Record> = (1..=130).map(|seq| record(seq, true)).collect();
+    // Two writers take turns on one queue (a single-active-consumer hand-over and back), each
+    // remembering the open group as it last saw it: A stores 95 records in one group, B the
+    // next 10 (filling it to 100 and starting another), then A 10 more from its stale memory
+    // of a 95-record group, then B the rest, then A replays some.
+    let mut a = NestingStore::new(MongoStore::new(&client, &database, "records"), 100);
+    let mut b = NestingStore::new(MongoStore::new(&client, &database, "records"), 100);
+    a.store(&records[..95]).await.expect("A stores 95");
+    b.store(&records[95..105]).await.expect("B stores 10");
+    a.store(&records[105..115]).await.expect("A stores 10 more");
+    b.store(&records[115..]).await.expect("B stores the rest");
+    a.store(&records[100..120]).await.expect("A replays 20");
+
+    let collection = client
+        .database(&database)
+        .collection::<mongodb::bson::Document>("records");
+    let mut cursor = collection
+        .find(doc! {})
+        .sort(doc! {"wseq": 1})
+        .await
+        .expect("find");
+    let mut groups = Vec::new();
+    while let Some(doc) = cursor.try_next().await.expect("next") {
+        let (group, count) = from_document(&doc).expect("decode");
+        assert_eq!(count as usize, group.records.len(), "count matches records");
+        groups.push(group);
+    }
+    let sizes: Vec<usize> = groups.iter().map(|g| g.records.len()).collect();
+    assert_eq!(sizes, vec![100, 30], "as one writer would have nested them");
+    let seqs: Vec<u64> = groups
+        .iter()
+        .flat_map(|g| g.records.iter().map(|r| r.seq))
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=130).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+    let mut wseqs: Vec<u64> = groups.iter().map(|g| g.wseq).collect();
+    wseqs.dedup();
+    assert_eq!(
+        wseqs.len(),
+        groups.len(),
+        "no two groups share a write sequence"
+    );
     client.database(&database).drop().await.expect("drop");
 }
 

@@ -92,10 +92,11 @@ fn a_batch_continues_the_open_group_of_the_previous_one() {
         id: "g".into(),
         nested: true,
         count: 1,
+        wseq: 0,
     });
     let (ops, open) = plan_t(open, &[rec(7, "cc"), rec(8, "dd")], 3);
     assert!(
-        matches!(&ops[..], [Op::Append { id, records, .. }] if id == "g" && records.len() == 2)
+        matches!(&ops[..], [Op::Append { id, seen: (1, 0), records, .. }] if id == "g" && records.len() == 2)
     );
     assert_eq!(open.map(|g| g.count), Some(3));
 }
@@ -106,6 +107,7 @@ fn a_high_hash_after_an_open_plain_group_starts_a_nested_one() {
         id: "p".into(),
         nested: false,
         count: 1,
+        wseq: 0,
     });
     let (ops, _) = plan_t(open, &[rec(9, "ee")], 100);
     assert_eq!(shapes(&ops), vec![(true, vec![9])]);

@@ -3,6 +3,7 @@
 //! group exactly once, the groups follow the rule, and the result equals a clean run's.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
 
@@ -225,8 +226,106 @@ fn check_source(records: &[Record], groups: &[GroupDoc], max_nest: usize) {
     }
 }
 
+/// A store shared by two writers: before each call it lets the other writer run a few turns
+/// (as `turns` says, cycling), so their reads and writes interleave at every await point.
+#[derive(Debug, Clone)]
+struct Yielding {
+    inner: MemoryStore,
+    turns: Arc<Mutex<(Vec<u8>, usize)>>,
+}
+
+impl Yielding {
+    async fn pause(&self) {
+        let turns = {
+            let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+            let (list, at) = &mut *turns;
+            *at += 1;
+            list[*at % list.len()]
+        };
+        for _ in 0..turns {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+impl GroupStore for Yielding {
+    async fn last_group(&mut self, source: &str) -> anyhow::Result<Option<OpenGroup>> {
+        self.pause().await;
+        self.inner.last_group(source).await
+    }
+    async fn max_wseq(&mut self) -> anyhow::Result<u64> {
+        self.pause().await;
+        self.inner.max_wseq().await
+    }
+    async fn stored_ids(&mut self, ids: &[String]) -> anyhow::Result<HashSet<String>> {
+        self.pause().await;
+        self.inner.stored_ids(ids).await
+    }
+    async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        // Each operation on its own, so the other writer can act between two of them.
+        for op in ops {
+            self.pause().await;
+            self.inner.apply(std::slice::from_ref(op)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Two writers on one queue at once, as a single-active-consumer hand-over leaves them: each
+/// takes the next window of the stream from the first unacked record (`back` records before it
+/// again, `batch` after it), stores it and acks it, over one shared store.
+async fn two_writers(
+    records: &[Record],
+    windows: &[(usize, usize)],
+    turns: Vec<u8>,
+    max_nest: usize,
+) -> Vec<GroupDoc> {
+    let store = MemoryStore::new();
+    let shared = Yielding {
+        inner: store.clone(),
+        turns: Arc::new(Mutex::new((turns, 0))),
+    };
+    let acked = std::cell::Cell::new(0usize);
+    let taken = std::cell::Cell::new(0usize);
+    let writer = || async {
+        let mut writer = NestingStore::new(shared.clone(), max_nest);
+        let mut rounds = 0;
+        while acked.get() < records.len() {
+            rounds += 1;
+            assert!(rounds < 10_000, "the writers made no progress");
+            let (back, batch) = windows[taken.get() % windows.len()];
+            taken.set(taken.get() + 1);
+            let start = acked.get().saturating_sub(back);
+            let end = (acked.get() + batch).min(records.len());
+            if writer.store(&records[start..end]).await.is_ok() {
+                acked.set(acked.get().max(end));
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::join!(writer(), writer());
+    store.groups()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    #[test]
+    fn two_writers_interleaved_at_random_write_what_one_clean_writer_writes(
+        records in stream(),
+        windows in prop::collection::vec((0usize..6, 1usize..30), 1..20),
+        turns in prop::collection::vec(0u8..4, 1..20),
+        max_nest in 1usize..7,
+    ) {
+        let clean = run(deliver(&records, &[Step { batch: 1000, crash_in_writes: None, crash_before_ack: false, restart: false }], max_nest));
+        let both = run(two_writers(&records, &windows, turns, max_nest));
+        check_rule(&records, &both, max_nest);
+        prop_assert_eq!(shape(&both), shape(&clean));
+        let mut wseqs: Vec<u64> = both.iter().map(|g| g.wseq).collect();
+        wseqs.sort_unstable();
+        wseqs.dedup();
+        prop_assert_eq!(wseqs.len(), both.len(), "two groups share a write sequence");
+    }
 
     #[test]
     fn every_record_lands_in_exactly_one_group_whatever_the_crashes_and_replays(
