@@ -99,6 +99,10 @@ catalogue! {
         "Times generation paused on a full in-flight window.";
     GEN_FRAME_RECORDS = "flowmesh_generator_frame_records", Histogram, Generator, [],
         "Records per WebSocket frame sent.";
+    GEN_SPOOL_BYTES = "flowmesh_generator_spool_bytes", Gauge, Generator, [],
+        "Size of the crash-safe spool's log (with --spool-dir); compacted as it grows.";
+    GEN_SPOOL_COMPACTIONS = "flowmesh_generator_spool_compactions_total", Counter, Generator, [],
+        "Times the running spool was compacted to its unacked records.";
 
     FILTER_CONNECTIONS = "flowmesh_filter_connections", Gauge, Filter, [],
         "Open WebSocket connections.";

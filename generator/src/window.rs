@@ -120,7 +120,7 @@ impl Window {
     pub async fn push(&self, record: &Record) -> bool {
         let json: Arc<str> = record.to_json().into();
         if let Some(spool) = &self.spool {
-            spool.generated(&json);
+            spool.generated(record.seq, &json);
         }
         let mut waited = false;
         loop {
