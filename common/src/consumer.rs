@@ -66,17 +66,35 @@ pub struct StoreReport {
     pub duplicates: u64,
 }
 
-/// A store error that no retry can fix (a validation failure, a document too large): the
-/// consumer dead-letters the batch with this reason instead of retrying it forever.
+/// A store error that no retry can fix for these records (a validation failure, a document
+/// too large). The consumer splits the batch until it has the record(s) refused alone, and
+/// dead-letters only those, with this reason.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Permanent(pub String);
+
+/// A store error that says the writer, not a record, is wrong for this database: a rejected
+/// login or permission, an index that conflicts with one the writer needs. No record is to
+/// blame, so none is dead-lettered: the writer logs it as an error, counts it as a failure of
+/// the database (its breaker opens and it is not ready) and tries the batch again with backoff
+/// until someone fixes the database or the configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Misconfigured(pub String);
 
 /// How storing a batch ended.
 enum Stored {
     Done(StoreReport),
     /// The store refused it for good ([`Permanent`]).
     Refused(String),
+}
+
+/// What storing a batch, split around the records refused for good, did.
+#[derive(Default)]
+struct Split {
+    report: StoreReport,
+    /// The refused records (their positions in the batch) and why.
+    refused: Vec<(usize, String)>,
 }
 
 /// A database the consumer writes to. Storing must be idempotent by record id.
@@ -229,6 +247,7 @@ pub async fn run<S: RecordStore>(
             channel: &channel,
             consumer: None,
             cancelled: false,
+            misconfigured: None,
         };
         let ended = session.consume(&shutdown).await;
         session.set_consuming(false);
@@ -279,6 +298,8 @@ struct Session<'a, S> {
     /// True once this session cancelled its consumer: the stream yields what was already
     /// delivered, then ends.
     cancelled: bool,
+    /// The configuration error last logged ([`Misconfigured`]), so each is logged once.
+    misconfigured: Option<String>,
 }
 
 /// Why waiting for the next delivery stopped.
@@ -471,6 +492,8 @@ impl<S: RecordStore> Session<'_, S> {
     ) -> Result<bool, String> {
         let writer = self.settings.writer;
         let mut records = Vec::with_capacity(batch.len());
+        // The delivery each record came in.
+        let mut origin = Vec::with_capacity(batch.len());
         // Deliveries that hold a record, still unsettled (the others are dead-lettered now).
         let mut valid = Vec::with_capacity(batch.len());
         for (index, delivery) in batch.iter().enumerate() {
@@ -500,6 +523,7 @@ impl<S: RecordStore> Session<'_, S> {
                         )
                         .await?;
                     }
+                    origin.extend(std::iter::repeat_n(index, decoded.records.len()));
                     records.extend(decoded.records);
                     valid.push(index);
                 }
@@ -519,21 +543,39 @@ impl<S: RecordStore> Session<'_, S> {
                 }
             }
         }
-        let Some(&last_valid) = valid.last() else {
+        if valid.is_empty() {
             return Ok(true);
-        };
+        }
         metrics::gauge!(m::WRITER_HELD, "writer" => writer).set(batch.len() as f64);
-        let report = match self.store_until_done(&records, shutdown).await {
-            Some(Stored::Done(report)) => report,
-            Some(Stored::Refused(reason)) => {
-                tracing::error!(writer, error = %reason, records = records.len(), "the store refused the batch for good; dead-lettering it");
-                self.count_dead_lettered(records.len() as u64);
-                for &index in &valid {
-                    dead_letter(self.settings, self.channel, &batch[index], &reason).await?;
-                }
-                return Ok(true);
+        let Some(split) = self.store_splitting(&records, shutdown).await else {
+            return Ok(false);
+        };
+        let report = split.report;
+        // Settled one by one as dead letters: the deliveries that were one refused record. A
+        // refused line of a packed message is dead-lettered alone; its message is acked with
+        // the batch, like its stored lines.
+        let mut settled = vec![false; batch.len()];
+        for (at, reason) in &split.refused {
+            let index = origin[*at];
+            let delivery = &batch[index];
+            tracing::error!(writer, record_id = %records[*at].id, error = %reason, "the store refused a record for good; dead-lettering it");
+            self.count_dead_lettered(1);
+            if crate::message::is_packed(&delivery.properties) {
+                dead_letter_lines(
+                    self.settings,
+                    self.channel,
+                    delivery,
+                    records[*at].to_json().as_bytes(),
+                    reason,
+                )
+                .await?;
+            } else {
+                dead_letter(self.settings, self.channel, delivery, reason).await?;
+                settled[index] = true;
             }
-            None => return Ok(false),
+        }
+        let Some(&last_unsettled) = valid.iter().rev().find(|&&index| !settled[index]) else {
+            return Ok(true);
         };
         let now = chrono::Utc::now();
         // Resolved once a batch: looking a labelled series up costs more than recording into it.
@@ -556,11 +598,11 @@ impl<S: RecordStore> Session<'_, S> {
         self.progress
             .duplicates
             .fetch_add(report.duplicates, Ordering::Relaxed);
-        // One multiple-ack on the last stored delivery settles the batch (dead-lettered
-        // deliveries were settled already).
+        // One multiple-ack on the last delivery not yet settled settles the batch (dead-lettered
+        // deliveries were settled already, and a multiple-ack passes over them).
         bounded(
             "ack after commit (redelivery is harmless)",
-            batch[last_valid]
+            batch[last_unsettled]
                 .acker
                 .ack(BasicAckOptions { multiple: true }),
         )
@@ -581,6 +623,35 @@ impl<S: RecordStore> Session<'_, S> {
         metrics::counter!(m::WRITER_RECORDS, "writer" => self.settings.writer, "outcome" => "dead_lettered")
             .increment(n);
         self.progress.dead_lettered.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Stores `records`, and when the store refuses them for good, halves and stores each half
+    /// in turn (queue order kept) until the refused records stand alone: only those are refused.
+    /// `None` if shutdown came first.
+    async fn store_splitting(
+        &mut self,
+        records: &[Record],
+        shutdown: &CancellationToken,
+    ) -> Option<Split> {
+        let mut split = Split::default();
+        // Ranges still to store, the next one last.
+        let mut ranges = vec![(0, records.len())];
+        while let Some((from, to)) = ranges.pop() {
+            match self.store_until_done(&records[from..to], shutdown).await? {
+                Stored::Done(report) => {
+                    split.report.stored += report.stored;
+                    split.report.duplicates += report.duplicates;
+                }
+                Stored::Refused(reason) if to - from == 1 => split.refused.push((from, reason)),
+                Stored::Refused(reason) => {
+                    tracing::warn!(writer = self.settings.writer, records = to - from, error = %reason, "the store refused a batch for good; splitting it to find the record(s) at fault");
+                    let middle = from + (to - from) / 2;
+                    ranges.push((middle, to));
+                    ranges.push((from, middle));
+                }
+            }
+        }
+        Some(split)
     }
 
     /// Stores a batch, retrying with backoff through the breaker until it succeeds or the
@@ -620,6 +691,7 @@ impl<S: RecordStore> Session<'_, S> {
                 Ok(report) => {
                     self.breaker.record(true);
                     self.progress.set_failing(false);
+                    self.misconfigured = None;
                     metrics::histogram!(m::WRITER_STORE_SECONDS, "writer" => writer)
                         .record(started.elapsed().as_secs_f64());
                     return Some(Stored::Done(report));
@@ -635,13 +707,22 @@ impl<S: RecordStore> Session<'_, S> {
                     self.progress.set_failing(true);
                     self.pause().await;
                     let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(
-                        writer,
-                        error = format!("{err:#}"),
-                        records = records.len(),
-                        retry_in_ms = wait.as_millis() as u64,
-                        "store failed; batch kept unacked and retried"
-                    );
+                    let error = format!("{err:#}");
+                    if err.downcast_ref::<Misconfigured>().is_some() {
+                        // One error line per new cause, not one per retry.
+                        if self.misconfigured.as_deref() != Some(error.as_str()) {
+                            tracing::error!(writer, error = %error, "the database refuses this writer's configuration: {writer} is not ready and dead-letters nothing until the database or the configuration is fixed");
+                            self.misconfigured = Some(error);
+                        }
+                    } else {
+                        tracing::warn!(
+                            writer,
+                            error,
+                            records = records.len(),
+                            retry_in_ms = wait.as_millis() as u64,
+                            "store failed; batch kept unacked and retried"
+                        );
+                    }
                     metrics::counter!(m::WRITER_STORE_FAILURES, "writer" => writer).increment(1);
                     tokio::select! {
                         _ = shutdown.cancelled() => return None,

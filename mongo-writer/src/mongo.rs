@@ -1,11 +1,13 @@
 //! The MongoDB implementation of [`GroupStore`] through the official driver.
 //!
 //! Documents: `{_id, source, nested, records, count, first_seq, last_seq, wseq, created_at,
-//! updated_at}` in database `flowmesh`, collection `records`, written with `j: true`. Appends
-//! are guarded (`records.id $nin`) so a redelivered record is never pushed twice, and checked: an
-//! append that matched nothing re-reads the group and pushes only what it lacks. Errors the
-//! MongoDB manual names as permanent (validation, index conflicts, a document too large) are
-//! [`Permanent`], so the batch is dead-lettered instead of retried forever.
+//! updated_at}` in database `flowmesh`, collection `records`, written with `j: true`. An
+//! append is a compare-and-set on the group's count and write sequence, and what the unique
+//! indexes or the compare-and-set refuse is a [`Conflict`] (the batch is planned again). Errors
+//! the MongoDB manual names as permanent for a document (validation, a document too large) are
+//! [`Permanent`], so the record is dead-lettered instead of retried forever; errors that blame
+//! the configuration (authorization, an index conflict) are [`Misconfigured`]: retried, nothing
+//! dead-lettered.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use tokio::sync::OnceCell;
 
 use crate::nesting::{GroupDoc, Op, OpenGroup};
 use crate::store::{Conflict, GroupStore};
-use flowmesh_common::consumer::Permanent;
+use flowmesh_common::consumer::{Misconfigured, Permanent};
 use flowmesh_common::record::Record;
 
 /// Default database.
@@ -368,23 +370,36 @@ impl MongoStore {
     }
 }
 
-/// Server error codes that no retry can fix (MongoDB manual, error codes): BadValue,
-/// FailedToParse, TypeMismatch, InvalidLength, IndexOptionsConflict, IndexKeySpecsConflict,
-/// CannotCreateIndex, DocumentValidationFailure, BSONObjectTooLarge, KeyTooLong.
 /// A unique index refused a write: the fence between writers (see [`Conflict`]).
 const DUPLICATE_KEY: i32 = 11000;
 
 /// The collection (or database) does not exist.
 const NAMESPACE_NOT_FOUND: i32 = 26;
 
-const PERMANENT_CODES: &[i32] = &[2, 9, 14, 16, 85, 86, 67, 121, 10334, 17280];
+/// Server error codes that no retry can fix for the records written (MongoDB manual, error
+/// codes): BadValue, FailedToParse, TypeMismatch, InvalidLength, DocumentValidationFailure,
+/// BSONObjectTooLarge, KeyTooLong.
+const PERMANENT_CODES: &[i32] = &[2, 9, 14, 16, 121, 10334, 17280];
 
-/// Tags `err` as [`Permanent`] when its server code says retrying cannot help, so the consumer
-/// dead-letters the batch; anything else (network, server selection, retryable labels, a
+/// Server error codes that say the database refuses this writer's configuration, whatever the
+/// records: Unauthorized, AuthenticationFailed, CannotCreateIndex, IndexOptionsConflict,
+/// IndexKeySpecsConflict (an index someone made on the keys this writer needs).
+const MISCONFIGURED_CODES: &[i32] = &[13, 18, 67, 85, 86];
+
+/// Sorts `err` by cause: a unique index's refusal is a [`Conflict`] (planned again), a
+/// configuration the database refuses is [`Misconfigured`] (retried, nothing dead-lettered), a
+/// code that says retrying cannot help the records is [`Permanent`] (the consumer dead-letters
+/// the records at fault); anything else (network, server selection, retryable labels, a
 /// failpoint) stays transient and goes through the breaker and retries.
 fn classify(err: mongodb::error::Error, what: &str) -> anyhow::Error {
+    if matches!(err.kind.as_ref(), ErrorKind::Authentication { .. }) {
+        return anyhow::Error::new(Misconfigured(format!("{what}: {err}")));
+    }
     match server_code(&err) {
         Some(DUPLICATE_KEY) => anyhow::Error::new(Conflict(format!("{what}: {err}"))),
+        Some(code) if MISCONFIGURED_CODES.contains(&code) => anyhow::Error::new(Misconfigured(
+            format!("{what}: MongoDB error {code}: {err}"),
+        )),
         Some(code)
             if PERMANENT_CODES.contains(&code) && !err.contains_label("RetryableWriteError") =>
         {

@@ -384,3 +384,105 @@ async fn a_store_failure_in_a_backlog_retries_that_batch_first_and_keeps_queue_o
     assert_eq!(queue_depth(&queue).await, 0);
     flowmesh_common::testkit::delete_topology(&topology).await;
 }
+
+/// Wraps the writer's store: refuses for good (as a document validation failure would) every
+/// call that holds one of the `refused` seqs, and stores the rest.
+struct Refusing<S> {
+    inner: S,
+    refused: Vec<u64>,
+}
+
+impl<S: flowmesh_common::consumer::RecordStore> flowmesh_common::consumer::RecordStore
+    for Refusing<S>
+{
+    async fn store(
+        &mut self,
+        records: &[Record],
+    ) -> anyhow::Result<flowmesh_common::consumer::StoreReport> {
+        if let Some(bad) = records.iter().find(|r| self.refused.contains(&r.seq)) {
+            return Err(flowmesh_common::consumer::Permanent(format!(
+                "document failed validation (seq {})",
+                bad.seq
+            ))
+            .into());
+        }
+        self.inner.store(records).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_refused_for_good_is_dead_lettered_alone_and_the_rest_of_its_batch_is_stored() {
+    use flowmesh_common::breaker::{Breaker, BreakerSettings};
+    use flowmesh_common::consumer::{self, ConsumerProgress, ConsumerSettings};
+    use std::sync::Arc;
+
+    let prefix = unique_prefix("mongo-split");
+    let topology = Topology::new(&prefix, 5);
+    let memory = MemoryStore::new();
+    let records: Vec<Record> = (1..=40).map(|seq| record(seq, seq % 4 != 0)).collect();
+    // One backlog, so they come as one batch: 1–20 a message each, 21–40 packed by ten.
+    let mut messages: Vec<_> = records[..20]
+        .iter()
+        .map(|r| (r.to_json().into_bytes(), record_properties(r)))
+        .collect();
+    messages.extend(records[20..].chunks(10).map(message::encode));
+    publish(&topology, &topology.exchange, messages).await;
+
+    let refused = vec![7, 26];
+    let store = Refusing {
+        inner: flowmesh_mongo_writer::store::NestingStore::new(Groups::Memory(memory.clone()), 100),
+        refused: refused.clone(),
+    };
+    let settings = ConsumerSettings {
+        url: flowmesh_common::testkit::amqp_url(),
+        topology: topology.clone(),
+        writer: "mongo-writer",
+        prefetch: 500,
+        batch_max: 100,
+        linger: Duration::from_millis(200),
+        store_timeout: Duration::from_secs(10),
+    };
+    let queue = settings.queue();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let breaker = Breaker::new("mongodb", BreakerSettings::default());
+    let consuming = tokio::spawn(consumer::run(
+        settings,
+        store,
+        breaker.clone(),
+        flowmesh_common::link::LinkStatus::new("amqp"),
+        Arc::new(|| true),
+        Arc::new(ConsumerProgress::default()),
+        shutdown.clone(),
+    ));
+    eventually("every other record stored", Duration::from_secs(60), || {
+        stored(&memory) == 38
+    })
+    .await;
+    let dead = drain_dead_letters(&topology, 2, Duration::from_secs(20)).await;
+    let bodies: Vec<String> = dead
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    let expected: Vec<String> = refused
+        .iter()
+        .map(|&seq| records[seq as usize - 1].to_json())
+        .collect();
+    assert_eq!(bodies, expected, "only the refused records, each alone");
+    shutdown.cancel();
+    consuming.await.expect("consumer ends");
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Closed,
+        "the database never failed"
+    );
+    let mut kept: Vec<u64> = memory
+        .groups()
+        .iter()
+        .flat_map(|g| g.records.iter().map(|r| r.seq))
+        .collect();
+    kept.sort_unstable();
+    let all_but_refused: Vec<u64> = (1..=40).filter(|s| !refused.contains(s)).collect();
+    assert_eq!(kept, all_but_refused);
+    assert_eq!(queue_depth(&queue).await, 0, "every message settled");
+    flowmesh_common::testkit::delete_topology(&topology).await;
+}

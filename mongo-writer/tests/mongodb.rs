@@ -413,3 +413,72 @@ async fn a_batch_mongodb_refuses_for_good_is_dead_lettered_and_the_writer_goes_o
     writer.finish().await;
     client.database(&database).drop().await.expect("drop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_that_blocks_the_writer_s_own_makes_it_not_ready_and_dead_letters_nothing() {
+    let Some(url) = mongodb_url() else { return };
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let database = format!("flowmesh_test_{id}");
+    let client = mongo::client(&url).await.expect("client");
+    let collection = client
+        .database(&database)
+        .collection::<mongodb::bson::Document>("records");
+    // Someone took the name of the writer's unique index for an index of other keys.
+    collection
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! {"source": 1})
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .name("records.id_1".to_owned())
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .expect("the other index");
+    let prefix = unique_prefix("mongo-misconfigured");
+    let topology = Topology::new(&prefix, 5);
+    let mut config = MongoWriterConfig::for_tests(&prefix);
+    config.mongodb_url = url.as_str().into();
+    config.mongodb_database = database.clone();
+    let writer = TestWriter::start(flowmesh_mongo_writer::build(config).await.expect("builds"));
+    let records: Vec<Record> = (1..=5).map(|seq| record(seq, seq % 2 == 0)).collect();
+    publish_records(&topology, &records).await;
+    let breaker = writer.breaker.clone();
+    eventually(
+        "the writer is not ready (its breaker opens)",
+        Duration::from_secs(30),
+        || breaker.state() == flowmesh_common::breaker::BreakerState::Open,
+    )
+    .await;
+    let (status, _) =
+        flowmesh_common::http::get(writer.http_addr, "/health/ready", Duration::from_secs(5))
+            .await
+            .expect("ready probe");
+    assert_eq!(status, 503, "not ready while the database refuses it");
+    let dead = drain_dead_letters(&topology, 0, Duration::from_secs(2)).await;
+    assert!(dead.is_empty(), "{} records were dead-lettered", dead.len());
+
+    // The operator removes the conflicting index: everything is stored.
+    collection.drop_index("records.id_1").await.expect("drop");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while stored_records(&collection).await < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not stored after the fix"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.finish().await;
+    client.database(&database).drop().await.expect("drop");
+}
+
+async fn stored_records(collection: &mongodb::Collection<mongodb::bson::Document>) -> usize {
+    let mut cursor = collection.find(doc! {}).await.expect("find");
+    let mut count = 0;
+    while let Some(doc) = cursor.try_next().await.expect("next") {
+        count += from_document(&doc).expect("decode").0.records.len();
+    }
+    count
+}

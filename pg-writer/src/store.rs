@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use flowmesh_common::consumer::{RecordStore, StoreReport};
+use flowmesh_common::consumer::{Misconfigured, RecordStore, StoreReport};
 use flowmesh_common::record::{Record, format_timestamp, parse_timestamp};
 use flowmesh_common::routing::Provenance;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -70,9 +70,32 @@ pub fn pool(url: &str, size: u32, deadline: Duration) -> anyhow::Result<PgPool> 
         .connect_lazy_with(options))
 }
 
+/// SQLSTATEs that blame the writer's configuration, not a record: insufficient_privilege,
+/// invalid_catalog_name (no such database), invalid_password, invalid_authorization_specification.
+const MISCONFIGURED_STATES: &[&str] = &["42501", "3D000", "28P01", "28000"];
+
+/// A configuration PostgreSQL refuses is [`Misconfigured`] (retried, nothing dead-lettered, one
+/// error line); anything else stays an ordinary failure, retried through the breaker.
+fn classify(err: sqlx::Error, what: &str) -> anyhow::Error {
+    let state = match &err {
+        sqlx::Error::Database(db) => db.code().map(|code| code.into_owned()),
+        _ => None,
+    };
+    match state {
+        Some(state) if MISCONFIGURED_STATES.contains(&state.as_str()) => anyhow::Error::new(
+            Misconfigured(format!("{what}: PostgreSQL error {state}: {err}")),
+        ),
+        _ => anyhow::Error::new(err).context(what.to_owned()),
+    }
+}
+
 /// Runs the embedded migrations (idempotent).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR.run(pool).await.context("running migrations")
+    match MIGRATOR.run(pool).await {
+        Ok(()) => Ok(()),
+        Err(sqlx::migrate::MigrateError::Execute(err)) => Err(classify(err, "running migrations")),
+        Err(err) => Err(anyhow::Error::new(err).context("running migrations")),
+    }
 }
 
 /// Stores records in the `records` table.
@@ -122,7 +145,11 @@ impl RecordStore for PgStore {
             routes.push(provenance.and_then(|p| p.route.as_deref()));
             versions.push(provenance.map(|p| p.version.as_str()));
         }
-        let mut connection = self.pool.acquire().await.context("taking a connection")?;
+        let mut connection = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| classify(e, "taking a connection"))?;
         let insert = sqlx::query(INSERT)
             .bind(ids)
             .bind(sources)
@@ -134,7 +161,7 @@ impl RecordStore for PgStore {
             .bind(versions)
             .execute(&mut *connection);
         let result = match tokio::time::timeout(self.deadline, insert).await {
-            Ok(result) => result.context("inserting a batch")?,
+            Ok(result) => result.map_err(|e| classify(e, "inserting a batch"))?,
             Err(_) => {
                 // No answer at all (a frozen server, a dead link): this connection is closed
                 // rather than returned, where testing it would wait for the answer too.
