@@ -89,6 +89,18 @@ enum Stored {
     Refused(String),
 }
 
+/// A batch as read: its records in delivery order, and what is to be dead-lettered after.
+#[derive(Default)]
+struct DecodedBatch {
+    records: Vec<Record>,
+    /// The delivery each record came in.
+    origin: Vec<usize>,
+    /// The deliveries that hold records (the others were dead-lettered whole).
+    valid: Vec<usize>,
+    /// Lines of packed deliveries that are not records, by delivery.
+    bad_lines: Vec<(usize, Vec<crate::message::InvalidLine>)>,
+}
+
 /// What storing a batch, split around the records refused for good, did.
 #[derive(Default)]
 struct Split {
@@ -485,87 +497,95 @@ impl<S: RecordStore> Session<'_, S> {
     }
 
     /// Decodes, stores and settles one batch. Ok(false) when shutdown interrupted storing.
+    ///
+    /// In order: messages that hold no record are dead-lettered whole; the records are stored
+    /// (split around any the store refuses for good, which are dead-lettered alone); the bad
+    /// lines of packed messages are dead-lettered; one multiple-ack settles the rest. Bad lines
+    /// wait for the store, so a message that comes back before its batch was stored (a stop, a
+    /// lost connection) has not dead-lettered them yet: each is dead-lettered once.
     async fn handle(
         &mut self,
         batch: Vec<Delivery>,
         shutdown: &CancellationToken,
     ) -> Result<bool, String> {
-        let writer = self.settings.writer;
-        let mut records = Vec::with_capacity(batch.len());
-        // The delivery each record came in.
-        let mut origin = Vec::with_capacity(batch.len());
-        // Deliveries that hold a record, still unsettled (the others are dead-lettered now).
-        let mut valid = Vec::with_capacity(batch.len());
+        let decoded = self.decode(&batch).await?;
+        if decoded.valid.is_empty() {
+            return Ok(true);
+        }
+        metrics::gauge!(m::WRITER_HELD, "writer" => self.settings.writer).set(batch.len() as f64);
+        let Some(split) = self.store_splitting(&decoded.records, shutdown).await else {
+            return Ok(false);
+        };
+        let settled = self
+            .dead_letter_refused(&batch, &decoded, &split.refused)
+            .await?;
+        for (index, bad) in &decoded.bad_lines {
+            self.dead_letter_bad_lines(&batch[*index], bad).await?;
+        }
+        self.count_stored(&decoded.records, split.report);
+        let unsettled = decoded.valid.iter().rev().find(|&&index| !settled[index]);
+        if let Some(&last) = unsettled {
+            // One multiple-ack on the last delivery not yet settled settles the batch
+            // (dead-lettered deliveries were settled already; a multiple-ack passes over them).
+            bounded(
+                "ack after commit (redelivery is harmless)",
+                batch[last].acker.ack(BasicAckOptions { multiple: true }),
+            )
+            .await?;
+        }
+        Ok(true)
+    }
+
+    /// Reads the batch's records, dead-lettering at once the messages that hold none.
+    async fn decode(&mut self, batch: &[Delivery]) -> Result<DecodedBatch, String> {
+        let mut decoded = DecodedBatch::default();
         for (index, delivery) in batch.iter().enumerate() {
             match crate::message::decode(&delivery.properties, &delivery.data) {
-                Ok(decoded) => {
-                    if !decoded.invalid.is_empty() {
-                        // Only the bad lines go to the dead-letter queue; the message itself is
-                        // acked with the batch, once its valid records are stored.
-                        let lines: Vec<String> = decoded
-                            .invalid
-                            .iter()
-                            .map(|bad| format!("line {}: {}", bad.line, bad.reason))
-                            .collect();
-                        tracing::warn!(writer, records = decoded.invalid.len(), error = %lines.join("; "), "lines of a packed message can never be stored; dead-lettering them");
-                        self.count_dead_lettered(decoded.invalid.len() as u64);
-                        let body: Vec<&str> = decoded
-                            .invalid
-                            .iter()
-                            .map(|bad| bad.text.as_str())
-                            .collect();
-                        dead_letter_lines(
-                            self.settings,
-                            self.channel,
-                            delivery,
-                            body.join("\n").as_bytes(),
-                            &format!("not a valid record: {}", lines.join("; ")),
-                        )
-                        .await?;
+                Ok(message) => {
+                    if !message.invalid.is_empty() {
+                        decoded.bad_lines.push((index, message.invalid));
                     }
-                    origin.extend(std::iter::repeat_n(index, decoded.records.len()));
-                    records.extend(decoded.records);
-                    valid.push(index);
+                    let count = message.records.len();
+                    decoded.origin.extend(std::iter::repeat_n(index, count));
+                    decoded.records.extend(message.records);
+                    decoded.valid.push(index);
                 }
                 Err(reason) => {
-                    tracing::warn!(writer, error = %reason, "message can never be stored; dead-lettering it");
+                    tracing::warn!(writer = self.settings.writer, error = %reason, "message can never be stored; dead-lettering it");
                     self.count_dead_lettered(crate::message::lines(
                         &delivery.properties,
                         &delivery.data,
                     ) as u64);
-                    dead_letter(
-                        self.settings,
-                        self.channel,
-                        delivery,
-                        &format!("not a valid record: {reason}"),
-                    )
-                    .await?;
+                    let reason = format!("not a valid record: {reason}");
+                    dead_letter(self.settings, self.channel, delivery, &reason).await?;
                 }
             }
         }
-        if valid.is_empty() {
-            return Ok(true);
-        }
-        metrics::gauge!(m::WRITER_HELD, "writer" => writer).set(batch.len() as f64);
-        let Some(split) = self.store_splitting(&records, shutdown).await else {
-            return Ok(false);
-        };
-        let report = split.report;
-        // Settled one by one as dead letters: the deliveries that were one refused record. A
-        // refused line of a packed message is dead-lettered alone; its message is acked with
-        // the batch, like its stored lines.
+        Ok(decoded)
+    }
+
+    /// Dead-letters the records the store refused for good, each alone: a message of one
+    /// record whole (and settled), a line of a packed message as a message of its own (the
+    /// packed message is acked with the batch). Returns which deliveries are settled.
+    async fn dead_letter_refused(
+        &mut self,
+        batch: &[Delivery],
+        decoded: &DecodedBatch,
+        refused: &[(usize, String)],
+    ) -> Result<Vec<bool>, String> {
         let mut settled = vec![false; batch.len()];
-        for (at, reason) in &split.refused {
-            let index = origin[*at];
+        for (at, reason) in refused {
+            let (index, record) = (decoded.origin[*at], &decoded.records[*at]);
             let delivery = &batch[index];
-            tracing::error!(writer, record_id = %records[*at].id, error = %reason, "the store refused a record for good; dead-lettering it");
+            tracing::error!(writer = self.settings.writer, record_id = %record.id, error = %reason, "the store refused a record for good; dead-lettering it");
             self.count_dead_lettered(1);
             if crate::message::is_packed(&delivery.properties) {
+                let line = record.to_json();
                 dead_letter_lines(
                     self.settings,
                     self.channel,
                     delivery,
-                    records[*at].to_json().as_bytes(),
+                    line.as_bytes(),
                     reason,
                 )
                 .await?;
@@ -574,13 +594,41 @@ impl<S: RecordStore> Session<'_, S> {
                 settled[index] = true;
             }
         }
-        let Some(&last_unsettled) = valid.iter().rev().find(|&&index| !settled[index]) else {
-            return Ok(true);
-        };
+        Ok(settled)
+    }
+
+    /// Dead-letters the lines of packed `delivery` that are not records, as one message with
+    /// why each is not (the delivery itself is acked with the batch).
+    async fn dead_letter_bad_lines(
+        &mut self,
+        delivery: &Delivery,
+        bad: &[crate::message::InvalidLine],
+    ) -> Result<(), String> {
+        let lines: Vec<String> = bad
+            .iter()
+            .map(|bad| format!("line {}: {}", bad.line, bad.reason))
+            .collect();
+        tracing::warn!(writer = self.settings.writer, records = bad.len(), error = %lines.join("; "), "lines of a packed message can never be stored; dead-lettering them");
+        self.count_dead_lettered(bad.len() as u64);
+        let body: Vec<&str> = bad.iter().map(|bad| bad.text.as_str()).collect();
+        let reason = format!("not a valid record: {}", lines.join("; "));
+        dead_letter_lines(
+            self.settings,
+            self.channel,
+            delivery,
+            body.join("\n").as_bytes(),
+            &reason,
+        )
+        .await
+    }
+
+    /// Counts a stored batch in the metrics, the progress line and (at debug) one line each.
+    fn count_stored(&self, records: &[Record], report: StoreReport) {
+        let writer = self.settings.writer;
         let now = chrono::Utc::now();
         // Resolved once a batch: looking a labelled series up costs more than recording into it.
         let end_to_end = metrics::histogram!(m::WRITER_END_TO_END_SECONDS, "writer" => writer);
-        for record in &records {
+        for record in records {
             tracing::debug!(writer, record_id = %record.id, trace_id = record.trace_id(), seq = record.seq, "stored");
             if let Some(at) = parse_timestamp(&record.timestamp) {
                 end_to_end.record((now - at).to_std().unwrap_or_default().as_secs_f64());
@@ -598,16 +646,6 @@ impl<S: RecordStore> Session<'_, S> {
         self.progress
             .duplicates
             .fetch_add(report.duplicates, Ordering::Relaxed);
-        // One multiple-ack on the last delivery not yet settled settles the batch (dead-lettered
-        // deliveries were settled already, and a multiple-ack passes over them).
-        bounded(
-            "ack after commit (redelivery is harmless)",
-            batch[last_unsettled]
-                .acker
-                .ack(BasicAckOptions { multiple: true }),
-        )
-        .await?;
-        Ok(true)
     }
 
     fn set_consuming(&self, consuming: bool) {

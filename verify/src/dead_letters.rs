@@ -54,6 +54,9 @@ pub struct Outcome {
     pub to: String,
     /// What was done.
     pub action: Action,
+    /// Lines of a packed message that are still not records: they stay (would stay) in the
+    /// dead-letter queue as a message of their own while its valid records are replayed.
+    pub kept_lines: usize,
 }
 
 /// What was done with a dead letter.
@@ -73,6 +76,7 @@ impl Outcome {
             id: letter.id.clone(),
             to: String::new(),
             action: Action::Kept(why.to_owned()),
+            kept_lines: 0,
         }
     }
 }
@@ -183,10 +187,13 @@ impl Broker {
                 routing_key.clone()
             };
             // A replay keeps the provenance the filter gave it (it is judged by that version),
-            // and a packed message stays packed.
-            let records =
+            // and a packed message stays packed. Of a packed message with lines that are still
+            // not records, the valid records are replayed and the bad lines stay dead-lettered.
+            let (records, invalid) =
                 match message::decode(&message.delivery.properties, &message.delivery.data) {
-                    Ok(decoded) if decoded.invalid.is_empty() => decoded.records,
+                    Ok(decoded) if !decoded.records.is_empty() => {
+                        (decoded.records, decoded.invalid)
+                    }
                     Ok(decoded) => {
                         let bad = &decoded.invalid[0];
                         outcomes.push(Outcome::kept(
@@ -211,8 +218,12 @@ impl Broker {
                     id: letter.id,
                     to,
                     action: Action::WouldReplay,
+                    kept_lines: invalid.len(),
                 });
                 continue;
+            }
+            if !invalid.is_empty() {
+                self.dead_letter_lines(&message, &letter, &invalid).await?;
             }
             let (body, properties) = message::encode(&records);
             let confirm = self
@@ -237,10 +248,64 @@ impl Broker {
                 id: letter.id,
                 to,
                 action: Action::Replayed,
+                kept_lines: invalid.len(),
             });
         }
         self.close().await;
         Ok(outcomes)
+    }
+
+    /// Publishes (confirmed) the `invalid` lines of dead letter `message` to the dead-letter
+    /// exchange as a message of their own, with why each is not a record, before the message
+    /// itself is replayed and removed: the bad lines stay dead-lettered, once.
+    async fn dead_letter_lines(
+        &self,
+        message: &BasicGetMessage,
+        letter: &DeadLetter,
+        invalid: &[message::InvalidLine],
+    ) -> anyhow::Result<()> {
+        let body: Vec<&str> = invalid.iter().map(|bad| bad.text.as_str()).collect();
+        let reasons: Vec<String> = invalid
+            .iter()
+            .map(|bad| format!("line {}: {}", bad.line, bad.reason))
+            .collect();
+        let mut headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        headers.insert(
+            HEADER_DEAD_LETTER_REASON.into(),
+            AMQPValue::LongString(format!("not a valid record: {}", reasons.join("; ")).into()),
+        );
+        headers.insert(
+            HEADER_DEAD_LETTER_QUEUE.into(),
+            AMQPValue::LongString(letter.origin.as_str().into()),
+        );
+        headers.insert(
+            message::HEADER_RECORDS.into(),
+            AMQPValue::LongLongInt(invalid.len() as i64),
+        );
+        let properties = message.delivery.properties.clone().with_headers(headers);
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.topology.dead_letter_exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body.join("\n").as_bytes(),
+                properties,
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() {
+            anyhow::bail!(
+                "RabbitMQ did not accept the bad lines of {} back into the dead-letter queue",
+                letter.id
+            );
+        }
+        Ok(())
     }
 
     /// How many messages the dead-letter queue holds now.

@@ -129,7 +129,7 @@ async fn dead_letters_are_listed_replayed_after_a_fix_and_purged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_packed_dead_letter_is_replayed_packed_and_one_with_a_bad_line_is_kept() {
+async fn a_packed_dead_letter_is_replayed_packed_and_of_one_with_bad_lines_only_the_records() {
     let prefix = unique_prefix("dlq-packed");
     let topology = Topology::new(&prefix, 5);
     let mut records: Vec<Record> = (1..=3)
@@ -148,7 +148,13 @@ async fn a_packed_dead_letter_is_replayed_packed_and_one_with_a_bad_line_is_kept
     dead_letter(
         &topology,
         with_bad_line.as_bytes(),
-        properties.with_message_id("half".into()),
+        properties.clone().with_message_id("half".into()),
+    )
+    .await;
+    dead_letter(
+        &topology,
+        b"junk one\njunk two",
+        properties.with_message_id("junk".into()),
     )
     .await;
 
@@ -157,26 +163,53 @@ async fn a_packed_dead_letter_is_replayed_packed_and_one_with_a_bad_line_is_kept
         .replay(&Selection::All, Target::Fanout, false)
         .await
         .expect("replay");
-    let kept: Vec<_> = outcomes
+    let summary: Vec<(&str, bool, usize)> = outcomes
         .iter()
-        .filter_map(|o| match &o.action {
-            Action::Kept(why) => Some((o.id.as_str(), why.as_str())),
-            _ => None,
-        })
+        .map(|o| (o.id.as_str(), o.action == Action::Replayed, o.kept_lines))
         .collect();
-    assert_eq!(kept.len(), 1, "{outcomes:?}");
-    assert_eq!(kept[0].0, "half");
-    assert!(kept[0].1.contains("line 2"), "{}", kept[0].1);
+    assert_eq!(
+        summary,
+        vec![
+            (records[0].id.as_str(), true, 0),
+            ("half", true, 1),
+            ("junk", false, 0)
+        ],
+        "{outcomes:?}"
+    );
     let (connection, channel) = amqp_channel().await;
     for queue in &topology.writer_queues {
-        let got = drain_queue(&channel, &queue.name, 1, Duration::from_secs(3)).await;
-        assert_eq!(got.len(), 1, "{}", queue.name);
-        let decoded = message::decode(&got[0].properties, &got[0].data).expect("a packed message");
-        assert!(message::is_packed(&got[0].properties));
-        assert_eq!(decoded.records, records, "the records and their provenance");
+        let got = drain_queue(&channel, &queue.name, 2, Duration::from_secs(3)).await;
+        assert_eq!(got.len(), 2, "{}", queue.name);
+        for (message, want) in got.iter().zip([&records[..], &records[..1]]) {
+            let decoded = message::decode(&message.properties, &message.data).expect("records");
+            // One record goes as a plain record message, more as a packed one.
+            assert_eq!(message::is_packed(&message.properties), want.len() > 1);
+            assert_eq!(decoded.records, want, "the records and their provenance");
+        }
     }
+    // Left: the all-bad message as it was, and the bad line of "half" alone, with its reason.
+    let left = drain_queue(
+        &channel,
+        &topology.dead_letter_queue.name,
+        2,
+        Duration::from_secs(3),
+    )
+    .await;
     let _ = connection.close(200, "ok".into()).await;
-    assert_eq!(broker(&topology).await.count().await.expect("count"), 1);
+    let bodies: Vec<&[u8]> = left.iter().map(|d| d.data.as_slice()).collect();
+    assert_eq!(
+        bodies,
+        vec![&b"junk one\njunk two"[..], &b"not a record"[..]]
+    );
+    let reason = left[1].properties.headers().as_ref().and_then(|h| {
+        h.inner()
+            .get(flowmesh_common::topology::HEADER_DEAD_LETTER_REASON)
+            .cloned()
+    });
+    assert!(
+        matches!(&reason, Some(AMQPValue::LongString(text)) if text.to_string().contains("line 2")),
+        "{reason:?}"
+    );
     delete_topology(&topology).await;
 }
 

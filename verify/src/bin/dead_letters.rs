@@ -128,6 +128,12 @@ async fn main() -> ExitCode {
                         Action::WouldReplay => println!("  would replay {id} into {}", outcome.to),
                         Action::Kept(why) => println!("  kept {id}: {why}"),
                     }
+                    if outcome.kept_lines > 0 {
+                        println!(
+                            "    its valid records only: its {} bad line(s) stay in the dead-letter queue",
+                            outcome.kept_lines
+                        );
+                    }
                 }
                 let done = |a: &Action| outcomes.iter().filter(|o| &o.action == a).count();
                 if dry_run {
