@@ -45,6 +45,10 @@ use crate::topology::{HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topol
 /// batch in hand and consuming nothing.
 const AMQP_CALL: Duration = Duration::from_secs(10);
 
+/// How long a stopping consumer waits for the next of the deliveries it was handed before the
+/// stop before it gives the rest up.
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
+
 /// Runs one AMQP call within [`AMQP_CALL`]; the error names the call.
 async fn bounded<T, E: std::fmt::Display>(
     what: &str,
@@ -213,8 +217,10 @@ pub struct ConsumerSettings {
     pub store_timeout: Duration,
 }
 
-/// Consumes until `shutdown` fires. The batch in hand when it fires is stored and acked if the
-/// store works; otherwise it stays unacked and RabbitMQ delivers it again later.
+/// Consumes until `shutdown` fires. Then it cancels its consumer and stores and acks the batch
+/// in hand and every message already delivered, if the store works (returned unacked, each
+/// would count a delivery attempt); otherwise they stay unacked and RabbitMQ delivers them
+/// again later.
 pub async fn run<S: RecordStore>(
     settings: ConsumerSettings,
     mut store: S,
@@ -260,6 +266,7 @@ pub async fn run<S: RecordStore>(
             consumer: None,
             cancelled: false,
             misconfigured: None,
+            draining: false,
         };
         let ended = session.consume(&shutdown).await;
         session.set_consuming(false);
@@ -312,6 +319,9 @@ struct Session<'a, S> {
     cancelled: bool,
     /// The configuration error last logged ([`Misconfigured`]), so each is logged once.
     misconfigured: Option<String>,
+    /// True once a stop cancelled the consumer: the deliveries already handed over are stored
+    /// and acked, then the session ends.
+    draining: bool,
 }
 
 /// Why waiting for the next delivery stopped.
@@ -340,8 +350,22 @@ impl<S: RecordStore> Session<'_, S> {
         loop {
             let first = match self.next(shutdown, Wait::Forever).await? {
                 Next::Delivery(delivery) => *delivery,
+                Next::Drained if self.draining => return Ok(()),
                 Next::Drained => continue,
-                Next::Shutdown => return Ok(()),
+                Next::Shutdown if self.draining || self.consumer.is_none() => return Ok(()),
+                Next::Shutdown => {
+                    // A stop: take nothing more, but store what RabbitMQ already handed over.
+                    // Returned unacked, each of those messages would count a delivery attempt.
+                    self.draining = true;
+                    self.cancel(
+                        "stopping: taking nothing more; storing what was already delivered",
+                    )
+                    .await;
+                    if !self.cancelled {
+                        return Ok(());
+                    }
+                    continue;
+                }
             };
             // Sized in records: a packed message counts as the records it says it holds.
             let mut records = crate::message::records_hint(&first.properties);
@@ -400,6 +424,14 @@ impl<S: RecordStore> Session<'_, S> {
                 next = consumer.next() => next,
                 _ = tokio::time::sleep_until(at) => return Ok(Next::Drained),
             },
+            // Stopping: what was delivered before the cancel, then the stream's end; a stream
+            // that says nothing for a while is given up (what it holds comes back unacked).
+            Wait::Forever if self.draining => {
+                match tokio::time::timeout(DRAIN_QUIET, consumer.next()).await {
+                    Ok(next) => next,
+                    Err(_) => return Ok(Next::Shutdown),
+                }
+            }
             // While idle, the channel is looked at every second: a consumer stream is not always
             // ended when its connection is reset under it.
             Wait::Forever => loop {
@@ -470,6 +502,13 @@ impl<S: RecordStore> Session<'_, S> {
 
     /// Stops RabbitMQ handing over more messages (the store failed).
     async fn pause(&mut self) {
+        self.cancel("the store failed: stopped taking messages until it works again")
+            .await;
+    }
+
+    /// Cancels the consumer (logging `why` when it took effect): RabbitMQ hands over nothing
+    /// more, and the stream ends after what it already delivered.
+    async fn cancel(&mut self, why: &str) {
         if self.cancelled {
             return;
         }
@@ -486,10 +525,7 @@ impl<S: RecordStore> Session<'_, S> {
             {
                 Ok(()) => {
                     self.cancelled = true;
-                    tracing::info!(
-                        writer = self.settings.writer,
-                        "the store failed: stopped taking messages until it works again"
-                    );
+                    tracing::info!(writer = self.settings.writer, "{why}");
                 }
                 Err(err) => tracing::warn!(error = %err, "could not cancel the consumer"),
             }

@@ -406,3 +406,35 @@ async fn a_frozen_postgresql_costs_a_deadline_not_the_writer_and_loses_nothing()
     assert!(dead.is_empty(), "{} records were dead-lettered", dead.len());
     case.finish(writer).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_writer_in_a_backlog_costs_its_messages_no_delivery_attempt() {
+    let case = Case::new("pg-stops").await;
+    // A low delivery limit: a stop that returned what the writer had been handed would
+    // dead-letter healthy records by the third stop.
+    let config = || {
+        let mut config = case.config();
+        config.writer.broker.delivery_limit = 2;
+        config.writer.consumer.batch_max = 10;
+        config.writer.consumer.prefetch = 500;
+        config
+    };
+    let topology = config().writer.broker.topology();
+    let total = 20_000;
+    publish_records(&topology, &case.records(1..=total)).await;
+    for _ in 0..6 {
+        let writer = case.start(config()).await;
+        let before = rows(&case.pool).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while rows(&case.pool).await <= before {
+            assert!(tokio::time::Instant::now() < deadline, "nothing stored");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        writer.stop().await;
+    }
+    let writer = case.start(config()).await;
+    wait_rows(&case.pool, total as i64, Duration::from_secs(120)).await;
+    let dead = drain_dead_letters(&topology, 0, Duration::from_secs(1)).await;
+    assert!(dead.is_empty(), "{} records were dead-lettered", dead.len());
+    case.finish(writer).await;
+}
