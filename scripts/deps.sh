@@ -144,6 +144,8 @@ ensure_tools() {
   command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
   command -v chattr >/dev/null 2>&1 || apt_install e2fsprogs
   command -v psql >/dev/null 2>&1 || apt_install postgresql-client
+  # openssl makes the test certificates of scripts/make-certs.sh (and its test).
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
 }
 
 ensure_rust

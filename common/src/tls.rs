@@ -62,3 +62,48 @@ pub fn client_config(extra_ca: Option<&Path>) -> anyhow::Result<Arc<rustls::Clie
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
+
+/// One line that says why a TLS handshake to the filter failed and how to fix it, when `err`
+/// (or an error under it) is a certificate rustls refused; `None` for other errors.
+///
+/// The usual trap is a certificate made with `openssl req -x509 …`: OpenSSL 3 marks it a CA
+/// (`basicConstraints CA:TRUE`), and TLS clients that follow RFC 5280 refuse a CA certificate
+/// as a server's own.
+pub fn explain(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current = Some(err);
+    while let Some(error) = current {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(describe(tls));
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            return Some(describe(tls));
+        }
+        current = error.source();
+    }
+    None
+}
+
+fn describe(err: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    const MAKE: &str = "scripts/make-certs.sh makes a CA and a server certificate signed by it";
+    let rustls::Error::InvalidCertificate(cause) = err else {
+        return format!("TLS handshake with the filter failed: {err}");
+    };
+    match cause {
+        C::Other(other) if format!("{other:?}").contains("CaUsedAsEndEntity") => format!(
+            "the filter's certificate is a CA certificate (basicConstraints CA:TRUE, which `openssl req -x509` sets), and a CA certificate cannot be a server's own: serve a server certificate signed by a CA (FILTER_TLS_CERT) and trust that CA (FILTER_CA_FILE); {MAKE}"
+        ),
+        C::UnknownIssuer => format!(
+            "the filter's certificate is not signed by a CA this generator trusts: set FILTER_CA_FILE (--ca-file) to the PEM of the CA that signed it; {MAKE}"
+        ),
+        C::NotValidForName | C::NotValidForNameContext { .. } => format!(
+            "the filter's certificate does not name the host of FILTER_URL: use a certificate whose subjectAltName holds that host ({MAKE}, for the hosts you give it): {err}"
+        ),
+        C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. } => {
+            format!("the filter's certificate is outside its validity period: renew it: {err}")
+        }
+        _ => format!("the filter's certificate was refused: {err}"),
+    }
+}

@@ -131,7 +131,7 @@ async fn connect(settings: &LinkSettings) -> Result<Ws, String> {
             "the filter refused the upgrade: HTTP {}",
             response.status()
         )),
-        Ok(Err(err)) => Err(err.to_string()),
+        Ok(Err(err)) => Err(flowmesh_common::tls::explain(&err).unwrap_or_else(|| err.to_string())),
         Err(_) => Err(format!("timed out after {CONNECT_TIMEOUT:?}")),
     }
 }
