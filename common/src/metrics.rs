@@ -117,7 +117,7 @@ catalogue! {
     FILTER_REJECTED = "flowmesh_filter_records_rejected_total", Counter, Filter, ["field" = ["record", "unknown", "id", "source", "seq", "timestamp", "value", "hash", "traceparent"]],
         "Invalid records rejected and dead-lettered, by the field at fault.";
     FILTER_CONNECTIONS_REFUSED = "flowmesh_filter_connections_refused_total", Counter, Filter,
-        ["reason" = ["max_connections", "max_connections_per_peer"]],
+        ["reason" = ["max_connections", "max_connections_per_peer", "max_handshakes"]],
         "Upgrades answered with HTTP 503 because a connection limit was reached.";
     FILTER_CLOSED_INVALID = "flowmesh_filter_connections_closed_invalid_total", Counter, Filter, [],
         "Connections closed (1008) for sending more invalid records than FILTER_MAX_INVALID.";

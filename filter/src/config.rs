@@ -62,9 +62,24 @@ pub struct FilterConfig {
     #[arg(long, env = "FILTER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
-    /// Open connections from one IP address at most; more get HTTP 503 at the upgrade.
+    /// Open connections from one peer (an IPv4 address, an IPv6 /64) at most; more get HTTP
+    /// 503 at the upgrade. Counted once the token was checked.
     #[arg(long, env = "FILTER_MAX_CONNECTIONS_PER_PEER", default_value_t = 64)]
     pub max_connections_per_peer: usize,
+
+    /// TLS and WebSocket handshakes in progress at most (each may take 5 s); further TCP
+    /// connections are closed at once.
+    #[arg(long, env = "FILTER_MAX_HANDSHAKES", default_value_t = 256)]
+    pub max_handshakes: usize,
+
+    /// Handshakes in progress from one peer (an IPv4 address, an IPv6 /64) at most.
+    #[arg(long, env = "FILTER_MAX_HANDSHAKES_PER_PEER", default_value_t = 16)]
+    pub max_handshakes_per_peer: usize,
+
+    /// Serve clients without a token on an address other hosts can reach. Without it, the
+    /// filter refuses to start on a non-loopback `--listen` with no token set.
+    #[arg(long, env = "FILTER_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
 
     /// Longest a write to a client may take; a client that stops reading its answers is
     /// disconnected (1008).
@@ -163,6 +178,9 @@ impl Validate for FilterConfig {
         if self.max_connections == 0 || self.max_connections_per_peer == 0 {
             return Err("--max-connections and --max-connections-per-peer (FILTER_MAX_CONNECTIONS, FILTER_MAX_CONNECTIONS_PER_PEER): must be at least 1".into());
         }
+        if self.max_handshakes == 0 || self.max_handshakes_per_peer == 0 {
+            return Err("--max-handshakes and --max-handshakes-per-peer (FILTER_MAX_HANDSHAKES, FILTER_MAX_HANDSHAKES_PER_PEER): must be at least 1".into());
+        }
         if self.write_timeout.is_zero() {
             return Err("--write-timeout (FILTER_WRITE_TIMEOUT): must be positive".into());
         }
@@ -192,7 +210,7 @@ impl Validate for FilterConfig {
                 "--peer-timeout (FILTER_PEER_TIMEOUT): must be longer than --ping-interval".into(),
             );
         }
-        self.token.resolve()?;
+        let token = self.token.resolve()?;
         self.tls().map_err(|e| {
             format!("--tls-cert / --tls-key (FILTER_TLS_CERT, FILTER_TLS_KEY): {e:#}")
         })?;
@@ -204,7 +222,15 @@ impl Validate for FilterConfig {
                 .map_err(|e| format!("--routes (FILTER_ROUTES) {}: {e}", path.display()))?;
         }
         self.broker.validate()?;
-        self.breaker.validate()
+        self.breaker.validate()?;
+        // As Redis's protected mode: no token, no other host, unless said on purpose.
+        if token.is_none() && !self.listen.ip().is_loopback() && !self.allow_unauthenticated {
+            return Err(format!(
+                "--listen (FILTER_LISTEN) {} can be reached from other hosts and no token is set: set --token-file (FILTER_TOKEN_FILE), listen on 127.0.0.1, or pass --allow-unauthenticated (FILTER_ALLOW_UNAUTHENTICATED=true) on a trusted network",
+                self.listen
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -222,3 +248,40 @@ impl FilterConfig {
 }
 
 flowmesh_common::service_config!(FilterConfig, service);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> FilterConfig {
+        FilterConfig::parse_from(std::iter::once("filter").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn without_a_token_the_filter_serves_loopback_only_unless_told_otherwise() {
+        let open = parse(&["--listen", "0.0.0.0:8080"]).validate();
+        let error = open.expect_err("refused");
+        assert!(
+            error.contains("FILTER_LISTEN") && error.contains("--allow-unauthenticated"),
+            "{error}"
+        );
+        assert!(parse(&["--listen", "[::]:8080"]).validate().is_err());
+        assert!(
+            parse(&["--listen", "0.0.0.0:8080", "--allow-unauthenticated"])
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            parse(&[
+                "--listen",
+                "0.0.0.0:8080",
+                "--token",
+                "a-token-of-enough-characters"
+            ])
+            .validate()
+            .is_ok()
+        );
+        assert!(parse(&["--listen", "127.0.0.1:8080"]).validate().is_ok());
+        assert!(parse(&["--listen", "[::1]:8080"]).validate().is_ok());
+    }
+}

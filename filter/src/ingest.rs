@@ -36,8 +36,9 @@ use crate::transport::Transport;
 
 /// Answers coalesced into one writer pass at most.
 const MAX_REPLIES_PER_PASS: usize = 1024;
-/// Longest the WebSocket upgrade may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the TLS and WebSocket handshakes (token check included) may take together: a
+/// handshake's place is held no longer than this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Settings of the WebSocket intake.
 #[derive(Debug, Clone)]
@@ -58,8 +59,12 @@ pub struct IngestSettings {
     pub max_batch: usize,
     /// Invalid records one connection may send before it is closed with 1008.
     pub max_invalid: usize,
-    /// Connections in all and per peer address.
+    /// Sessions in all and per peer: a place is taken once the handshake and the token check
+    /// passed.
     pub admission: Arc<Admission>,
+    /// Handshakes in progress in all and per peer: a place is taken when a TCP connection is
+    /// accepted and given back when its handshake ends.
+    pub handshakes: Arc<Admission>,
     /// Longest a write to a client may take; a client that stops reading is disconnected.
     pub write_timeout: Duration,
     /// TLS, when the filter serves `wss://`.
@@ -102,8 +107,16 @@ pub async fn serve(
                         .with_time(Duration::from_secs(30))
                         .with_interval(Duration::from_secs(10));
                     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-                    let ticket = settings.admission.enter(peer.ip());
-                    tracker.spawn(connection(stream, peer, ticket, settings.clone(), router.clone(), shutdown.clone()));
+                    match settings.handshakes.enter(peer.ip()) {
+                        Ok(handshake) => {
+                            tracker.spawn(connection(stream, peer, handshake, settings.clone(), router.clone(), shutdown.clone()));
+                        }
+                        Err(refusal) => {
+                            // Too many handshakes at once: closed before a byte is read.
+                            metrics::counter!(m::FILTER_CONNECTIONS_REFUSED, "reason" => refusal.as_str()).increment(1);
+                            drop(stream);
+                        }
+                    }
                 }
                 Err(err) => {
                     // Usually out of file descriptors: back off briefly instead of spinning.
@@ -116,28 +129,20 @@ pub async fn serve(
     tracing::info!("WebSocket intake stopped accepting connections");
 }
 
+/// Checks an upgrade request in order: the path, the token, then a session's place (so only a
+/// client that presented the token can take one). Returns the place.
 #[allow(clippy::result_large_err)] // the callback type is tungstenite's
 fn check_upgrade(
     token: Option<&Secret>,
-    admitted: Result<(), Refusal>,
+    admission: &Arc<Admission>,
+    peer: SocketAddr,
     request: &Request,
-) -> Result<(), ErrorResponse> {
+) -> Result<Ticket, ErrorResponse> {
     let refuse = |status: StatusCode, text: &str| {
         let mut response = ErrorResponse::new(Some(text.to_owned()));
         *response.status_mut() = status;
         response
     };
-    if let Err(refusal) = admitted {
-        metrics::counter!(m::FILTER_CONNECTIONS_REFUSED, "reason" => refusal.as_str()).increment(1);
-        let mut response = refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("too many connections ({})", refusal.as_str()),
-        );
-        if let Ok(value) = "1".parse() {
-            response.headers_mut().insert("retry-after", value);
-        }
-        return Err(response);
-    }
     if request.uri().path() != INGEST_PATH {
         return Err(refuse(
             StatusCode::NOT_FOUND,
@@ -159,7 +164,17 @@ fn check_upgrade(
             return Err(response);
         }
     }
-    Ok(())
+    admission.enter(peer.ip()).map_err(|refusal: Refusal| {
+        metrics::counter!(m::FILTER_CONNECTIONS_REFUSED, "reason" => refusal.as_str()).increment(1);
+        let mut response = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("too many connections ({})", refusal.as_str()),
+        );
+        if let Ok(value) = "1".parse() {
+            response.headers_mut().insert("retry-after", value);
+        }
+        response
+    })
 }
 
 /// Compares without an early exit, so the time taken tells nothing about the token (the
@@ -171,7 +186,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
-    ticket: Result<Ticket, Refusal>,
+    handshake: Ticket,
     settings: Arc<IngestSettings>,
     router: Router,
     shutdown: CancellationToken,
@@ -180,10 +195,15 @@ async fn connection(
         .max_frame_size(Some(settings.max_frame_bytes))
         .max_message_size(Some(settings.max_frame_bytes));
     let token = settings.token.clone();
-    let admitted = ticket.as_ref().map(|_| ()).map_err(|refusal| *refusal);
+    let admission = settings.admission.clone();
+    // The session's place, taken by the callback once the token is checked.
+    let session: Arc<std::sync::Mutex<Option<Ticket>>> = Arc::default();
+    let place = session.clone();
     #[allow(clippy::result_large_err)]
     let callback = move |request: &Request, response: Response| {
-        check_upgrade(token.as_ref(), admitted, request).map(|()| response)
+        let ticket = check_upgrade(token.as_ref(), &admission, peer, request)?;
+        *place.lock().unwrap_or_else(|e| e.into_inner()) = Some(ticket);
+        Ok(response)
     };
     let upgrade = async {
         let stream = match &settings.tls {
@@ -208,6 +228,10 @@ async fn connection(
             tracing::info!(%peer, "WebSocket upgrade timed out");
             return;
         }
+    };
+    drop(handshake);
+    let Some(_session) = session.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        return;
     };
     tracing::info!(%peer, "client connected");
     metrics::gauge!(m::FILTER_CONNECTIONS).increment(1.0);

@@ -190,6 +190,10 @@ impl Application {
             max_batch: config.max_batch,
             max_invalid: config.max_invalid,
             admission: Admission::new(config.max_connections, config.max_connections_per_peer),
+            handshakes: Admission::handshakes(
+                config.max_handshakes,
+                config.max_handshakes_per_peer,
+            ),
             write_timeout: config.write_timeout,
             tls: config.tls()?,
             tally: Arc::new(IntakeTally::default()),

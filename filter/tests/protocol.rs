@@ -362,3 +362,83 @@ async fn a_client_that_stops_reading_its_answers_is_disconnected() {
     sending.abort();
     filter.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_finish_a_handshake_or_show_a_wrong_token_hold_no_session_place() {
+    const TOKEN: &str = "a-token-of-enough-characters";
+    let filter = TestFilter::start("places", |c| {
+        c.max_connections_per_peer = 2;
+        c.max_handshakes_per_peer = 4;
+        c.token.value = Some(TOKEN.parse().expect("secret"));
+    })
+    .await;
+    filter.wait_connected().await;
+    let url = filter.url();
+    // Two TCP connections that never say a word, and two upgrades with a wrong token.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(
+            tokio::net::TcpStream::connect(filter.ws_addr)
+                .await
+                .expect("tcp"),
+        );
+    }
+    for _ in 0..2 {
+        match RawClient::connect(&url, Some("a-wrong-token-of-enough-length")).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 401)
+            }
+            other => panic!("expected 401, got {:?}", other.map(|_| "a session")),
+        }
+    }
+    // Both session places are free for clients with the token; a third gets 503.
+    let mut first = RawClient::connect(&url, Some(TOKEN)).await.expect("first");
+    let _second = RawClient::connect(&url, Some(TOKEN)).await.expect("second");
+    match RawClient::connect(&url, Some(TOKEN)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!("expected 503, got {:?}", other.map(|_| "a session")),
+    }
+    first.send_text(record("places", 1, 5).to_json()).await;
+    first.expect_acks(&[1]).await;
+
+    // Handshakes are bounded too: with four silent connections from this peer, a fifth is
+    // closed before anything is read; a silent one is given up after the handshake deadline.
+    for _ in 0..2 {
+        idle.push(
+            tokio::net::TcpStream::connect(filter.ws_addr)
+                .await
+                .expect("tcp"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fifth = tokio::net::TcpStream::connect(filter.ws_addr)
+        .await
+        .expect("tcp");
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::io::AsyncReadExt::read(&mut fifth, &mut byte),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the fifth handshake is closed at once: {read:?}"
+    );
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut idle[0], &mut byte),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent handshake is closed at its deadline: {read:?}"
+    );
+    let metrics = get_body(filter.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains(r#"flowmesh_filter_connections_refused_total{reason="max_handshakes"}"#),
+        "the refused handshake is counted"
+    );
+    filter.finish().await;
+}
