@@ -43,6 +43,11 @@ pub struct FilterConfig {
     #[command(flatten)]
     pub token: TokenArgs,
 
+    /// After SIGHUP brought a new token from --token-file, how long the one it replaced is
+    /// still accepted for new connections (so generators can be switched one by one).
+    #[arg(long, env = "FILTER_TOKEN_ROTATION_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    pub token_rotation_window: Duration,
+
     /// Largest WebSocket frame or message accepted (B, KiB, MiB); larger ones close the
     /// connection with code 1009.
     #[arg(long, env = "FILTER_MAX_FRAME_BYTES", default_value = "1MiB", value_parser = parse_bytes)]

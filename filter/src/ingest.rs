@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use flowmesh_common::config::Secret;
 use flowmesh_common::metrics as m;
 use flowmesh_common::protocol::{self, CLOSE_MESSAGE_TOO_BIG, INGEST_PATH, ServerMessage};
 use flowmesh_common::record::RecordError;
@@ -33,6 +32,7 @@ use crate::admission::{Admission, Refusal, Ticket};
 use crate::reply::{Destination, Replier, Reply};
 use crate::router::Router;
 use crate::transport::Transport;
+use flowmesh_common::token::Tokens;
 
 /// Answers coalesced into one writer pass at most.
 const MAX_REPLIES_PER_PASS: usize = 1024;
@@ -43,8 +43,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Settings of the WebSocket intake.
 #[derive(Debug, Clone)]
 pub struct IngestSettings {
-    /// Required bearer token, if any.
-    pub token: Option<Secret>,
+    /// The bearer token clients must present (none: no check), rotatable on SIGHUP.
+    pub tokens: Arc<Tokens>,
     /// Largest frame/message accepted.
     pub max_frame_bytes: usize,
     /// Unanswered records per connection at most.
@@ -133,7 +133,7 @@ pub async fn serve(
 /// client that presented the token can take one). Returns the place.
 #[allow(clippy::result_large_err)] // the callback type is tungstenite's
 fn check_upgrade(
-    token: Option<&Secret>,
+    tokens: &Tokens,
     admission: &Arc<Admission>,
     peer: SocketAddr,
     request: &Request,
@@ -149,14 +149,14 @@ fn check_upgrade(
             "not found: the WebSocket endpoint is /ingest",
         ));
     }
-    if let Some(token) = token {
-        let expected = format!("Bearer {}", token.expose());
+    if tokens.required() {
         let presented = request
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+        if !tokens.accepts(presented) {
             let mut response = refuse(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
             if let Ok(value) = "Bearer".parse() {
                 response.headers_mut().insert("www-authenticate", value);
@@ -177,12 +177,6 @@ fn check_upgrade(
     })
 }
 
-/// Compares without an early exit, so the time taken tells nothing about the token (the
-/// length may differ: `subtle` answers false then, also in constant time per length).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    bool::from(subtle::ConstantTimeEq::ct_eq(a, b))
-}
-
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -194,14 +188,14 @@ async fn connection(
     let config = WebSocketConfig::default()
         .max_frame_size(Some(settings.max_frame_bytes))
         .max_message_size(Some(settings.max_frame_bytes));
-    let token = settings.token.clone();
+    let tokens = settings.tokens.clone();
     let admission = settings.admission.clone();
     // The session's place, taken by the callback once the token is checked.
     let session: Arc<std::sync::Mutex<Option<Ticket>>> = Arc::default();
     let place = session.clone();
     #[allow(clippy::result_large_err)]
     let callback = move |request: &Request, response: Response| {
-        let ticket = check_upgrade(token.as_ref(), &admission, peer, request)?;
+        let ticket = check_upgrade(&tokens, &admission, peer, request)?;
         *place.lock().unwrap_or_else(|e| e.into_inner()) = Some(ticket);
         Ok(response)
     };

@@ -20,6 +20,7 @@ use crate::file_sink::{FileSink, FileSinkConfig};
 use crate::ingest::{self, IngestSettings, IntakeTally};
 use crate::router::Router;
 use crate::routes::RoutesHandle;
+use flowmesh_common::token::Tokens;
 
 /// Breaker names (metric label values), one per guarded dependency.
 pub const BREAKER_BROKER: &str = "filter_rabbitmq";
@@ -181,7 +182,8 @@ impl Application {
         health.require("intake", || Component::new(ComponentStatus::Up));
 
         let settings = Arc::new(IngestSettings {
-            token: config.token.resolve().map_err(anyhow::Error::msg)?,
+            tokens: Tokens::new(config.token.clone(), config.token_rotation_window)
+                .map_err(anyhow::Error::msg)?,
             max_frame_bytes: config.max_frame_bytes as usize,
             max_in_flight: config.max_in_flight,
             ping_interval: config.ping_interval,
@@ -213,10 +215,11 @@ impl Application {
             listen = %ws_listener.local_addr()?,
             http = %config.service.http_addr,
             data_dir = %config.data_dir.display(),
-            auth = settings.token.is_some(),
+            auth = settings.tokens.required(),
             tls = settings.tls.is_some(),
             "filter started"
         );
+        settings.tokens.reload_on_hangup(http_stop.clone());
         let tracker = TaskTracker::new();
         ingest::serve(
             ws_listener,

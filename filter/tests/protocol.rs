@@ -442,3 +442,55 @@ async fn clients_that_never_finish_a_handshake_or_show_a_wrong_token_hold_no_ses
     );
     filter.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sighup_a_rotated_token_file_lets_the_new_token_in_and_the_old_one_for_its_window() {
+    const OLD: &str = "the-old-token-of-enough-length";
+    const NEW: &str = "the-new-token-of-enough-length";
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("token");
+    std::fs::write(&path, OLD).expect("token");
+    let file = path.clone();
+    let filter = TestFilter::start("rotate", move |c| {
+        c.token.file = Some(file);
+        c.token_rotation_window = Duration::from_secs(2);
+    })
+    .await;
+    filter.wait_connected().await;
+    let url = filter.url();
+    // Accepting connections: the filter listens for SIGHUP by now.
+    RawClient::connect(&url, Some(OLD))
+        .await
+        .expect("old token");
+    assert!(
+        RawClient::connect(&url, Some(NEW)).await.is_err(),
+        "not yet"
+    );
+
+    std::fs::write(&path, format!("{NEW}\n")).expect("token");
+    let hangup = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hangup.success());
+    let mut admitted = false;
+    for _ in 0..100 {
+        if RawClient::connect(&url, Some(NEW)).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "the new token is accepted after SIGHUP");
+    RawClient::connect(&url, Some(OLD))
+        .await
+        .expect("the old token within the rotation window");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    match RawClient::connect(&url, Some(OLD)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("expected 401, got {:?}", other.map(|_| "a session")),
+    }
+    filter.finish().await;
+}

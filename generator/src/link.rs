@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use backon::BackoffBuilder;
 use flowmesh_common::breaker::Breaker;
-use flowmesh_common::config::Secret;
 use flowmesh_common::link::LinkStatus;
 use flowmesh_common::metrics as m;
 use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::retry;
 use flowmesh_common::telemetry::redact_url;
+use flowmesh_common::token::Tokens;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -32,8 +32,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct LinkSettings {
     /// The filter's WebSocket URL.
     pub url: String,
-    /// Bearer token, if the filter wants one.
-    pub token: Option<Secret>,
+    /// Bearer token, if the filter wants one: read again from its file on SIGHUP, and used
+    /// from the next connection on.
+    pub tokens: Arc<Tokens>,
     /// Records per frame at most.
     pub batch_max: usize,
     /// Bytes per frame at most.
@@ -111,7 +112,7 @@ async fn connect(settings: &LinkSettings) -> Result<Ws, String> {
         .as_str()
         .into_client_request()
         .map_err(|e| format!("bad filter URL: {e}"))?;
-    if let Some(token) = &settings.token {
+    if let Some(token) = settings.tokens.current() {
         let value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
             .map_err(|_| "the token holds characters not allowed in a header".to_owned())?;
         request.headers_mut().insert("authorization", value);

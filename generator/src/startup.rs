@@ -156,13 +156,18 @@ impl Application {
         let link_stop = CancellationToken::new();
         let settings = LinkSettings {
             url: config.filter_url.clone(),
-            token: config.token.resolve().map_err(anyhow::Error::msg)?,
+            tokens: flowmesh_common::token::Tokens::new(
+                config.token.clone(),
+                std::time::Duration::ZERO,
+            )
+            .map_err(anyhow::Error::msg)?,
             tls: config.tls()?,
             batch_max: config.batch_max,
             max_frame_bytes: config.max_frame_bytes as usize,
             ping_interval: config.ping_interval,
             peer_timeout: config.peer_timeout,
         };
+        settings.tokens.reload_on_hangup(link_stop.clone());
         tracing::info!(source = %source, url = %redact_url(&config.filter_url), rate = ?config.rate, count = config.count, "generator started");
         let supervisor = tokio::spawn(link::supervise(
             settings,
