@@ -3,7 +3,6 @@
 //! one before it, so generators can be switched over one by one; a generator uses the new one
 //! from its next connection on.
 
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -124,7 +123,7 @@ impl Tokens {
     }
 }
 
-fn log_reload(file: &PathBuf, reloaded: Result<bool, String>, window: Duration) {
+fn log_reload(file: &std::path::Path, reloaded: Result<bool, String>, window: Duration) {
     let file = file.display();
     match reloaded {
         Ok(true) => tracing::info!(
