@@ -55,7 +55,35 @@ declare -A PID
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 now() { date +%s.%N; }
-calc() { python3 -c "print($1)"; }
+# Arithmetic on numbers the script measured: the expression is parsed, never run as code, and
+# may hold only numbers, + - * / ( ), comparisons, and/or/if-else, round, max and min.
+calc() {
+  python3 - "$1" <<'PY'
+import ast, operator, sys
+OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+       ast.Div: operator.truediv, ast.USub: operator.neg, ast.Lt: operator.lt,
+       ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
+CALLS = {"round": round, "max": max, "min": min}
+def value(node):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in OPS:
+        return OPS[type(node.op)](value(node.left), value(node.right))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in OPS:
+        return OPS[type(node.op)](value(node.operand))
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in OPS:
+        return OPS[type(node.ops[0])](value(node.left), value(node.comparators[0]))
+    if isinstance(node, ast.BoolOp):
+        values = [value(v) for v in node.values]
+        return all(values) if isinstance(node.op, ast.And) else any(values)
+    if isinstance(node, ast.IfExp):
+        return value(node.body) if value(node.test) else value(node.orelse)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CALLS:
+        return CALLS[node.func.id](*[value(a) for a in node.args])
+    raise SystemExit(f"calc: not plain arithmetic: {ast.dump(node)}")
+print(value(ast.parse(sys.argv[1], mode="eval").body))
+PY
+}
 row() { printf '%s\n' "$(IFS=$'\t'; echo "$*")" >>"$RESULTS"; } # hop, rate, ceiling name, ceiling, note
 
 start() { # SERVICE [env assignments…]
@@ -81,7 +109,16 @@ metric() { # ADDR NAME LABEL → the sum of NAME's series that carry LABEL (0 wh
 stored() { metric "$1" flowmesh_writer_records_total 'outcome="stored"'; }
 broker_acked() { metric "$FILTER_HTTP_ADDR" flowmesh_filter_records_acked_total 'destination="broker"'; }
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; } # user + system CPU of PID
-ticks_of() { local sum=0 t; for pid in $(pgrep -x "$1"); do t=$(ticks "$pid"); sum=$((sum + ${t:-0})); done; echo "$sum"; }
+# CPU ticks of PID and of its children (PostgreSQL's backends), by PID: never another
+# program's processes that happen to share a name.
+ticks_tree() {
+  local sum=0 t pid
+  for pid in "$1" $(pgrep -P "$1" 2>/dev/null); do t=$(ticks "$pid"); sum=$((sum + ${t:-0})); done
+  echo "$sum"
+}
+listener_pid() { ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; }
+RABBITMQ_PID=$(listener_pid 5672)
+POSTGRES_PID=$(listener_pid 5432)
 rss_mib() { awk '/VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo "-"; }
 raw() { "$BIN/bench" "$@" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["rate"]))'; }
 
@@ -94,6 +131,8 @@ cleanup() {
   "$BIN/bench" cleanup --prefix "$RAW_PREFIX-latency" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+# A stop (Ctrl-C, kill) runs the exit trap too.
+trap 'exit 130' INT; trap 'exit 143' TERM
 
 # Runs a generator to completion: COUNT RATE VALUES SOURCE; prints the seconds it took.
 generate() {
@@ -228,7 +267,7 @@ PG0=$(stored "$PG_WRITER_HTTP_ADDR"); B0=$(broker_acked); M0=$(stored "$MONGO_WR
 # CPU seconds each process spends on the run, beside what the machine's cores offered.
 declare -A CPU0
 for name in filter pg-writer mongo-writer; do CPU0[$name]=$(ticks "${PID[$name]}"); done
-CPU0[rabbitmq]=$(ticks_of beam.smp); CPU0[postgresql]=$(ticks_of postgres)
+CPU0[rabbitmq]=$(ticks_tree "$RABBITMQ_PID"); CPU0[postgresql]=$(ticks_tree "$POSTGRES_PID")
 T0=$(now)
 TIMEFORMAT='%U %S'
 GEN_CPU=$( { time generate "$MESH_COUNT" max 0-100 "mesh-${label%% *}" >/dev/null; } 2>&1 )
@@ -240,10 +279,10 @@ for _ in $(seq 6000); do
 done
 T1=$(now)
 HZ=$(getconf CLK_TCK)
-CPU="generator $(calc "round(sum(map(float, '$GEN_CPU'.split())), 1)")"
+CPU="generator $(awk 'END { printf "%.1f", $1 + $2 }' <<<"$GEN_CPU")"
 for name in filter pg-writer mongo-writer; do CPU+=", $name $(calc "round(($(ticks "${PID[$name]}") - ${CPU0[$name]}) / $HZ, 1)")"; done
-CPU+=", RabbitMQ $(calc "round(($(ticks_of beam.smp) - ${CPU0[rabbitmq]}) / $HZ, 1)")"
-CPU+=", PostgreSQL $(calc "round(($(ticks_of postgres) - ${CPU0[postgresql]}) / $HZ, 1)")"
+CPU+=", RabbitMQ $(calc "round(($(ticks_tree "$RABBITMQ_PID") - ${CPU0[rabbitmq]}) / $HZ, 1)")"
+CPU+=", PostgreSQL $(calc "round(($(ticks_tree "$POSTGRES_PID") - ${CPU0[postgresql]}) / $HZ, 1)")"
 CPU+=" of $(calc "round($(nproc) * ($T1 - $T0), 1)") available ($(nproc) cores)"
 row "whole mesh, $label, generated until all stored" "$(calc "round($MESH_COUNT / ($T1 - $T0))")" "" "" \
   "generator done after $(calc "round($GEN_DONE - $T0, 1)") s, everything stored after $(calc "round($T1 - $T0, 1)") s; mongo-writer in memory"

@@ -6,9 +6,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
-command -v promtool >/dev/null 2>&1 || apt_install prometheus
+# Debian's prometheus package would start a Prometheus server of its own (on :9090) that
+# outlives this check: it is installed with service starts denied (policy-rc.d, Debian's way),
+# and one started anyway is stopped again. The check runs only its own, on a port of its own.
+if ! command -v promtool >/dev/null 2>&1; then
+  own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+    as_root chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
+  apt_install prometheus || { [ "$own_policy" = 1 ] && as_root rm -f /usr/sbin/policy-rc.d; exit 1; }
+  [ "$own_policy" = 1 ] && as_root rm -f /usr/sbin/policy-rc.d
+  if pgrep -x prometheus >/dev/null 2>&1; then
+    as_root service prometheus stop >/dev/null 2>&1 || as_root pkill -x prometheus || true
+  fi
+fi
 command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose
-# The Debian package starts its own Prometheus on :9090 on systemd machines; ours uses its own port.
 
 echo "[observability] docker-compose config" >&2
 docker-compose config -q
@@ -43,6 +57,8 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+# A stop (Ctrl-C, kill) runs the exit trap too.
+trap 'exit 130' INT; trap 'exit 143' TERM
 sleep 5
 python3 tests/observability/check.py http://127.0.0.1:29090 \
   http://127.0.0.1:27101/metrics http://127.0.0.1:27102/metrics http://127.0.0.1:27103/metrics http://127.0.0.1:27104/metrics

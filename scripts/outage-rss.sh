@@ -28,6 +28,20 @@ export FILTER_URL=ws://127.0.0.1:28080/ingest GENERATOR_RATE=$RATE GENERATOR_SOU
 export GENERATOR_GRACE=300s
 export GENERATOR_SPOOL_DIR="$WORK/spool" MONGO_WRITER_STORE=memory MONGO_WRITER_MEMORY_FAIL_WHILE="$WORK/mongodb-down"
 declare -A PID
+INJECTED=0
+# On any exit: heal what was injected, stop every process this script started, drop its
+# database and queues.
+cleanup() {
+  [ "$INJECTED" = 1 ] && heal
+  local pid
+  for pid in "${PID[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PID[@]}"; do wait "$pid" 2>/dev/null || true; done
+  psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null 2>&1 || true
+  for q in records.pg-writer records.mongo-writer dead-letter; do rabbitmqctl -q delete_queue "$AMQP_PREFIX.$q" >/dev/null 2>&1 || true; done
+}
+trap 'cleanup >/dev/null 2>&1 || true' EXIT
+# A stop (Ctrl-C, kill) runs the exit trap too.
+trap 'exit 130' INT; trap 'exit 143' TERM
 for s in filter pg-writer mongo-writer; do "$BIN/$s" >>"$WORK/$s.log" 2>&1 & PID[$s]=$!; done
 sleep 2
 "$BIN/generator" >>"$WORK/generator.log" 2>&1 & PID[generator]=$!
@@ -39,8 +53,8 @@ heal() {
     stores) pg_ctlcluster --skip-systemctl-redirect "$pgv" main start; rm -f "$WORK/mongodb-down"; chattr -R -i "$FILTER_DATA_DIR" ;;
   esac
 }
-trap 'heal >/dev/null 2>&1 || true' EXIT
 sleep 20
+INJECTED=1
 case $KIND in
   rabbitmq) rabbitmqctl -q stop_app ;;
   stores) pg_ctlcluster --skip-systemctl-redirect "$pgv" main stop -m fast; touch "$WORK/mongodb-down"; chattr -R +i "$FILTER_DATA_DIR" ;;
@@ -53,9 +67,9 @@ while [ $(( $(date +%s) - start )) -lt $((MINUTES * 60)) ]; do
   sleep 30
 done
 printf '%8s %10s %8s %10s %13s\n' $(( $(date +%s) - start )) "$(rss "${PID[generator]}")" "$(rss "${PID[filter]}")" "$(rss "${PID[pg-writer]}")" "$(rss "${PID[mongo-writer]}")"
-heal; trap - EXIT
+heal; INJECTED=0
 echo "healed; draining…"
-kill -TERM "${PID[generator]}"; wait "${PID[generator]}" || true
+kill -TERM "${PID[generator]}"; wait "${PID[generator]}" || true; unset 'PID[generator]'
 # mongo-writer ran on its in-memory store, which no other process can read: verify checks the
 # file and PostgreSQL (a MongoDB server on this machine holds nothing of this run).
 verified=1
@@ -64,7 +78,4 @@ for _ in $(seq 240); do
   sleep 1
 done
 cat "$WORK/verify.txt"
-for s in filter pg-writer mongo-writer; do kill -TERM "${PID[$s]}"; wait "${PID[$s]}" || true; done
-psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null
-for q in records.pg-writer records.mongo-writer dead-letter; do rabbitmqctl -q delete_queue "$AMQP_PREFIX.$q" >/dev/null 2>&1 || true; done
 exit "$verified"
