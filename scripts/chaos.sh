@@ -20,7 +20,7 @@ source scripts/deps.sh
 export MONGODB_URL=${MONGODB_URL-mongodb://127.0.0.1:27017}
 
 ALL=(kill-generator kill-filter kill-pg-writer kill-mongo-writer rabbitmq-restart postgres-down-30s
-     postgres-down-restarts file-unwritable-30s mongodb-restart mongodb-failing-30s
+     postgres-down-restarts postgres-frozen-30s file-unwritable-30s mongodb-restart mongodb-failing-30s
      mongodb-down-restarts two-sources-kill-mongo-writer slow-consumer self-check-deleted-row
      self-check-deleted-line)
 SCENARIOS=("$@")
@@ -119,6 +119,7 @@ heal_all() {
     log "healing $fault, left injected by an interrupted scenario"
     case $fault in
       rabbitmq) rabbitmqctl -q start_app || true; rabbitmqctl -q await_startup || true ;;
+      postgres-frozen) pg_thaw || true ;;
       postgres) pg_start || true ;;
       files) chattr -R -i "$WORK" 2>/dev/null || true ;;
       mongodb) restart_secantus || true ;;
@@ -159,6 +160,15 @@ teardown() {
 }
 
 pg_version() { ls /etc/postgresql | sort -V | tail -1; }
+# Every process of the PostgreSQL server on 5432: the postmaster and its children.
+pg_pids() {
+  local postmaster
+  postmaster=$(ss -Hltnp 'sport = :5432' 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
+  [ -n "$postmaster" ] && echo "$postmaster" $(pgrep -P "$postmaster")
+}
+FROZEN_PIDS=""
+pg_freeze() { FROZEN_PIDS=$(pg_pids); [ -n "$FROZEN_PIDS" ] && kill -STOP $FROZEN_PIDS; }
+pg_thaw() { [ -n "$FROZEN_PIDS" ] && kill -CONT $FROZEN_PIDS 2>/dev/null; FROZEN_PIDS=""; }
 pg_stop() { pg_ctlcluster --skip-systemctl-redirect "$(pg_version)" main stop -m fast 2>/dev/null || pg_ctlcluster "$(pg_version)" main stop -m fast; }
 pg_start() { pg_ctlcluster --skip-systemctl-redirect "$(pg_version)" main start 2>/dev/null || pg_ctlcluster "$(pg_version)" main start; }
 
@@ -214,6 +224,27 @@ fault() {
       # takes messages only while its store can write returns none of them, so none reach the
       # delivery limit and the dead-letter queue stays empty.
       injected postgres; pg_stop; restart_often pg-writer; sleep 6; pg_start; healed postgres ;;
+    postgres-frozen-30s)
+      # The whole server frozen, as `docker pause` does: its processes stopped, its connections
+      # open, nothing answering. pg-writer's calls end at their deadline; stopped meanwhile, it
+      # must still exit within its grace period (20 s).
+      injected postgres-frozen; pg_freeze || { SKIPPED="no PostgreSQL process found to freeze"; healed postgres-frozen; return 0; }
+      sleep 12
+      local stopping; stopping=$(date +%s)
+      kill -TERM "${PID[pg-writer]}" 2>/dev/null || true
+      # Waited for 40 s at most: a writer that hangs would otherwise wait for the thaw that
+      # comes only after it.
+      for _ in $(seq 200); do kill -0 "${PID[pg-writer]}" 2>/dev/null || break; sleep 0.2; done
+      local took=$(( $(date +%s) - stopping ))
+      if kill -0 "${PID[pg-writer]}" 2>/dev/null; then
+        FAULT_FAILED="pg-writer did not stop within 40 s during the freeze"; kill9 pg-writer
+      else
+        wait "${PID[pg-writer]}" 2>/dev/null || true
+        log "pg-writer stopped during the freeze in ${took} s"
+        [ "$took" -le 22 ] || FAULT_FAILED="pg-writer took ${took} s to stop during the freeze"
+      fi
+      start pg-writer
+      sleep 18; pg_thaw; healed postgres-frozen ;;
     file-unwritable-30s)
       # Immutable files refuse writes even to open descriptors and even for root.
       injected files; chattr +i "$FILTER_DATA_DIR" "$FILTER_DATA_DIR"/* ; sleep 30
@@ -258,7 +289,7 @@ run() {
       GENERATOR_HTTP_ADDR="127.0.0.1:$((21000 + n * 10 + 5))"
   fi
   sleep 3
-  SKIPPED=""
+  SKIPPED="" FAULT_FAILED=""
   fault "$scenario"
   local healed; healed=$(now)
   # The generator exits 0 once every one of the COUNT records is acked.
@@ -297,6 +328,8 @@ run() {
   if [ "$expect_failure" = yes ]; then
     result=$([ "$ok" = False ] && [ "$lost" -ge 1 ] 2>/dev/null && echo "caught" || echo "NOT CAUGHT")
     recovered="-"
+  elif [ -n "$FAULT_FAILED" ]; then
+    result="FAILED ($FAULT_FAILED)"
   elif [ -n "$SKIPPED" ]; then
     # Nothing was injected: the run proves nothing about this fault, so it does not say ok.
     result="SKIPPED ($SKIPPED)"
