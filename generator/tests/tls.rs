@@ -42,45 +42,15 @@ async fn a_generator_reaches_a_tls_filter_with_its_token_file_and_a_wrong_token_
     filter.wait_connected().await;
     let url = format!("wss://127.0.0.1:{}/ingest", filter.ws_addr.port());
 
-    let mut config = GeneratorConfig::for_tests(&url);
-    config.source = Some("tls".into());
-    config.rate = Rate::Max;
-    config.count = Some(300);
-    config.ca_file = Some(cert.clone());
-    config.token.file = Some(token);
-    let summary = tokio::time::timeout(
-        Duration::from_secs(120),
-        Application::build(config)
-            .await
-            .expect("builds")
-            .run_until_stopped(CancellationToken::new()),
-    )
-    .await
-    .expect("finishes")
-    .expect("runs");
-    assert_eq!(summary.counts.acked, 300);
+    assert_eq!(send(&url, &cert, Some(&token), 300).await, 300);
 
     // Over TLS, a wrong token still gets 401 at the upgrade.
-    let tls = flowmesh_common::tls::client_config(Some(&cert)).expect("client config");
-    let mut request = url.as_str().into_client_request().expect("request");
-    request.headers_mut().insert(
-        "authorization",
-        "Bearer a-wrong-token-of-enough-length"
-            .parse()
-            .expect("header"),
-    );
-    let refused = tokio_tungstenite::connect_async_tls_with_config(
-        request,
-        None,
-        true,
-        Some(tokio_tungstenite::Connector::Rustls(tls)),
-    )
-    .await;
+    let refused = upgrade(&url, Some(&cert), Some("a-wrong-token-of-enough-length")).await;
     match refused {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 401)
         }
-        other => panic!("expected 401, got {:?}", other.map(|_| "a connection")),
+        other => panic!("expected 401, got {other:?}"),
     }
     // And a plain ws:// client gets no WebSocket at all.
     let plain = format!("ws://127.0.0.1:{}/ingest", filter.ws_addr.port());
@@ -88,12 +58,14 @@ async fn a_generator_reaches_a_tls_filter_with_its_token_file_and_a_wrong_token_
     filter.finish().await;
 }
 
-/// Runs a generator for `count` records against `url`, trusting `ca`.
-async fn send(url: &str, ca: &std::path::Path, count: u64) -> u64 {
+/// Runs a generator for `count` records against `url`, trusting `ca` and sending the token in
+/// `token` (a file) if given; returns how many were acked.
+async fn send(url: &str, ca: &std::path::Path, token: Option<&std::path::Path>, count: u64) -> u64 {
     let mut config = GeneratorConfig::for_tests(url);
     config.rate = Rate::Max;
     config.count = Some(count);
     config.ca_file = Some(ca.to_owned());
+    config.token.file = token.map(std::path::Path::to_owned);
     let summary = tokio::time::timeout(
         Duration::from_secs(120),
         Application::build(config)
@@ -129,8 +101,30 @@ async fn the_certificates_make_certs_sh_makes_carry_records_over_wss() {
     .await;
     filter.wait_connected().await;
     let url = format!("wss://127.0.0.1:{}/ingest", filter.ws_addr.port());
-    assert_eq!(send(&url, &dir.path().join("ca.pem"), 200).await, 200);
+    assert_eq!(send(&url, &dir.path().join("ca.pem"), None, 200).await, 200);
     filter.finish().await;
+}
+
+/// A `wss://` upgrade to `url`, trusting the system's roots and `ca`, with `token` if given.
+async fn upgrade(
+    url: &str,
+    ca: Option<&std::path::Path>,
+    token: Option<&str>,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    let tls = flowmesh_common::tls::client_config(ca).expect("client config");
+    let mut request = url.into_client_request().expect("request");
+    if let Some(token) = token {
+        let header = format!("Bearer {token}").parse().expect("header");
+        request.headers_mut().insert("authorization", header);
+    }
+    tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        None,
+        true,
+        Some(tokio_tungstenite::Connector::Rustls(tls)),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// The error a `wss://` handshake to a filter serving `cert` ends with, for a client trusting
@@ -149,16 +143,8 @@ async fn refusal(cert: &rcgen::Certificate, key: &rcgen::KeyPair, ca: Option<&st
     if let Some(ca) = ca {
         std::fs::write(&ca_path, ca).expect("ca");
     }
-    let tls = flowmesh_common::tls::client_config(ca.map(|_| ca_path.as_path())).expect("tls");
     let url = format!("wss://127.0.0.1:{}/ingest", filter.ws_addr.port());
-    let request = url.as_str().into_client_request().expect("request");
-    let refused = tokio_tungstenite::connect_async_tls_with_config(
-        request,
-        None,
-        true,
-        Some(tokio_tungstenite::Connector::Rustls(tls)),
-    )
-    .await;
+    let refused = upgrade(&url, ca.map(|_| ca_path.as_path()), None).await;
     filter.finish().await;
     match refused {
         Err(err) => {

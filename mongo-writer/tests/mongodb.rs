@@ -29,6 +29,30 @@ fn mongodb_url() -> Option<String> {
     }
 }
 
+/// Every group of `database.records` in write order (by `wseq`), each checked: its `count` and
+/// `first_seq` agree with its records.
+async fn groups_in_write_order(client: &mongodb::Client, database: &str) -> Vec<GroupDoc> {
+    let collection = client
+        .database(database)
+        .collection::<mongodb::bson::Document>("records");
+    let mut cursor = collection
+        .find(doc! {})
+        .sort(doc! {"wseq": 1})
+        .await
+        .expect("find");
+    let mut groups = Vec::new();
+    while let Some(doc) = cursor.try_next().await.expect("next") {
+        let (group, count) = from_document(&doc).expect("decode");
+        assert_eq!(count as usize, group.records.len(), "count matches records");
+        assert_eq!(
+            doc.get_i64("first_seq").expect("first_seq"),
+            group.records[0].seq as i64
+        );
+        groups.push(group);
+    }
+    groups
+}
+
 fn record(seq: u64, high: bool) -> Record {
     flowmesh_common::testkit::record_where("mongo-real", seq, 95, |hash| nests(hash) == high)
 }
@@ -52,27 +76,11 @@ async fn groups_are_written_recovered_and_never_duplicated_in_a_real_mongodb() {
     assert_eq!((report.stored, report.duplicates), (1, 3));
     second.store(&records[3..]).await.expect("store");
 
-    let collection = client
-        .database(&database)
-        .collection::<mongodb::bson::Document>("records");
-    let mut cursor = collection
-        .find(doc! {})
-        .sort(doc! {"wseq": 1})
+    let shape: Vec<(bool, Vec<u64>)> = groups_in_write_order(&client, &database)
         .await
-        .expect("find");
-    let mut shape = Vec::new();
-    while let Some(doc) = cursor.try_next().await.expect("next") {
-        let (group, count) = from_document(&doc).expect("decode");
-        assert_eq!(count as usize, group.records.len());
-        assert_eq!(
-            doc.get_i64("first_seq").expect("first_seq"),
-            group.records[0].seq as i64
-        );
-        shape.push((
-            group.nested,
-            group.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        ));
-    }
+        .iter()
+        .map(|group| (group.nested, group.records.iter().map(|r| r.seq).collect()))
+        .collect();
     assert_eq!(
         shape,
         vec![
@@ -183,20 +191,7 @@ async fn two_writers_over_one_mongodb_never_overfill_a_group_or_tie_a_write_sequ
     b.store(&records[115..]).await.expect("B stores the rest");
     a.store(&records[100..120]).await.expect("A replays 20");
 
-    let collection = client
-        .database(&database)
-        .collection::<mongodb::bson::Document>("records");
-    let mut cursor = collection
-        .find(doc! {})
-        .sort(doc! {"wseq": 1})
-        .await
-        .expect("find");
-    let mut groups = Vec::new();
-    while let Some(doc) = cursor.try_next().await.expect("next") {
-        let (group, count) = from_document(&doc).expect("decode");
-        assert_eq!(count as usize, group.records.len(), "count matches records");
-        groups.push(group);
-    }
+    let groups = groups_in_write_order(&client, &database).await;
     let sizes: Vec<usize> = groups.iter().map(|g| g.records.len()).collect();
     assert_eq!(sizes, vec![100, 30], "as one writer would have nested them");
     let seqs: Vec<u64> = groups
@@ -463,7 +458,11 @@ async fn an_index_that_blocks_the_writer_s_own_makes_it_not_ready_and_dead_lette
     // The operator removes the conflicting index: everything is stored.
     collection.drop_index("records.id_1").await.expect("drop");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while stored_records(&collection).await < 5 {
+    let stored = || async {
+        let groups = groups_in_write_order(&client, &database).await;
+        groups.iter().map(|g| g.records.len()).sum::<usize>()
+    };
+    while stored().await < 5 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "not stored after the fix"
@@ -472,13 +471,4 @@ async fn an_index_that_blocks_the_writer_s_own_makes_it_not_ready_and_dead_lette
     }
     writer.finish().await;
     client.database(&database).drop().await.expect("drop");
-}
-
-async fn stored_records(collection: &mongodb::Collection<mongodb::bson::Document>) -> usize {
-    let mut cursor = collection.find(doc! {}).await.expect("find");
-    let mut count = 0;
-    while let Some(doc) = cursor.try_next().await.expect("next") {
-        count += from_document(&doc).expect("decode").0.records.len();
-    }
-    count
 }
