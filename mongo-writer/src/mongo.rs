@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::TryStreamExt;
+use mongodb::action::Action as _;
 use mongodb::bson::{self, Bson, Document, doc};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
@@ -40,6 +41,9 @@ pub struct MongoStore {
     /// not answer at startup): URL, database, collection.
     target: Arc<(String, String, String)>,
     indexed: bool,
+    /// `maxTimeMS` of every read: the server gives up on a read slower than this (a little
+    /// under the writer's store deadline, which bounds every call from outside as well).
+    read_deadline: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -85,6 +89,7 @@ impl MongoStore {
             )))),
             target: Arc::new((String::new(), database.into(), collection.into())),
             indexed: false,
+            read_deadline: None,
         }
     }
 
@@ -100,6 +105,7 @@ impl MongoStore {
                     handle: Arc::new(OnceCell::new()),
                     target: Arc::new((url.into(), database.into(), collection.into())),
                     indexed: false,
+                    read_deadline: None,
                 })
             }
             Err(err) => Err(err),
@@ -117,6 +123,12 @@ impl MongoStore {
 
     async fn coll(&self) -> anyhow::Result<&Collection<Document>> {
         Ok(&self.handle().await?.collection)
+    }
+
+    /// This store with every read bounded on the server by `deadline` (`maxTimeMS`).
+    pub fn with_read_deadline(mut self, deadline: Duration) -> Self {
+        self.read_deadline = Some(deadline);
+        self
     }
 
     /// True when MongoDB answers a ping now.
@@ -203,6 +215,7 @@ impl GroupStore for MongoStore {
             .find_one(doc! {"source": source})
             .sort(doc! {"wseq": -1})
             .projection(doc! {"nested": 1, "count": 1, "wseq": 1})
+            .optional(self.read_deadline, |find, d| find.max_time(d))
             .await
             .map_err(|e| classify(e, "finding the open group"))?;
         Ok(last.map(|doc| OpenGroup {
@@ -221,6 +234,7 @@ impl GroupStore for MongoStore {
             .find_one(doc! {})
             .sort(doc! {"wseq": -1})
             .projection(doc! {"wseq": 1})
+            .optional(self.read_deadline, |find, d| find.max_time(d))
             .await
             .map_err(|e| classify(e, "finding the last write sequence"))?;
         Ok(last.map_or(0, |doc| integer(&doc, "wseq").max(0) as u64))
@@ -234,6 +248,7 @@ impl GroupStore for MongoStore {
             .await?
             .find(doc! {"records.id": {"$in": ids}})
             .projection(doc! {"records.id": 1})
+            .optional(self.read_deadline, |find, d| find.max_time(d))
             .await
             .map_err(|e| classify(e, "looking up stored ids"))?;
         let mut found = HashSet::new();

@@ -54,7 +54,9 @@ pub async fn build(config: MongoWriterConfig) -> anyhow::Result<Application> {
                 &config.mongodb_database,
                 &config.mongodb_collection,
             )
-            .await?,
+            .await?
+            // The server gives up on a read a little before the consumer's own bound.
+            .with_read_deadline(config.writer.consumer.store_timeout.mul_f64(0.8)),
         ),
         StoreKind::Memory => {
             tracing::warn!("using the in-memory store: groups are lost when this process exits");
