@@ -315,3 +315,53 @@ async fn a_filter_restarted_on_the_same_directory_does_not_write_resent_records_
     assert_eq!(read_lines(&data.join("records.jsonl")).len(), lines);
     second.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sighup_a_generator_presents_its_rotated_token_from_its_next_connection() {
+    const OLD: &str = "the-old-token-of-enough-length";
+    const NEW: &str = "the-new-token-of-enough-length";
+    let dir = tempfile::tempdir().expect("dir");
+    let (ours, theirs) = (
+        dir.path().join("generator-token"),
+        dir.path().join("filter-token"),
+    );
+    std::fs::write(&ours, OLD).expect("token");
+    std::fs::write(&theirs, OLD).expect("token");
+    let file = theirs.clone();
+    let first = TestFilter::start("rotate-gen", move |c| {
+        c.token.file = Some(file);
+        c.token_rotation_window = Duration::ZERO;
+    })
+    .await;
+    first.wait_connected().await;
+    let address = first.ws_addr;
+    let mut config = generator(&first.url(), "rotate-gen", Some(3_000));
+    config.rate = Rate::PerSecond(300.0);
+    config.token.file = Some(ours.clone());
+    let generator = tokio::spawn(run(config));
+    // Both sides listen for SIGHUP once running; then the token files change and both are told.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    std::fs::write(&ours, NEW).expect("token");
+    std::fs::write(&theirs, NEW).expect("token");
+    let hangup = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hangup.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A filter on the same address that knows only the new token: the generator's next
+    // connection must present it.
+    first.finish().await;
+    let file = theirs.clone();
+    let second = TestFilter::start("rotate-gen", move |c| {
+        c.listen = address;
+        c.token.file = Some(file);
+    })
+    .await;
+    let summary = generator.await.expect("generator task");
+    assert_eq!(
+        summary.counts.acked, 3_000,
+        "every record acked, after the rotation too"
+    );
+    second.finish().await;
+}
