@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use flowmesh_common::consumer::{Misconfigured, RecordStore, StoreReport};
+use flowmesh_common::consumer::{Misconfigured, Permanent, RecordStore, StoreReport};
 use flowmesh_common::record::{Record, format_timestamp, parse_timestamp};
 use flowmesh_common::routing::Provenance;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -75,7 +75,10 @@ pub fn pool(url: &str, size: u32, deadline: Duration) -> anyhow::Result<PgPool> 
 const MISCONFIGURED_STATES: &[&str] = &["42501", "3D000", "28P01", "28000"];
 
 /// A configuration PostgreSQL refuses is [`Misconfigured`] (retried, nothing dead-lettered, one
-/// error line); anything else stays an ordinary failure, retried through the breaker.
+/// error line); data PostgreSQL refuses for good (SQLSTATE class 22, data exception, or 23,
+/// integrity constraint violation, such as a check constraint someone added) is [`Permanent`]:
+/// the consumer splits the batch and dead-letters only the rows at fault. Anything else stays an
+/// ordinary failure, retried through the breaker.
 fn classify(err: sqlx::Error, what: &str) -> anyhow::Error {
     let state = match &err {
         sqlx::Error::Database(db) => db.code().map(|code| code.into_owned()),
@@ -84,6 +87,9 @@ fn classify(err: sqlx::Error, what: &str) -> anyhow::Error {
     match state {
         Some(state) if MISCONFIGURED_STATES.contains(&state.as_str()) => anyhow::Error::new(
             Misconfigured(format!("{what}: PostgreSQL error {state}: {err}")),
+        ),
+        Some(state) if state.starts_with("22") || state.starts_with("23") => anyhow::Error::new(
+            Permanent(format!("{what}: PostgreSQL error {state}: {err}")),
         ),
         _ => anyhow::Error::new(err).context(what.to_owned()),
     }

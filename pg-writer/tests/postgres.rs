@@ -438,3 +438,29 @@ async fn stopping_a_writer_in_a_backlog_costs_its_messages_no_delivery_attempt()
     assert!(dead.is_empty(), "{} records were dead-lettered", dead.len());
     case.finish(writer).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_postgresql_refuses_for_good_is_dead_lettered_alone_and_its_batch_stored() {
+    let case = Case::new("pg-refused").await;
+    flowmesh_pg_writer::store::migrate(&case.pool)
+        .await
+        .expect("migrations");
+    // A rule someone added to the table that one record breaks.
+    sqlx::query("alter table records add constraint not_seven check (seq <> 7)")
+        .execute(&case.pool)
+        .await
+        .expect("constraint");
+    let records = case.records(1..=20);
+    publish_records(&case.topology, &records).await;
+    let writer = case.start(case.config()).await;
+    wait_rows(&case.pool, 19, Duration::from_secs(30)).await;
+    let dead = drain_dead_letters(&case.topology, 1, Duration::from_secs(20)).await;
+    let bodies: Vec<String> = dead
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    assert_eq!(bodies, vec![records[6].to_json()], "only seq 7, alone");
+    case.wait_all_acked().await;
+    assert_eq!(writer.breaker.state(), BreakerState::Closed);
+    case.finish(writer).await;
+}
