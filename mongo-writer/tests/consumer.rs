@@ -278,39 +278,97 @@ async fn packed_messages_nest_like_their_records_sent_alone_and_only_bad_lines_a
     flowmesh_common::testkit::delete_topology(&topology).await;
 }
 
-/// Wraps the writer's store: notes each call's seqs and fails one call once (an outage of one
-/// attempt), with the time a database takes, while the consumer holds more deliveries.
-struct Probe<S> {
-    inner: S,
-    calls: std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
-    fail_at: usize,
+/// A consumer run on its own (no writer shell) with `store`: the store counts as answering (the
+/// gate is open) and its breaker has the defaults.
+struct Consuming {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    breaker: flowmesh_common::breaker::Breaker,
 }
 
-impl<S: flowmesh_common::consumer::RecordStore> flowmesh_common::consumer::RecordStore
-    for Probe<S>
+impl Consuming {
+    /// Consumes `topology`'s mongo-writer queue through `url`, `batch_max` records a batch at
+    /// most, waiting `linger` for more.
+    fn start<S: flowmesh_common::consumer::RecordStore>(
+        url: String,
+        topology: &Topology,
+        store: S,
+        batch_max: usize,
+        linger: Duration,
+    ) -> Self {
+        use flowmesh_common::breaker::{Breaker, BreakerSettings};
+        use flowmesh_common::consumer::{self, ConsumerProgress, ConsumerSettings};
+        let settings = ConsumerSettings {
+            url,
+            topology: topology.clone(),
+            writer: "mongo-writer",
+            prefetch: 500,
+            batch_max,
+            linger,
+            store_timeout: Duration::from_secs(10),
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let breaker = Breaker::new("mongodb", BreakerSettings::default());
+        let task = tokio::spawn(consumer::run(
+            settings,
+            store,
+            breaker.clone(),
+            flowmesh_common::link::LinkStatus::new("amqp"),
+            std::sync::Arc::new(|| true),
+            std::sync::Arc::new(ConsumerProgress::default()),
+            shutdown.clone(),
+        ));
+        Self {
+            shutdown,
+            task,
+            breaker,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("consumer ends");
+    }
+}
+
+/// Wraps the writer's store (in memory, nesting up to 100) with a check that sees each call's
+/// records first and may fail the call, after `delay` (the time a database takes; RabbitMQ
+/// keeps delivering up to the prefetch meanwhile).
+struct Hooked<F> {
+    inner: flowmesh_mongo_writer::store::NestingStore<Groups>,
+    delay: Duration,
+    check: F,
+}
+
+impl<F> Hooked<F> {
+    fn new(memory: &MemoryStore, delay: Duration, check: F) -> Self {
+        let inner =
+            flowmesh_mongo_writer::store::NestingStore::new(Groups::Memory(memory.clone()), 100);
+        Self {
+            inner,
+            delay,
+            check,
+        }
+    }
+}
+
+impl<F> flowmesh_common::consumer::RecordStore for Hooked<F>
+where
+    F: FnMut(&[Record]) -> anyhow::Result<()> + Send + 'static,
 {
     async fn store(
         &mut self,
         records: &[Record],
     ) -> anyhow::Result<flowmesh_common::consumer::StoreReport> {
-        let call = {
-            let mut calls = self.calls.lock().expect("calls");
-            calls.push(records.iter().map(|r| r.seq).collect());
-            calls.len() - 1
-        };
-        // The time a database takes; RabbitMQ keeps delivering up to the prefetch meanwhile.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if call == self.fail_at {
-            anyhow::bail!("the database went away for one attempt");
-        }
+        let checked = (self.check)(records);
+        tokio::time::sleep(self.delay).await;
+        checked?;
         self.inner.store(records).await
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_failure_in_a_backlog_retries_that_batch_first_and_keeps_queue_order() {
-    use flowmesh_common::breaker::{Breaker, BreakerSettings};
-    use flowmesh_common::consumer::{self, ConsumerProgress, ConsumerSettings};
     use std::sync::{Arc, Mutex};
 
     let prefix = unique_prefix("mongo-backlog");
@@ -321,40 +379,39 @@ async fn a_store_failure_in_a_backlog_retries_that_batch_first_and_keeps_queue_o
     // A backlog, so the consumer has deliveries in hand while it stores.
     publish_records(&topology, &records).await;
 
-    let progress = Arc::new(ConsumerProgress::default());
     let calls = Arc::new(Mutex::new(Vec::new()));
     let fail_at = 3;
-    let probe = Probe {
-        inner: flowmesh_mongo_writer::store::NestingStore::new(Groups::Memory(memory.clone()), 100),
-        calls: calls.clone(),
-        fail_at,
-    };
-    let settings = ConsumerSettings {
-        url: flowmesh_common::testkit::amqp_url(),
-        topology: topology.clone(),
-        writer: "mongo-writer",
-        prefetch: 500,
-        batch_max: 50,
-        linger: Duration::ZERO,
-        store_timeout: Duration::from_secs(10),
-    };
-    let queue = settings.queue();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let consuming = tokio::spawn(consumer::run(
-        settings,
+    // Notes each call's seqs and fails one call once (an outage of one attempt).
+    let noted = calls.clone();
+    let probe = Hooked::new(
+        &memory,
+        Duration::from_millis(50),
+        move |records: &[Record]| {
+            let mut calls = noted.lock().expect("calls");
+            calls.push(records.iter().map(|r| r.seq).collect::<Vec<u64>>());
+            if calls.len() - 1 == fail_at {
+                anyhow::bail!("the database went away for one attempt");
+            }
+            Ok(())
+        },
+    );
+    let queue = topology
+        .queue_for("mongo-writer")
+        .expect("queue")
+        .name
+        .clone();
+    let consuming = Consuming::start(
+        flowmesh_common::testkit::amqp_url(),
+        &topology,
         probe,
-        Breaker::new("mongodb", BreakerSettings::default()),
-        flowmesh_common::link::LinkStatus::new("amqp"),
-        Arc::new(|| true),
-        progress.clone(),
-        shutdown.clone(),
-    ));
+        50,
+        Duration::ZERO,
+    );
     eventually("everything stored", Duration::from_secs(60), || {
         stored(&memory) == count as usize
     })
     .await;
-    shutdown.cancel();
-    consuming.await.expect("consumer ends");
+    consuming.stop().await;
 
     let calls = calls.lock().expect("calls").clone();
     assert!(
@@ -388,37 +445,8 @@ async fn a_store_failure_in_a_backlog_retries_that_batch_first_and_keeps_queue_o
     flowmesh_common::testkit::delete_topology(&topology).await;
 }
 
-/// Wraps the writer's store: refuses for good (as a document validation failure would) every
-/// call that holds one of the `refused` seqs, and stores the rest.
-struct Refusing<S> {
-    inner: S,
-    refused: Vec<u64>,
-}
-
-impl<S: flowmesh_common::consumer::RecordStore> flowmesh_common::consumer::RecordStore
-    for Refusing<S>
-{
-    async fn store(
-        &mut self,
-        records: &[Record],
-    ) -> anyhow::Result<flowmesh_common::consumer::StoreReport> {
-        if let Some(bad) = records.iter().find(|r| self.refused.contains(&r.seq)) {
-            return Err(flowmesh_common::consumer::Permanent(format!(
-                "document failed validation (seq {})",
-                bad.seq
-            ))
-            .into());
-        }
-        self.inner.store(records).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_refused_for_good_is_dead_lettered_alone_and_the_rest_of_its_batch_is_stored() {
-    use flowmesh_common::breaker::{Breaker, BreakerSettings};
-    use flowmesh_common::consumer::{self, ConsumerProgress, ConsumerSettings};
-    use std::sync::Arc;
-
     let prefix = unique_prefix("mongo-split");
     let topology = Topology::new(&prefix, 5);
     let memory = MemoryStore::new();
@@ -432,31 +460,34 @@ async fn a_record_refused_for_good_is_dead_lettered_alone_and_the_rest_of_its_ba
     publish(&topology, &topology.exchange, messages).await;
 
     let refused = vec![7, 26];
-    let store = Refusing {
-        inner: flowmesh_mongo_writer::store::NestingStore::new(Groups::Memory(memory.clone()), 100),
-        refused: refused.clone(),
-    };
-    let settings = ConsumerSettings {
-        url: flowmesh_common::testkit::amqp_url(),
-        topology: topology.clone(),
-        writer: "mongo-writer",
-        prefetch: 500,
-        batch_max: 100,
-        linger: Duration::from_millis(200),
-        store_timeout: Duration::from_secs(10),
-    };
-    let queue = settings.queue();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let breaker = Breaker::new("mongodb", BreakerSettings::default());
-    let consuming = tokio::spawn(consumer::run(
-        settings,
+    // Refuses for good (as a document validation failure would) every call holding a refused
+    // seq.
+    let bad = refused.clone();
+    let store = Hooked::new(
+        &memory,
+        Duration::ZERO,
+        move |records: &[Record]| match records.iter().find(|r| bad.contains(&r.seq)) {
+            Some(record) => Err(flowmesh_common::consumer::Permanent(format!(
+                "document failed validation (seq {})",
+                record.seq
+            ))
+            .into()),
+            None => Ok(()),
+        },
+    );
+    let queue = topology
+        .queue_for("mongo-writer")
+        .expect("queue")
+        .name
+        .clone();
+    let consuming = Consuming::start(
+        flowmesh_common::testkit::amqp_url(),
+        &topology,
         store,
-        breaker.clone(),
-        flowmesh_common::link::LinkStatus::new("amqp"),
-        Arc::new(|| true),
-        Arc::new(ConsumerProgress::default()),
-        shutdown.clone(),
-    ));
+        100,
+        Duration::from_millis(200),
+    );
+    let breaker = consuming.breaker.clone();
     eventually("every other record stored", Duration::from_secs(60), || {
         stored(&memory) == 38
     })
@@ -471,8 +502,7 @@ async fn a_record_refused_for_good_is_dead_lettered_alone_and_the_rest_of_its_ba
         .map(|&seq| records[seq as usize - 1].to_json())
         .collect();
     assert_eq!(bodies, expected, "only the refused records, each alone");
-    shutdown.cancel();
-    consuming.await.expect("consumer ends");
+    consuming.stop().await;
     assert_eq!(
         breaker.state(),
         BreakerState::Closed,
@@ -490,34 +520,8 @@ async fn a_record_refused_for_good_is_dead_lettered_alone_and_the_rest_of_its_ba
     flowmesh_common::testkit::delete_topology(&topology).await;
 }
 
-/// Wraps the writer's store: every call fails (as a database away would) until `works` is set;
-/// `calls` counts them.
-struct FailingUntil<S> {
-    inner: S,
-    works: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl<S: flowmesh_common::consumer::RecordStore> flowmesh_common::consumer::RecordStore
-    for FailingUntil<S>
-{
-    async fn store(
-        &mut self,
-        records: &[Record],
-    ) -> anyhow::Result<flowmesh_common::consumer::StoreReport> {
-        use std::sync::atomic::Ordering;
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if !self.works.load(Ordering::SeqCst) {
-            anyhow::bail!("the database is away");
-        }
-        self.inner.store(records).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_line_of_a_packed_message_is_dead_lettered_once_however_often_its_message_returns() {
-    use flowmesh_common::breaker::{Breaker, BreakerSettings};
-    use flowmesh_common::consumer::{self, ConsumerProgress, ConsumerSettings};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -537,30 +541,16 @@ async fn a_bad_line_of_a_packed_message_is_dead_lettered_once_however_often_its_
         flowmesh_common::testkit::proxy_url(&flowmesh_common::testkit::amqp_url()).await;
     let works = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicUsize::new(0));
-    let store = FailingUntil {
-        inner: flowmesh_mongo_writer::store::NestingStore::new(Groups::Memory(memory.clone()), 100),
-        works: works.clone(),
-        calls: calls.clone(),
-    };
-    let settings = ConsumerSettings {
-        url: proxied,
-        topology: topology.clone(),
-        writer: "mongo-writer",
-        prefetch: 100,
-        batch_max: 100,
-        linger: Duration::ZERO,
-        store_timeout: Duration::from_secs(10),
-    };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let consuming = tokio::spawn(consumer::run(
-        settings,
-        store,
-        Breaker::new("mongodb", BreakerSettings::default()),
-        flowmesh_common::link::LinkStatus::new("amqp"),
-        Arc::new(|| true),
-        Arc::new(ConsumerProgress::default()),
-        shutdown.clone(),
-    ));
+    // Every call fails (as a database away would) until `works` is set.
+    let (working, counted) = (works.clone(), calls.clone());
+    let store = Hooked::new(&memory, Duration::ZERO, move |_: &[Record]| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        if !working.load(Ordering::SeqCst) {
+            anyhow::bail!("the database is away");
+        }
+        Ok(())
+    });
+    let consuming = Consuming::start(proxied, &topology, store, 100, Duration::ZERO);
     // Three times: the message is taken, its store fails, the connection is lost (RabbitMQ
     // returns the message), and it is taken again by the next session.
     for round in 1..=3 {
@@ -588,7 +578,6 @@ async fn a_bad_line_of_a_packed_message_is_dead_lettered_once_however_often_its_
     let dead = drain_dead_letters(&topology, 1, Duration::from_secs(5)).await;
     let bodies: Vec<&[u8]> = dead.iter().map(|d| d.data.as_slice()).collect();
     assert_eq!(bodies, vec![&b"not a record"[..]], "the bad line, once");
-    shutdown.cancel();
-    consuming.await.expect("consumer ends");
+    consuming.stop().await;
     flowmesh_common::testkit::delete_topology(&topology).await;
 }
