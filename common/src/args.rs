@@ -234,9 +234,11 @@ macro_rules! consumer_args {
         /// How the writer reads its queue.
         #[derive(Debug, Clone, clap::Args)]
         pub struct ConsumerArgs {
-            /// Unacked messages RabbitMQ hands this writer at once (bounds its memory).
+            /// Records RabbitMQ may hand this writer at once, unacked (bounds its memory and
+            /// what a session end returns). Counted in records, not messages: the writer
+            /// opens its consumer for as many messages as hold this many records.
             #[arg(long, env = concat!($prefix, "_PREFETCH"), default_value_t = 2000)]
-            pub prefetch: u16,
+            pub prefetch: u32,
 
             /// Records per batch stored at most.
             #[arg(long, env = concat!($prefix, "_BATCH_MAX"), default_value_t = 1000)]
@@ -272,7 +274,7 @@ macro_rules! consumer_args {
                 }
                 if self.prefetch == 0
                     || self.batch_max == 0
-                    || self.batch_max > usize::from(self.prefetch)
+                    || self.batch_max > self.prefetch as usize
                 {
                     return Err(concat!(
                         "--batch-max (",

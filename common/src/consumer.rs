@@ -39,6 +39,9 @@ use crate::retry;
 use crate::telemetry::redact_url;
 use crate::topology::{HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology};
 
+mod window;
+pub use window::{SUSPECT_AFTER, Window};
+
 /// How long one AMQP call (consume, cancel, ack, a dead-letter publish and its confirm, close)
 /// may take before the link counts as lost and the consumer reconnects. When a connection is
 /// reset under it (rather than closed), a call can otherwise stay pending for ever, holding the
@@ -48,6 +51,16 @@ const AMQP_CALL: Duration = Duration::from_secs(10);
 /// How long a stopping consumer waits for the next of the deliveries it was handed before the
 /// stop before it gives the rest up.
 const DRAIN_QUIET: Duration = Duration::from_secs(2);
+
+/// How long the batch that takes back what the last session returned waits for the rest of it
+/// (RabbitMQ hands returned messages over first, at once).
+const RETURNED_LINGER: Duration = Duration::from_millis(200);
+
+/// Seconds without a delivery after which an idle consumer asks RabbitMQ something that needs
+/// an answer (a passive declare of its queue, bounded by [`AMQP_CALL`]): a connection to a
+/// frozen or unreachable broker stays "open" on this side, and would hold what it was handed
+/// and take nothing until TCP gave up on it.
+const PROBE_AFTER_QUIET: u32 = 5;
 
 /// Runs one AMQP call within [`AMQP_CALL`]; the error names the call.
 async fn bounded<T, E: std::fmt::Display>(
@@ -205,8 +218,9 @@ pub struct ConsumerSettings {
     pub topology: Topology,
     /// Which writer this is (`pg-writer`, `mongo-writer`): picks the queue and labels metrics.
     pub writer: &'static str,
-    /// Unacked messages RabbitMQ may hand this consumer at once.
-    pub prefetch: u16,
+    /// Records RabbitMQ may hand this consumer at once, unacked (the window in messages is
+    /// adapted to the records per message, see [`Window`]).
+    pub prefetch: u32,
     /// Records per batch at most.
     pub batch_max: usize,
     /// How long a batch may wait for more records after its first (zero: takes only what has
@@ -233,6 +247,7 @@ pub async fn run<S: RecordStore>(
     link.set_connected(false);
     let mut backoff = retry::reconnect().build();
     let mut attempts = 0u64;
+    let mut window = Window::new(settings.prefetch);
     while !shutdown.is_cancelled() {
         if attempts > 0 {
             link.count_reconnect();
@@ -256,6 +271,7 @@ pub async fn run<S: RecordStore>(
         backoff = retry::reconnect().build();
         link.set_connected(true);
         progress.set_channel(Some(channel.clone()));
+        window.careful();
         let mut session = Session {
             settings: &settings,
             store: &mut store,
@@ -267,6 +283,8 @@ pub async fn run<S: RecordStore>(
             cancelled: false,
             misconfigured: None,
             draining: false,
+            window: &mut window,
+            pending: None,
         };
         let ended = session.consume(&shutdown).await;
         session.set_consuming(false);
@@ -283,17 +301,17 @@ pub async fn run<S: RecordStore>(
 
 async fn connect(settings: &ConsumerSettings) -> Result<(Connection, lapin::Channel), String> {
     let attempt = async {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(format!("flowmesh-{}", settings.writer).into());
+        // Named after the queue, so an operator (or `rabbitmqctl close_connection`) can tell the
+        // writers of several meshes on one broker apart.
+        let properties = ConnectionProperties::default().with_connection_name(
+            format!("{}-{}", settings.topology.prefix, settings.writer).into(),
+        );
         let connection = Connection::connect(&settings.url, properties).await?;
         let channel = connection.create_channel().await?;
         settings.topology.declare(&channel).await?;
         // Confirms for what this channel publishes: messages dead-lettered with their reason.
         channel
             .confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await?;
-        channel
-            .basic_qos(settings.prefetch, BasicQosOptions::default())
             .await?;
         Ok::<_, lapin::Error>((connection, channel))
     };
@@ -322,6 +340,10 @@ struct Session<'a, S> {
     /// True once a stop cancelled the consumer: the deliveries already handed over are stored
     /// and acked, then the session ends.
     draining: bool,
+    /// How many messages the consumer is opened for (kept across sessions).
+    window: &'a mut Window,
+    /// A delivery taken that belongs to the next batch (a suspect, taken alone).
+    pending: Option<Delivery>,
 }
 
 /// Why waiting for the next delivery stopped.
@@ -367,23 +389,8 @@ impl<S: RecordStore> Session<'_, S> {
                     continue;
                 }
             };
-            // Sized in records: a packed message counts as the records it says it holds.
-            let mut records = crate::message::records_hint(&first.properties);
-            let mut batch = vec![first];
-            let more = if self.settings.linger.is_zero() {
-                Wait::NotAtAll
-            } else {
-                Wait::Until(tokio::time::Instant::now() + self.settings.linger)
-            };
-            while records < self.settings.batch_max {
-                match self.next(shutdown, more).await? {
-                    Next::Delivery(delivery) => {
-                        records += crate::message::records_hint(&delivery.properties);
-                        batch.push(*delivery);
-                    }
-                    Next::Drained | Next::Shutdown => break,
-                }
-            }
+            let (batch, largest, suspect) = self.batch(first, shutdown).await?;
+            self.window.saw(largest, suspect);
             self.progress
                 .received
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -397,12 +404,73 @@ impl<S: RecordStore> Session<'_, S> {
                 return Ok(());
             }
             metrics::gauge!(m::WRITER_HELD, "writer" => writer).set(0.0);
+            if !self.draining && self.window.should_resubscribe() {
+                let why = format!(
+                    "re-subscribing for a window of {} messages (prefetch {} records)",
+                    self.window.wanted(),
+                    self.settings.prefetch
+                );
+                self.cancel(&why).await;
+            }
         }
+    }
+
+    /// The batch that starts with `first`, sized in records (a packed message counts as the
+    /// records it says it holds), with the most records one message held and whether it is a
+    /// suspect taken alone.
+    ///
+    /// A suspect ([`SUSPECT_AFTER`]) is a batch of its own. A batch that starts with a message
+    /// the last session returned takes every returned message that follows, up to the
+    /// prefetch, so one commit settles them all: a session that ends right after its first
+    /// commit returns none of them again.
+    async fn batch(
+        &mut self,
+        first: Delivery,
+        shutdown: &CancellationToken,
+    ) -> Result<(Vec<Delivery>, usize, bool), String> {
+        let mut records = crate::message::records_hint(&first.properties);
+        let mut largest = records;
+        if crate::message::delivery_count(&first.properties) >= SUSPECT_AFTER {
+            return Ok((vec![first], largest, true));
+        }
+        let returned = first.redelivered;
+        let (most, more) = if returned {
+            let at = tokio::time::Instant::now() + RETURNED_LINGER;
+            (self.window.records(), Wait::Until(at))
+        } else if self.settings.linger.is_zero() {
+            (self.settings.batch_max, Wait::NotAtAll)
+        } else {
+            let at = tokio::time::Instant::now() + self.settings.linger;
+            (self.settings.batch_max, Wait::Until(at))
+        };
+        let mut batch = vec![first];
+        while records < most {
+            let delivery = match self.next(shutdown, more).await? {
+                Next::Delivery(delivery) => *delivery,
+                Next::Drained | Next::Shutdown => break,
+            };
+            if crate::message::delivery_count(&delivery.properties) >= SUSPECT_AFTER {
+                self.pending = Some(delivery);
+                break;
+            }
+            let hint = crate::message::records_hint(&delivery.properties);
+            records += hint;
+            largest = largest.max(hint);
+            let fresh = !delivery.redelivered;
+            batch.push(delivery);
+            if returned && fresh {
+                break;
+            }
+        }
+        Ok((batch, largest, false))
     }
 
     /// The next delivery. `Wait::Forever` first waits (without a consumer) until the store can
     /// write; the other waits give up (as `Drained`) when nothing arrives in time.
     async fn next(&mut self, shutdown: &CancellationToken, wait: Wait) -> Result<Next, String> {
+        if let Some(delivery) = self.pending.take() {
+            return Ok(Next::Delivery(Box::new(delivery)));
+        }
         if self.consumer.is_none() {
             if wait != Wait::Forever {
                 return Ok(Next::Drained);
@@ -432,25 +500,40 @@ impl<S: RecordStore> Session<'_, S> {
                     Err(_) => return Ok(Next::Shutdown),
                 }
             }
-            // While idle, the channel is looked at every second: a consumer stream is not always
-            // ended when its connection is reset under it.
-            Wait::Forever => loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(Next::Shutdown),
-                    next = consumer.next() => break next,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                        if !self.channel.status().connected() {
-                            return Err("the channel to RabbitMQ is no longer open".into());
+            // While idle, the channel is looked at every second (a consumer stream is not always
+            // ended when its connection is reset under it), and RabbitMQ is asked a question
+            // after a quiet spell (a frozen broker leaves the connection open but answers none).
+            Wait::Forever => {
+                let mut quiet = 0u32;
+                let mut probe = None;
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Next::Shutdown),
+                        next = consumer.next() => break next,
+                        answer = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
+                            probe = None;
+                            answer?;
+                        }
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            if !self.channel.status().connected() {
+                                return Err("the channel to RabbitMQ is no longer open".into());
+                            }
+                            quiet += 1;
+                            if quiet >= PROBE_AFTER_QUIET && probe.is_none() {
+                                quiet = 0;
+                                probe = Some(Box::pin(probe_queue(self.channel.clone(), self.settings.queue())));
+                            }
                         }
                     }
                 }
-            },
+            }
         };
         match next {
             Some(Ok(delivery)) => Ok(Next::Delivery(Box::new(delivery))),
             Some(Err(err)) => Err(err.to_string()),
             None if self.cancelled => {
                 self.consumer = None;
+                self.window.closed();
                 self.set_consuming(false);
                 Ok(Next::Drained)
             }
@@ -478,6 +561,12 @@ impl<S: RecordStore> Session<'_, S> {
     }
 
     async fn open(&mut self) -> Result<(), String> {
+        let window = self.window.opened();
+        bounded(
+            "basic.qos",
+            self.channel.basic_qos(window, BasicQosOptions::default()),
+        )
+        .await?;
         let tag = format!(
             "flowmesh-{}-{}",
             self.settings.writer,
@@ -493,7 +582,7 @@ impl<S: RecordStore> Session<'_, S> {
             ),
         )
         .await?;
-        tracing::info!(queue = %self.settings.queue(), "consuming");
+        tracing::info!(queue = %self.settings.queue(), window, "consuming");
         self.consumer = Some(consumer);
         self.cancelled = false;
         self.set_consuming(true);
@@ -806,6 +895,21 @@ impl<S: RecordStore> Session<'_, S> {
             }
         }
     }
+}
+
+/// Asks RabbitMQ for `queue`'s depth (a passive declare): an answer within [`AMQP_CALL`] says
+/// the link is alive.
+async fn probe_queue(channel: lapin::Channel, queue: String) -> Result<(), String> {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    bounded(
+        "probe of an idle link (passive queue.declare)",
+        channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Sends `delivery` to the dead-letter exchange with `reason` and the queue it came from in its

@@ -68,6 +68,26 @@ fn packed_properties(first: &Record, count: usize) -> BasicProperties {
         .with_headers(headers)
 }
 
+/// How often RabbitMQ returned this message to its queue before this delivery: the quorum
+/// queue's `x-delivery-count` header (0 when absent).
+pub fn delivery_count(properties: &BasicProperties) -> u64 {
+    let count = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| match h.inner().get("x-delivery-count") {
+            Some(AMQPValue::LongLongInt(n)) => Some(*n),
+            Some(AMQPValue::LongInt(n)) => Some(i64::from(*n)),
+            Some(AMQPValue::ShortInt(n)) => Some(i64::from(*n)),
+            Some(AMQPValue::ShortShortInt(n)) => Some(i64::from(*n)),
+            Some(AMQPValue::LongUInt(n)) => Some(i64::from(*n)),
+            Some(AMQPValue::ShortUInt(n)) => Some(i64::from(*n)),
+            Some(AMQPValue::ShortShortUInt(n)) => Some(i64::from(*n)),
+            _ => None,
+        })
+        .unwrap_or(0);
+    count.max(0) as u64
+}
+
 /// Whether a message is packed (by its content type).
 pub fn is_packed(properties: &BasicProperties) -> bool {
     properties

@@ -60,6 +60,8 @@ pub struct Topology {
     pub writer_queues: Vec<QueueDef>,
     /// `x-delivery-limit` of the writer queues.
     pub delivery_limit: u32,
+    /// The prefix every name starts with (`flowmesh`).
+    pub prefix: String,
 }
 
 impl Topology {
@@ -86,6 +88,7 @@ impl Topology {
             },
             writer_queues,
             delivery_limit,
+            prefix: prefix.to_string(),
         }
     }
 
