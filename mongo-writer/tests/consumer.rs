@@ -581,3 +581,84 @@ async fn a_bad_line_of_a_packed_message_is_dead_lettered_once_however_often_its_
     consuming.stop().await;
     flowmesh_common::testkit::delete_topology(&topology).await;
 }
+
+/// The writer's store, except that a batch holding `poison` "crashes the writer": the link to
+/// RabbitMQ is cut (everything in hand goes back to the queue, its delivery count raised) and
+/// nothing is stored. Every call's seqs are noted.
+struct Crashing {
+    inner: flowmesh_mongo_writer::store::NestingStore<Groups>,
+    proxy: std::sync::Arc<flowmesh_common::testkit::Proxy>,
+    poison: u64,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
+}
+
+impl flowmesh_common::consumer::RecordStore for Crashing {
+    async fn store(
+        &mut self,
+        records: &[Record],
+    ) -> anyhow::Result<flowmesh_common::consumer::StoreReport> {
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        let crash = seqs.contains(&self.poison);
+        self.calls.lock().expect("calls").push(seqs);
+        if crash {
+            self.proxy.cut();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.proxy.heal();
+            // The session is gone: its ack cannot reach RabbitMQ, which has the batch back.
+            return Ok(flowmesh_common::consumer::StoreReport::default());
+        }
+        self.inner.store(records).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_ending_sessions_reaches_the_delivery_limit_alone() {
+    use std::sync::{Arc, Mutex};
+
+    let prefix = unique_prefix("mongo-suspect");
+    let topology = Topology::new(&prefix, 5);
+    let memory = MemoryStore::new();
+    let count = 40u64;
+    let poison = 7u64;
+    let records: Vec<Record> = (1..=count).map(|seq| record(seq, false)).collect();
+    publish_records(&topology, &records).await;
+    let (proxy, proxied) =
+        flowmesh_common::testkit::proxy_url(&flowmesh_common::testkit::amqp_url()).await;
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let store = Crashing {
+        inner: flowmesh_mongo_writer::store::NestingStore::new(Groups::Memory(memory.clone()), 100),
+        proxy: Arc::new(proxy),
+        poison,
+        calls: calls.clone(),
+    };
+    let consuming = Consuming::start(proxied, &topology, store, 50, Duration::ZERO);
+    eventually(
+        "everything but the poison stored",
+        Duration::from_secs(120),
+        || stored(&memory) == count as usize - 1,
+    )
+    .await;
+    let dead = drain_dead_letters(&topology, 1, Duration::from_secs(30)).await;
+    consuming.stop().await;
+    let dead_seqs: Vec<u64> = dead
+        .iter()
+        .map(|d| {
+            Record::from_json(std::str::from_utf8(&d.data).expect("UTF-8"))
+                .expect("a record")
+                .seq
+        })
+        .collect();
+    assert_eq!(dead_seqs, vec![poison], "only the poison is dead-lettered");
+    // Once the poison had come back twice, it was in hand alone whenever it ended a session.
+    let calls = calls.lock().expect("calls").clone();
+    let with_poison: Vec<&Vec<u64>> = calls.iter().filter(|c| c.contains(&poison)).collect();
+    assert_eq!(
+        with_poison.len(),
+        6,
+        "delivered 6 times (limit 5): {calls:?}"
+    );
+    for call in &with_poison[2..] {
+        assert_eq!(call.as_slice(), [poison], "taken alone: {calls:?}");
+    }
+    flowmesh_common::testkit::delete_topology(&topology).await;
+}
