@@ -23,9 +23,8 @@ const BACKLOG: u64 = 100_000;
 /// Records stored between two session ends: the 20 ends fall while the backlog drains.
 const BETWEEN_ENDS: i64 = 2_500;
 
-/// Records the writer may hold (its prefetch) and store at once: small enough that a session
-/// end falls among many messages in hand, as a busy writer's would.
-const PREFETCH: &str = "200";
+/// Records a batch holds at most: a tenth of the default, so that with the database's 50 ms a
+/// batch (below) the backlog drains while the ends fall. The prefetch is the default (2 000).
 const BATCH_MAX: &str = "100";
 
 #[derive(Debug, Clone, Copy)]
@@ -41,12 +40,14 @@ enum End {
     Freeze,
 }
 
-/// Six of each quick kind and two freezes (each costs some 20 s), interleaved.
+/// Six of each quick kind and two freezes (each costs some 20 s). The first six return what the
+/// writer holds (no stop drains it first): a writer holding more than its prefetch in records
+/// (a window counted in messages, of packed messages) loses its tail to the delivery limit.
 const ENDS: [End; 20] = {
     use End::*;
     [
-        Term, Kill, Close, Kill, Freeze, Term, Close, Kill, Term, Close, //
-        Term, Kill, Close, Kill, Freeze, Term, Close, Kill, Term, Close,
+        Kill, Close, Kill, Close, Kill, Close, Term, Freeze, Term, Kill, //
+        Close, Term, Kill, Close, Term, Freeze, Kill, Close, Term, Term,
     ]
 };
 
@@ -67,7 +68,6 @@ impl Process {
             .env("AMQP_URL", amqp_url)
             .env("AMQP_PREFIX", prefix)
             .env("PG_WRITER_HTTP_ADDR", "127.0.0.1:0")
-            .env("PG_WRITER_PREFETCH", PREFETCH)
             .env("PG_WRITER_BATCH_MAX", BATCH_MAX)
             .env("LOG_FORMAT", "json")
             .stdin(Stdio::null())
