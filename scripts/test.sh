@@ -70,6 +70,9 @@ if [ "${CHAOS:-1}" != 0 ]; then
   step "chaos suite" bash scripts/chaos.sh
   step "chaos suite, packed messages (4 scenarios)" env FILTER_PUBLISH_PACK=100 CHAOS_RATE=3000 \
     CHAOS_COUNT=30000 bash scripts/chaos.sh kill-filter rabbitmq-restart kill-pg-writer kill-mongo-writer
+  # A short soak: three sources for SOAK_MINUTES (default 4), a seeded fault every minute, RSS,
+  # files, disk and queues sampled; fails on loss, duplicates, dead letters or growth.
+  step "soak (${SOAK_MINUTES:-4} min)" bash scripts/soak.sh "${SOAK_MINUTES:-4}"
 fi
 
 # The project's own Dockerfile and docker-compose.yml, run for real, when a Docker engine answers
