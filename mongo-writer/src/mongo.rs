@@ -41,8 +41,10 @@ pub struct MongoStore {
     /// not answer at startup): URL, database, collection.
     target: Arc<(String, String, String)>,
     indexed: bool,
-    /// `maxTimeMS` of every read: the server gives up on a read slower than this (a little
-    /// under the writer's store deadline, which bounds every call from outside as well).
+    /// `maxTimeMS` of every read and `wtimeout` of every write: the server gives up on a read
+    /// slower than this, and answers a write whose write concern it cannot meet in time with
+    /// an error rather than waiting (a little under the writer's store deadline, which bounds
+    /// every call from outside as well).
     read_deadline: Option<Duration>,
 }
 
@@ -54,10 +56,18 @@ struct Handle {
 
 impl Handle {
     fn new(client: &Client, database: &str, collection: &str) -> Self {
-        let database = client.database(database);
-        // Acknowledged only once in the journal: an ack to RabbitMQ follows a durable write.
+        Self::on(client.database(database), collection, None)
+    }
+
+    /// `collection` of `database`, its writes acknowledged once in the journal (an ack to
+    /// RabbitMQ follows a durable write), waiting for that at most `deadline` (`wtimeout`).
+    fn on(database: mongodb::Database, collection: &str, deadline: Option<Duration>) -> Self {
+        let concern = WriteConcern::builder()
+            .journal(true)
+            .w_timeout(deadline)
+            .build();
         let durable = mongodb::options::CollectionOptions::builder()
-            .write_concern(WriteConcern::builder().journal(true).build())
+            .write_concern(concern)
             .build();
         Self {
             collection: database.collection_with_options(collection, durable),
@@ -116,7 +126,8 @@ impl MongoStore {
         self.handle
             .get_or_try_init(|| async {
                 let (url, database, collection) = &*self.target;
-                Ok(Handle::new(&client(url).await?, database, collection))
+                let database = client(url).await?.database(database);
+                Ok(Handle::on(database, collection, self.read_deadline))
             })
             .await
     }
@@ -125,10 +136,21 @@ impl MongoStore {
         Ok(&self.handle().await?.collection)
     }
 
-    /// This store with every read bounded on the server by `deadline` (`maxTimeMS`).
-    pub fn with_read_deadline(mut self, deadline: Duration) -> Self {
+    /// This store with every call bounded on the server by `deadline`: `maxTimeMS` on reads,
+    /// `wtimeout` on the write concern of writes.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.read_deadline = Some(deadline);
+        if let Some(handle) = self.handle.get() {
+            let (_, _, collection) = &*self.target;
+            let handle = Handle::on(handle.database.clone(), collection, Some(deadline));
+            self.handle = Arc::new(OnceCell::new_with(Some(handle)));
+        }
         self
+    }
+
+    /// The write concern of this store's writes.
+    pub async fn write_concern(&self) -> anyhow::Result<Option<WriteConcern>> {
+        Ok(self.coll().await?.write_concern().cloned())
     }
 
     /// True when MongoDB answers a ping now.
@@ -539,4 +561,26 @@ fn bson_time(at: chrono::DateTime<chrono::Utc>) -> bson::DateTime {
 
 fn chrono_time(at: &bson::DateTime) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(at.timestamp_millis()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deadline_bounds_the_write_concern_of_writes_and_keeps_them_journaled() {
+        // The client connects lazily: no server is needed to read its options.
+        let client = client("mongodb://127.0.0.1:1").await.expect("client");
+        let plain = MongoStore::new(&client, "flowmesh", "records");
+        let concern = plain.write_concern().await.expect("handle").expect("set");
+        assert_eq!((concern.journal, concern.w_timeout), (Some(true), None));
+
+        let bounded = plain.with_deadline(Duration::from_secs(8));
+        let concern = bounded.write_concern().await.expect("handle").expect("set");
+        assert_eq!(
+            (concern.journal, concern.w_timeout),
+            (Some(true), Some(Duration::from_secs(8)))
+        );
+        assert_eq!(bounded.read_deadline, Some(Duration::from_secs(8)));
+    }
 }

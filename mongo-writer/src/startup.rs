@@ -56,7 +56,7 @@ pub async fn build(config: MongoWriterConfig) -> anyhow::Result<Application> {
             )
             .await?
             // The server gives up on a read a little before the consumer's own bound.
-            .with_read_deadline(config.writer.consumer.store_timeout.mul_f64(0.8)),
+            .with_deadline(config.writer.consumer.store_timeout.mul_f64(0.8)),
         ),
         StoreKind::Memory => {
             tracing::warn!("using the in-memory store: groups are lost when this process exits");
