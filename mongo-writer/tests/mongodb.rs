@@ -472,3 +472,105 @@ async fn an_index_that_blocks_the_writer_s_own_makes_it_not_ready_and_dead_lette
     writer.finish().await;
     client.database(&database).drop().await.expect("drop");
 }
+
+/// Two mongo-writers on one single-active-consumer queue, the hand-over forced at its worst: the
+/// active writer's insert is frozen on the wire, its RabbitMQ link is cut (RabbitMQ hands its
+/// messages and the queue to the other writer, which stores everything), and only then do the
+/// frozen writes reach MongoDB. The fence refuses them: every record once, and the layout is
+/// exactly what one writer storing the queue in order would have made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_hand_over_between_two_mongo_writers_leaves_the_layout_one_writer_makes() {
+    use flowmesh_common::testkit::proxy_url;
+
+    let Some(url) = mongodb_url() else { return };
+    let database = format!("flowmesh_test_{}", uuid::Uuid::new_v4().simple());
+    let client = mongo::client(&url).await.expect("client");
+    let prefix = unique_prefix("mongo-hand-over");
+    let topology = Topology::new(&prefix, 5);
+    let max_nest = 5;
+    let config = |mongodb: &str, amqp: &str| {
+        let mut config = MongoWriterConfig::for_tests(&prefix);
+        config.mongodb_url = mongodb.into();
+        config.mongodb_database = database.clone();
+        config.max_nest = max_nest;
+        config.writer.broker.url = amqp.into();
+        config
+    };
+    // Mostly nesting records, so groups fill and close all along.
+    let records: Vec<Record> = (1..=400u64).map(|seq| record(seq, seq % 7 != 0)).collect();
+    let (mongo_proxy, mongo_proxied) = proxy_url(&url).await;
+    let (amqp_proxy, amqp_proxied) = proxy_url(&flowmesh_common::testkit::amqp_url()).await;
+
+    // A alone first, so it is the active consumer; then B waits behind it.
+    let a = TestWriter::start(
+        flowmesh_mongo_writer::build(config(&mongo_proxied, &amqp_proxied))
+            .await
+            .expect("builds"),
+    );
+    publish_records(&topology, &records[..100]).await;
+    let collection = client
+        .database(&database)
+        .collection::<mongodb::bson::Document>("records");
+    let stored = || async {
+        let groups = groups_in_write_order(&client, &database).await;
+        groups.iter().map(|g| g.records.len()).sum::<usize>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stored().await < 100 {
+        assert!(tokio::time::Instant::now() < deadline, "A stored nothing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = TestWriter::start(
+        flowmesh_mongo_writer::build(config(&url, &flowmesh_common::testkit::amqp_url()))
+            .await
+            .expect("builds"),
+    );
+    b.wait_connected().await;
+
+    // A's next writes stop on the wire; A takes a batch and is stuck in its store call.
+    mongo_proxy.freeze();
+    publish_records(&topology, &records[100..]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A's link goes: RabbitMQ returns what A holds and makes B active.
+    amqp_proxy.cut();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while stored().await < records.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B did not take over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Now A's frozen writes arrive, planned before B wrote anything of them.
+    mongo_proxy.thaw();
+    amqp_proxy.heal();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let groups = groups_in_write_order(&client, &database).await;
+    let mut wseqs: Vec<i64> = Vec::new();
+    let mut cursor = collection.find(doc! {}).await.expect("find");
+    while let Some(doc) = cursor.try_next().await.expect("next") {
+        wseqs.push(doc.get_i64("wseq").expect("wseq"));
+    }
+    let distinct: std::collections::BTreeSet<i64> = wseqs.iter().copied().collect();
+    assert_eq!(distinct.len(), wseqs.len(), "no two groups share a wseq");
+    let shape: Vec<(bool, Vec<u64>)> = groups
+        .iter()
+        .map(|g| (g.nested, g.records.iter().map(|r| r.seq).collect()))
+        .collect();
+    // One writer storing the queue in order.
+    let mut expected: Vec<(bool, Vec<u64>)> = Vec::new();
+    for record in &records {
+        let high = nests(&record.hash);
+        match expected.last_mut() {
+            Some((true, seqs)) if high && seqs.len() < max_nest => seqs.push(record.seq),
+            _ => expected.push((high, vec![record.seq])),
+        }
+    }
+    assert_eq!(shape, expected, "the layout one writer makes");
+    let dead = drain_dead_letters(&topology, 0, Duration::from_secs(1)).await;
+    assert!(dead.is_empty(), "{} dead-lettered", dead.len());
+    b.finish().await;
+    a.stop().await;
+    client.database(&database).drop().await.expect("drop");
+}
