@@ -3,7 +3,7 @@
 # bench itself in the same run (the `bench` binary: a minimal WebSocket echo, publisher,
 # consumer, inserter and insert_many with the same libraries, topology and record bodies).
 # Then the whole mesh, latency and memory at 5 records/s, and a sustained run at fixed rates.
-# Prints one table; nothing here is asserted: read the ratios (README, "Benchmarks").
+# Prints one table; nothing here is asserted: read the ratios (docs/benchmarks.md).
 #
 #   scripts/bench.sh
 #
