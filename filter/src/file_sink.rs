@@ -236,6 +236,32 @@ pub fn id_key(id: &str) -> u128 {
     }
 }
 
+/// The keys of the last `keep` record ids in a file of JSON lines, oldest first, read one line
+/// at a time (lines that are not records are skipped).
+fn last_ids(mut reader: impl io::BufRead, keep: usize) -> std::collections::VecDeque<u128> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: std::borrow::Cow<'a, str>,
+    }
+    let mut ids = std::collections::VecDeque::with_capacity(keep.min(1 << 16));
+    let mut line = Vec::new();
+    while keep > 0 {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if let Ok(record) = serde_json::from_slice::<IdOnly>(&line) {
+            if ids.len() == keep {
+                ids.pop_front();
+            }
+            ids.push_back(id_key(&record.id));
+        }
+    }
+    ids
+}
+
 impl RecentIds {
     fn contains(&self, id: u128) -> bool {
         self.set.contains(&id)
@@ -371,39 +397,30 @@ impl Writer {
 
     /// Once per process: remembers the ids of the last `dedupe_window` records already in the
     /// files, so records re-sent after a crash of the filter are not written twice. Reads the
-    /// newest files only, as far back as the window reaches.
+    /// newest files only, as far back as the window reaches, one line at a time: what it holds
+    /// is the window's 16-byte keys, not the files (a 64 MiB file read whole, with a string per
+    /// id, would lift the process's memory for good at every start).
     fn load_recent(&mut self) {
-        if self.recent_loaded || self.config.dedupe_window == 0 {
+        let window = self.config.dedupe_window;
+        if self.recent_loaded || window == 0 {
             return;
         }
         self.recent_loaded = true;
         let files = sink_files(&self.config.dir, self.config.stem).unwrap_or_default();
-        let mut ids: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        // Newest file first; each gives its last ids (up to what the window still lacks).
+        let mut newest_first: Vec<std::collections::VecDeque<u128>> = Vec::new();
+        let mut loaded = 0;
         for path in files.iter().rev() {
-            let mut file_ids = Vec::new();
-            if let Ok(text) = fs::read_to_string(path) {
-                for line in text.lines() {
-                    if let Some(id) = serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .and_then(|v| v.get("id").and_then(|id| id.as_str()).map(str::to_owned))
-                    {
-                        file_ids.push(id);
-                    }
-                }
-            }
-            for id in file_ids.into_iter().rev() {
-                if ids.len() >= self.config.dedupe_window {
-                    break;
-                }
-                ids.push_front(id);
-            }
-            if ids.len() >= self.config.dedupe_window {
+            if loaded >= window {
                 break;
             }
+            let Ok(file) = File::open(path) else { continue };
+            let ids = last_ids(io::BufReader::new(file), window - loaded);
+            loaded += ids.len();
+            newest_first.push(ids);
         }
-        let loaded = ids.len();
-        for id in ids {
-            self.recent.insert(id_key(&id), self.config.dedupe_window);
+        for id in newest_first.into_iter().rev().flatten() {
+            self.recent.insert(id, window);
         }
         if loaded > 0 {
             tracing::info!(

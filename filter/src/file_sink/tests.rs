@@ -226,6 +226,51 @@ async fn records_sent_again_are_acked_but_not_written_twice_even_after_a_restart
 }
 
 #[tokio::test]
+async fn a_restart_remembers_exactly_the_newest_ids_across_rotated_files() {
+    let dir = tempfile::tempdir().expect("dir");
+    // Lines are 22 to 24 bytes: rotating at 100 bytes spreads 1..=20 over several files.
+    let cfg = || FileSinkConfig {
+        dedupe_window: 7,
+        ..config(
+            dir.path(),
+            100,
+            Duration::from_secs(3600),
+            Durability::Flush,
+        )
+    };
+    let (sink, task) = FileSink::start(cfg(), breaker());
+    for seq in 1..=20 {
+        assert!(matches!(write(&sink, seq..=seq).await, Reply::Ack { .. }));
+    }
+    drop(sink);
+    task.await.expect("sink stops");
+    assert!(sink_files(dir.path(), "records").expect("list").len() > 3);
+    // A new process remembers 14..=20 (the window's 7 newest, spread over files): re-sent, they
+    // are dropped; 13 was forgotten, so it is written again.
+    let (sink, _task) = FileSink::start(cfg(), breaker());
+    assert!(matches!(write(&sink, 14..=20).await, Reply::Ack { .. }));
+    assert_eq!(all_seqs(dir.path()), (1..=20).collect::<Vec<_>>());
+    assert!(matches!(write(&sink, 13..=13).await, Reply::Ack { .. }));
+    let mut expected: Vec<u64> = (1..=20).collect();
+    expected.push(13);
+    assert_eq!(all_seqs(dir.path()), expected);
+}
+
+#[test]
+fn the_last_ids_of_a_file_are_read_one_line_at_a_time_skipping_what_is_not_a_record() {
+    let text = "{\"id\":\"a\"}\nnot json\n{\"seq\":1}\n{\"id\":\"b\",\"x\":[1]}\n{\"id\":\"c\"}\n{\"id\":\"d\"";
+    let ids = last_ids(text.as_bytes(), 2);
+    assert_eq!(
+        Vec::from(ids),
+        vec![id_key("b"), id_key("c")],
+        "torn last line skipped"
+    );
+    let ids = last_ids(text.as_bytes(), 10);
+    assert_eq!(Vec::from(ids), vec![id_key("a"), id_key("b"), id_key("c")]);
+    assert!(last_ids(text.as_bytes(), 0).is_empty());
+}
+
+#[tokio::test]
 async fn files_at_their_size_cap_refuse_writes_until_old_files_are_removed() {
     let dir = tempfile::tempdir().expect("dir");
     let mut capped = config(
