@@ -246,7 +246,10 @@ fn last_ids(mut reader: impl io::BufRead, keep: usize) -> std::collections::VecD
     }
     let mut ids = std::collections::VecDeque::with_capacity(keep.min(1 << 16));
     let mut line = Vec::new();
-    while keep > 0 {
+    if keep == 0 {
+        return ids;
+    }
+    loop {
         line.clear();
         match reader.read_until(b'\n', &mut line) {
             Ok(0) | Err(_) => break,
