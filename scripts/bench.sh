@@ -34,26 +34,16 @@ PARTS=" ${BENCH_PARTS:-ceilings latency hops drains mesh sustained} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 want drains && PARTS+="hops "
 
-BIN=$(target_dir)/release
-cargo build --release --quiet --bins
-export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export MONGODB_URL=${MONGODB_URL:-mongodb://127.0.0.1:27017}
-PG_BASE=${PG_BASE:-postgres://postgres:postgres@127.0.0.1:5432}
-export LOG_FORMAT=json RUST_LOG=${RUST_LOG:-warn}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/flowmesh-bench.XXXXXX")
+source scripts/lib.sh
+mesh_setup bench
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
-DB="flowmesh_bench_$RANDOM" MONGO_DB="flowmesh_bench_$RANDOM"
-psql "$PG_BASE/postgres" -qc "create database $DB" >/dev/null
-export DATABASE_URL="$PG_BASE/$DB"
+MONGO_DB="flowmesh_bench_$RANDOM"
+temp_database bench
 export AMQP_PREFIX="flowmesh-bench-$RANDOM" RAW_PREFIX="flowmesh-bench-raw-$RANDOM"
-# Ports below the kernel's ephemeral range, so no outgoing connection can hold one.
-export FILTER_LISTEN=127.0.0.1:22080 FILTER_HTTP_ADDR=127.0.0.1:22082 FILTER_URL=ws://127.0.0.1:22080/ingest
-export GENERATOR_HTTP_ADDR=127.0.0.1:22081 PG_WRITER_HTTP_ADDR=127.0.0.1:22083 MONGO_WRITER_HTTP_ADDR=127.0.0.1:22084
-export FILTER_DATA_DIR="$WORK/filter"
-declare -A PID
+mesh_ports 22080
 
-log() { printf '[bench] %s\n' "$*" >&2; }
 now() { date +%s.%N; }
 # Arithmetic on numbers the script measured: the expression is parsed, never run as code, and
 # may hold only numbers, + - * / ( ), comparisons, and/or/if-else, round, max and min.
@@ -86,21 +76,10 @@ PY
 }
 row() { printf '%s\n' "$(IFS=$'\t'; echo "$*")" >>"$RESULTS"; } # hop, rate, ceiling name, ceiling, note
 
-start() { # SERVICE [env assignments…]
-  local name=$1; shift
-  env "$@" "$BIN/$name" >>"$WORK/$name.log" 2>&1 &
-  PID[$name]=$!
-}
-running() { [ -n "${PID[$1]:-}" ]; }
 ensure() { # SERVICE ADDR [env assignments…]: starts SERVICE unless it runs, and waits until ready
   local name=$1 addr=$2; shift 2
   running "$name" || start "$name" "$@"
   wait_ready "$name" "$addr"
-}
-stop() { running "$1" && { kill -TERM "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; }; PID[$1]=""; }
-wait_ready() { # SERVICE ADDR
-  for _ in $(seq 150); do "$BIN/$1" --probe-ready --http-addr "$2" >/dev/null 2>&1 && return 0; sleep 0.2; done
-  log "$1 not ready; the end of its log:"; tail -n 20 "$WORK/$1.log" >&2; return 1
 }
 metric() { # ADDR NAME LABEL → the sum of NAME's series that carry LABEL (0 when none)
   curl -fsS "http://$1/metrics" 2>/dev/null \
@@ -119,12 +98,10 @@ ticks_tree() {
 listener_pid() { ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; }
 RABBITMQ_PID=$(listener_pid 5672)
 POSTGRES_PID=$(listener_pid 5432)
-rss_mib() { awk '/VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo "-"; }
 raw() { "$BIN/bench" "$@" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["rate"]))'; }
 
 cleanup() {
-  for name in generator filter pg-writer mongo-writer; do stop "$name" 2>/dev/null || true; done
-  psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null 2>&1 || true
+  mesh_teardown
   local mongo=(); mongo_up && mongo=(--mongodb-database "$MONGO_DB")
   "$BIN/bench" cleanup --prefix "$AMQP_PREFIX" "${mongo[@]}" >/dev/null 2>&1 || true
   "$BIN/bench" cleanup --prefix "$RAW_PREFIX" >/dev/null 2>&1 || true

@@ -28,18 +28,12 @@ SCENARIOS=("$@")
 
 COUNT=${CHAOS_COUNT:-3000}
 RATE=${CHAOS_RATE:-300}
-BIN=$(target_dir)/release
-cargo build --release --quiet --bins
-
-export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
-PG_BASE=${PG_BASE:-postgres://postgres:postgres@127.0.0.1:5432}
-export LOG_FORMAT=json RUST_LOG=${RUST_LOG:-info}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/flowmesh-chaos.XXXXXX")
+export RUST_LOG=${RUST_LOG:-info}
+source scripts/lib.sh
+mesh_setup chaos
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
-log() { printf '[chaos] %s\n' "$*" >&2; }
 now() { date +%s.%N; }
-
 source scripts/faults.sh
 
 setup() {
@@ -47,29 +41,15 @@ setup() {
   RUN_DIR="$WORK/$scenario"; mkdir -p "$RUN_DIR"
   SOURCE="chaos-$scenario-$RANDOM"
   SOURCES=("$SOURCE")
-  local base=$((21000 + n * 10))
   export AMQP_PREFIX="flowmesh-chaos-$scenario"
-  export FILTER_DATA_DIR="$RUN_DIR/filter" FILTER_LISTEN=127.0.0.1:$base FILTER_HTTP_ADDR=127.0.0.1:$((base + 2))
-  export GENERATOR_HTTP_ADDR=127.0.0.1:$((base + 1)) PG_WRITER_HTTP_ADDR=127.0.0.1:$((base + 3))
-  export MONGO_WRITER_HTTP_ADDR=127.0.0.1:$((base + 4)) FILTER_URL=ws://127.0.0.1:$base/ingest
+  mesh_ports $((21000 + n * 10))
   export GENERATOR_SPOOL_DIR="$RUN_DIR/spool" GENERATOR_SOURCE="$SOURCE" GENERATOR_COUNT=$COUNT GENERATOR_RATE=$RATE
   export GENERATOR_BREAKER_MAX_OPEN_WAIT=5s FILTER_BREAKER_MAX_OPEN_WAIT=5s
   export PG_WRITER_BREAKER_MAX_OPEN_WAIT=5s MONGO_WRITER_BREAKER_MAX_OPEN_WAIT=5s
   if [ -z "${MONGODB_URL:-}" ]; then
     export MONGO_WRITER_STORE=memory MONGO_WRITER_MEMORY_FAIL_WHILE="$RUN_DIR/mongodb-down"
   fi
-  DB="flowmesh_chaos_${scenario//-/_}_$RANDOM"
-  psql "$PG_BASE/postgres" -qc "create database $DB" >/dev/null
-  export DATABASE_URL="$PG_BASE/$DB"
-}
-
-teardown() {
-  for name in generator generator2 filter pg-writer mongo-writer; do [ -n "${PID[$name]:-}" ] && stop "$name"; done
-  PID=()
-  psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null 2>&1 || true
-  for q in records.pg-writer records.mongo-writer dead-letter; do
-    rabbitmqctl -q delete_queue "$AMQP_PREFIX.$q" >/dev/null 2>&1 || true
-  done
+  temp_database "chaos_$scenario"
 }
 
 run() {
@@ -81,7 +61,7 @@ run() {
   start filter; start pg-writer "${pg_env[@]}"; start mongo-writer
   if ! wait_ready filter "$FILTER_HTTP_ADDR"; then
     printf '%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\tFAILED (filter never ready)\n' "$scenario" "$COUNT" >>"$RESULTS"
-    teardown; return 0
+    mesh_teardown; return 0
   fi
   start generator
   if [ "$scenario" = two-sources-kill-mongo-writer ]; then
@@ -93,24 +73,14 @@ run() {
   SKIPPED="" FAULT_FAILED=""
   fault "$scenario"
   local healed; healed=$(now)
-  # The generator exits 0 once every one of the COUNT records is acked.
+  # Each generator exits 0 once every one of the COUNT records is acked.
   local gen_status=0
-  for _ in $(seq 600); do kill -0 "${PID[generator]}" 2>/dev/null || break; sleep 0.5; done
-  if kill -0 "${PID[generator]}" 2>/dev/null; then gen_status=124; else wait "${PID[generator]}" || gen_status=$?; fi
-  PID[generator]=""
+  wait_generator generator; gen_status=$GEN_STATUS
   if [ -n "${PID[generator2]:-}" ]; then
-    for _ in $(seq 600); do kill -0 "${PID[generator2]}" 2>/dev/null || break; sleep 0.5; done
-    if kill -0 "${PID[generator2]}" 2>/dev/null; then gen_status=124; else wait "${PID[generator2]}" || gen_status=$?; fi
-    PID[generator2]=""
+    wait_generator generator2; [ "$GEN_STATUS" = 0 ] || gen_status=$GEN_STATUS
   fi
-  # Drain: wait until everything reconciles (or give up after 180 s).
-  local report="" ok=False
-  for _ in $(seq 360); do
-    report=$(verify_json)
-    read -r ok _ <<<"$(summary "$report")"
-    [ "$ok" = True ] && break
-    sleep 0.5
-  done
+  wait_reconciled
+  local report=$REPORT ok=$OK
   local recovered
   recovered=$(python3 -c 'import sys; print(f"{float(sys.argv[1]) - float(sys.argv[2]):.1f}")' "$(now)" "$healed")
   local expect_failure=no
@@ -144,10 +114,10 @@ run() {
     $1 == "flowmesh_filter_publish_message_records_count" { m = $2 }
     $1 == "flowmesh_filter_publish_message_records_sum" { r = $2 }
     END { if (m != "") printf "[chaos] scenario %s: the last filter published %d records in %d messages\n", s, r, m }' >&2 || true
-  teardown
+  mesh_teardown
 }
 
-trap 'heal_all; teardown 2>/dev/null || true; chattr -R -i "$WORK" 2>/dev/null || true' EXIT
+trap 'heal_all; mesh_teardown 2>/dev/null || true; chattr -R -i "$WORK" 2>/dev/null || true' EXIT
 # A stop (Ctrl-C, kill) runs the exit trap too.
 trap 'exit 130' INT; trap 'exit 143' TERM
 n=0

@@ -1,25 +1,7 @@
-# The mesh's processes and the faults the chaos suite and the soak inject, shared by
-# scripts/chaos.sh and scripts/soak.sh. Sourced after scripts/deps.sh; uses the caller's BIN
-# (release binaries), RUN_DIR (logs, pid files), WORK, SOURCES, COUNT, DATABASE_URL and `log`.
+# The faults the chaos suite and the soak inject, and the verify reports they read, shared by
+# scripts/chaos.sh, scripts/soak.sh and scripts/spool-check.sh. Sourced after scripts/lib.sh;
+# uses the caller's RUN_DIR, WORK, SOURCES, COUNT and DATABASE_URL.
 # shellcheck shell=bash
-declare -A PID
-
-start() { # start SERVICE [extra env assignments…]; generator2, generator3 are more generators
-  local name=$1; shift
-  env "$@" "$BIN/${name%[0-9]}" >>"$RUN_DIR/$name.log" 2>&1 &
-  PID[$name]=$!
-  echo "${PID[$name]}" >"$RUN_DIR/$name.pid"
-}
-kill9() { kill -9 "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; }
-stop() { kill -TERM "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; }
-ready() { "$BIN/$1" --probe-ready --http-addr "$2" >/dev/null 2>&1; }
-wait_ready() { # SERVICE ADDR: up to 30 s; on failure the end of the service's log goes to stderr
-  for _ in $(seq 150); do ready "$1" "$2" && return 0; sleep 0.2; done
-  log "$1 not ready after 30 s; the end of its log:"
-  tail -n 20 "$RUN_DIR/$1.log" >&2 || true
-  return 1
-}
-
 verify_json() { # one JSON report over every source of the scenario (counts summed)
   local source reports=()
   for source in "${SOURCES[@]}"; do
@@ -45,6 +27,24 @@ for r in reports[1:]:
     merged = merge(merged, r)
 print(json.dumps(merged) if reports and len(reports) == len(sys.argv) - 1 else "{}")
 PY
+}
+# Waits up to 5 min for generator NAME to exit (it does once every record is acked); sets
+# GEN_STATUS: 0, its exit status, or 124 when it still runs.
+wait_generator() {
+  for _ in $(seq 600); do kill -0 "${PID[$1]}" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 "${PID[$1]}" 2>/dev/null; then GEN_STATUS=124
+  else GEN_STATUS=0; wait "${PID[$1]}" || GEN_STATUS=$?; fi
+  PID[$1]=""
+}
+# Drains: runs verify until everything reconciles, up to 180 s; sets REPORT (JSON) and OK.
+wait_reconciled() {
+  REPORT="" OK=False
+  for _ in $(seq 360); do
+    REPORT=$(verify_json)
+    read -r OK _ <<<"$(summary "$REPORT")"
+    [ "$OK" = True ] && break
+    sleep 0.5
+  done
 }
 # One line of words from a verify report (JSON, passed as data): ok lost duplicated file
 # postgresql mongodb.

@@ -30,32 +30,19 @@ echo "[observability] alert rules" >&2
 (cd prometheus && promtool check rules alerts.yml && promtool test rules alerts_test.yml)
 
 rabbitmq-plugins enable --quiet rabbitmq_prometheus >/dev/null
-cargo build --release --quiet --bins
-BIN=$(target_dir)/release
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/flowmesh-obs.XXXXXX")
-PG_BASE=${PG_BASE:-postgres://postgres:postgres@127.0.0.1:5432}
-DB="flowmesh_obs_$RANDOM"
-psql "$PG_BASE/postgres" -qc "create database $DB"
-export DATABASE_URL="$PG_BASE/$DB" AMQP_PREFIX=flowmesh-obs LOG_FORMAT=json RUST_LOG=warn
-export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
-export FILTER_DATA_DIR="$WORK/filter" FILTER_LISTEN=127.0.0.1:27080 FILTER_HTTP_ADDR=127.0.0.1:27102
-export GENERATOR_HTTP_ADDR=127.0.0.1:27101 PG_WRITER_HTTP_ADDR=127.0.0.1:27103 MONGO_WRITER_HTTP_ADDR=127.0.0.1:27104
-export FILTER_URL=ws://127.0.0.1:27080/ingest GENERATOR_RATE=100 MONGO_WRITER_STORE=memory
-pids=()
-for s in filter pg-writer mongo-writer generator; do "$BIN/$s" >>"$WORK/$s.log" 2>&1 & pids+=($!); sleep 0.5; done
+source scripts/lib.sh
+mesh_setup obs
+export AMQP_PREFIX=flowmesh-obs GENERATOR_RATE=100 MONGO_WRITER_STORE=memory
+mesh_ports 27100
+temp_database obs
+for s in filter pg-writer mongo-writer generator; do start "$s"; sleep 0.5; done
 sed -e 's/generator:9101/127.0.0.1:27101/; s/filter:9102/127.0.0.1:27102/; s/pg-writer:9103/127.0.0.1:27103/' \
     -e 's/mongo-writer:9104/127.0.0.1:27104/; s/rabbitmq:15692/127.0.0.1:15692/' prometheus/prometheus.yml >"$WORK/prometheus.yml"
 cp prometheus/alerts.yml "$WORK/"
 prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/tsdb" \
   --web.listen-address=127.0.0.1:29090 >"$WORK/prometheus.log" 2>&1 &
-pids+=($!)
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null 2>&1 || true
-  for q in records.pg-writer records.mongo-writer dead-letter; do rabbitmqctl -q delete_queue "$AMQP_PREFIX.$q" >/dev/null 2>&1 || true; done
-  rm -rf "$WORK"
-}
+PID[prometheus]=$!
+cleanup() { mesh_teardown; rm -rf "$WORK"; }
 trap cleanup EXIT
 # A stop (Ctrl-C, kill) runs the exit trap too.
 trap 'exit 130' INT; trap 'exit 143' TERM

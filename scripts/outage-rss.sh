@@ -13,39 +13,30 @@ source scripts/deps.sh
 KIND=${1:?rabbitmq or stores}
 MINUTES=${2:-10}
 RATE=${RATE:-200}
-BIN=$(target_dir)/release
-cargo build --release --quiet --bins
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/flowmesh-rss.XXXXXX")
-PG_BASE=${PG_BASE:-postgres://postgres:postgres@127.0.0.1:5432}
-DB="flowmesh_rss_$RANDOM"
-psql "$PG_BASE/postgres" -qc "create database $DB"
-export DATABASE_URL="$PG_BASE/$DB" AMQP_PREFIX="flowmesh-rss-$KIND" LOG_FORMAT=json RUST_LOG=warn
-export FILTER_DATA_DIR="$WORK/filter" FILTER_LISTEN=127.0.0.1:28080 FILTER_HTTP_ADDR=127.0.0.1:28082
-export GENERATOR_HTTP_ADDR=127.0.0.1:28081 PG_WRITER_HTTP_ADDR=127.0.0.1:28083 MONGO_WRITER_HTTP_ADDR=127.0.0.1:28084
-export FILTER_URL=ws://127.0.0.1:28080/ingest GENERATOR_RATE=$RATE GENERATOR_SOURCE="rss-$KIND-$RANDOM"
+source scripts/lib.sh
+mesh_setup rss
+export AMQP_PREFIX="flowmesh-rss-$KIND"
+mesh_ports 28080
+temp_database rss
+export GENERATOR_RATE=$RATE GENERATOR_SOURCE="rss-$KIND-$RANDOM"
 # After the heal the generator is stopped and must first hand over everything in its window; the
 # filter's reconnect backoff after a long outage can outlast the default grace of 20 s.
 export GENERATOR_GRACE=300s
 export GENERATOR_SPOOL_DIR="$WORK/spool" MONGO_WRITER_STORE=memory MONGO_WRITER_MEMORY_FAIL_WHILE="$WORK/mongodb-down"
-declare -A PID
 INJECTED=0
 # On any exit: heal what was injected, stop every process this script started, drop its
 # database and queues.
 cleanup() {
   [ "$INJECTED" = 1 ] && heal
-  local pid
-  for pid in "${PID[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PID[@]}"; do wait "$pid" 2>/dev/null || true; done
-  psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null 2>&1 || true
-  for q in records.pg-writer records.mongo-writer dead-letter; do rabbitmqctl -q delete_queue "$AMQP_PREFIX.$q" >/dev/null 2>&1 || true; done
+  mesh_teardown
 }
 trap 'cleanup >/dev/null 2>&1 || true' EXIT
 # A stop (Ctrl-C, kill) runs the exit trap too.
 trap 'exit 130' INT; trap 'exit 143' TERM
-for s in filter pg-writer mongo-writer; do "$BIN/$s" >>"$WORK/$s.log" 2>&1 & PID[$s]=$!; done
+for s in filter pg-writer mongo-writer; do start "$s"; done
 sleep 2
-"$BIN/generator" >>"$WORK/generator.log" 2>&1 & PID[generator]=$!
-rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo "-"; }
+start generator
+rss() { rss_mib "$1"; }
 pgv=$(ls /etc/postgresql | sort -V | tail -1)
 heal() {
   case $KIND in
@@ -69,7 +60,7 @@ done
 printf '%8s %10s %8s %10s %13s\n' $(( $(date +%s) - start )) "$(rss "${PID[generator]}")" "$(rss "${PID[filter]}")" "$(rss "${PID[pg-writer]}")" "$(rss "${PID[mongo-writer]}")"
 heal; INJECTED=0
 echo "healed; draining…"
-kill -TERM "${PID[generator]}"; wait "${PID[generator]}" || true; unset 'PID[generator]'
+stop generator
 # mongo-writer ran on its in-memory store, which no other process can read: verify checks the
 # file and PostgreSQL (a MongoDB server on this machine holds nothing of this run).
 verified=1

@@ -24,18 +24,11 @@ SEED=${SOAK_SEED:-1}
 SECONDS_TOTAL=$((MINUTES * 60))
 # Each generator stops producing about when the last fault is healed; the rest is drained.
 COUNT=$((RATE * SECONDS_TOTAL))
-BIN=$(target_dir)/release
-cargo build --release --quiet --bins
-
-export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
-PG_BASE=${PG_BASE:-postgres://postgres:postgres@127.0.0.1:5432}
-export LOG_FORMAT=json RUST_LOG=${RUST_LOG:-info}
-WORK=${SOAK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/flowmesh-soak.XXXXXX")}
-mkdir -p "$WORK"
-RUN_DIR="$WORK"
+export RUST_LOG=${RUST_LOG:-info}
+WORK=${SOAK_DIR:-}
+source scripts/lib.sh
+mesh_setup soak
 CSV="$WORK/soak.csv" FAULTS="$WORK/faults.tsv"
-
-log() { printf '[soak] %s\n' "$*" >&2; }
 source scripts/faults.sh
 
 SERVICES=(generator generator2 generator3 filter pg-writer mongo-writer)
@@ -46,15 +39,11 @@ CATALOGUE=(kill-generator kill-filter kill-pg-writer kill-mongo-writer rabbitmq-
 
 export AMQP_PREFIX="flowmesh-soak"
 base=23000
-export FILTER_DATA_DIR="$WORK/filter" FILTER_LISTEN=127.0.0.1:$base FILTER_HTTP_ADDR=127.0.0.1:$((base + 2))
-export GENERATOR_HTTP_ADDR=127.0.0.1:$((base + 1)) PG_WRITER_HTTP_ADDR=127.0.0.1:$((base + 3))
-export MONGO_WRITER_HTTP_ADDR=127.0.0.1:$((base + 4)) FILTER_URL=ws://127.0.0.1:$base/ingest
+mesh_ports $base
 export GENERATOR_COUNT=$COUNT GENERATOR_RATE=$RATE
 export GENERATOR_BREAKER_MAX_OPEN_WAIT=5s FILTER_BREAKER_MAX_OPEN_WAIT=5s
 export PG_WRITER_BREAKER_MAX_OPEN_WAIT=5s MONGO_WRITER_BREAKER_MAX_OPEN_WAIT=5s
-DB="flowmesh_soak_$RANDOM"
-psql "$PG_BASE/postgres" -qc "create database $DB" >/dev/null
-export DATABASE_URL="$PG_BASE/$DB"
+temp_database soak
 # The MongoDB database is the writer's default; the soak's groups are told apart by source.
 
 start_generator() { # NAME INDEX: generator N of the three, its own source, spool and probe port
@@ -63,17 +52,8 @@ start_generator() { # NAME INDEX: generator N of the three, its own source, spoo
 }
 GENERATORS=(generator generator2 generator3)
 
-teardown() {
-  local name
-  for name in "${SERVICES[@]}"; do [ -n "${PID[$name]:-}" ] && stop "$name"; done
-  PID=()
-  psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null 2>&1 || true
-  for q in records.pg-writer records.mongo-writer dead-letter; do
-    rabbitmqctl -q delete_queue "$AMQP_PREFIX.$q" >/dev/null 2>&1 || true
-  done
-}
 SAMPLER=""
-trap 'heal_all; [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null; teardown 2>/dev/null || true; chattr -R -i "$WORK" 2>/dev/null || true' EXIT
+trap 'heal_all; [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null; mesh_teardown 2>/dev/null || true; chattr -R -i "$WORK" 2>/dev/null || true' EXIT
 trap 'exit 130' INT; trap 'exit 143' TERM
 
 # One CSV row every 10 s: per service RSS (KiB) and open files; disk bytes; queue depths.
@@ -87,8 +67,8 @@ sample() {
     row=$(( $(date +%s) - started ))
     for name in "${SERVICES[@]}"; do
       pid=$(cat "$RUN_DIR/$name.pid" 2>/dev/null || true)
-      rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
-      files=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l || true)
+      rss=$(rss_kib "$pid")
+      files=$(open_files "$pid")
       [ -n "$rss" ] || files=""
       row+=",$rss,$files"
     done
@@ -147,21 +127,13 @@ while [ $(( $(date +%s) - began )) -lt "$SECONDS_TOTAL" ]; do sleep 1; done
 # Every generator exits 0 once its records are all acked (at most 5 min more for the backlog).
 gen_failed=""
 for name in "${GENERATORS[@]}"; do
-  for _ in $(seq 600); do kill -0 "${PID[$name]}" 2>/dev/null || break; sleep 0.5; done
-  if kill -0 "${PID[$name]}" 2>/dev/null; then gen_failed+=" $name(still running)"
-  else wait "${PID[$name]}" || gen_failed+=" $name(exit $?)"; fi
-  PID[$name]=""
+  wait_generator "$name"
+  case $GEN_STATUS in 0) ;; 124) gen_failed+=" $name(still running)" ;; *) gen_failed+=" $name(exit $GEN_STATUS)" ;; esac
 done
-report="" ok=False
-for _ in $(seq 360); do
-  report=$(verify_json)
-  read -r ok _ <<<"$(summary "$report")"
-  [ "$ok" = True ] && break
-  sleep 0.5
-done
+wait_reconciled
 sleep 10 # one more sample of the drained mesh
 kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true; SAMPLER=""
-read -r ok lost dup file pg mongo <<<"$(summary "$report")"
+read -r ok lost dup file pg mongo <<<"$(summary "$REPORT")"
 dead=$(dead_letters); dead=${dead:-0}
 
 # The chart and the growth check, from the CSV.

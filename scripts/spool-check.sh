@@ -12,40 +12,21 @@ MINUTES=${1:-1} RATE=${2:-3000}
 [[ $MINUTES =~ ^[1-9][0-9]*$ && $RATE =~ ^[1-9][0-9]*$ ]] || {
   echo "usage: scripts/spool-check.sh [MINUTES] [RATE]" >&2; exit 2; }
 source scripts/deps.sh
-BIN=$(target_dir)/release
-cargo build --release --quiet --bin generator --bin filter --bin pg-writer --bin verify
 unset MONGODB_URL # the broker-bound tenth is checked in PostgreSQL
-
-export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
-PG_BASE=${PG_BASE:-postgres://postgres:postgres@127.0.0.1:5432}
-export LOG_FORMAT=json RUST_LOG=${RUST_LOG:-warn}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/flowmesh-spool.XXXXXX")
-RUN_DIR=$WORK
-log() { printf '[spool] %s\n' "$*" >&2; }
+source scripts/lib.sh
+mesh_setup spool
 source scripts/faults.sh
 
 WINDOW=${GENERATOR_WINDOW:-10000}
 COUNT=$((MINUTES * 60 * RATE))
 SOURCES=("spool-$RANDOM")
-base=23100
-export AMQP_PREFIX="flowmesh-spool" FILTER_DATA_DIR="$WORK/filter" FILTER_LISTEN=127.0.0.1:$base
-export FILTER_HTTP_ADDR=127.0.0.1:$((base + 1)) GENERATOR_HTTP_ADDR=127.0.0.1:$((base + 2))
-export PG_WRITER_HTTP_ADDR=127.0.0.1:$((base + 3))
-export FILTER_URL=ws://127.0.0.1:$base/ingest GENERATOR_SPOOL_DIR="$WORK/spool"
+export AMQP_PREFIX="flowmesh-spool"
+mesh_ports 23100
+export GENERATOR_SPOOL_DIR="$WORK/spool"
 export GENERATOR_SOURCE=${SOURCES[0]} GENERATOR_COUNT=$COUNT GENERATOR_RATE=$RATE GENERATOR_WINDOW=$WINDOW
-DB="flowmesh_spool_$RANDOM"
-psql "$PG_BASE/postgres" -qc "create database $DB" >/dev/null
-export DATABASE_URL="$PG_BASE/$DB"
+temp_database spool
 
-cleanup() {
-  local name
-  for name in generator filter pg-writer; do [ -n "${PID[$name]:-}" ] && stop "$name"; done
-  psql "$PG_BASE/postgres" -qc "drop database if exists $DB with (force)" >/dev/null 2>&1 || true
-  for q in records.pg-writer records.mongo-writer dead-letter; do
-    rabbitmqctl -q delete_queue "$AMQP_PREFIX.$q" >/dev/null 2>&1 || true
-  done
-  rm -rf "$WORK"
-}
+cleanup() { mesh_teardown; rm -rf "$WORK"; }
 trap cleanup EXIT
 trap 'exit 130' INT; trap 'exit 143' TERM
 
