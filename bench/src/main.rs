@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flowmesh_common::record::Record;
 use flowmesh_common::topology::{Topology, record_properties};
+use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -137,7 +138,7 @@ fn record(source: &str, seq: u64, at: chrono::DateTime<chrono::Utc>, value: u8) 
         value,
         Some(flowmesh_common::record::new_traceparent()),
     );
-    record.provenance = Some(flowmesh_common::routing::Provenance {
+    record.provenance = Some(flowmesh_common::record::Provenance {
         version: "0123456789ab".into(),
         route: Some("hot".into()),
     });
@@ -492,6 +493,9 @@ async fn mongo(mongodb_url: &str, count: usize, batch: usize) -> anyhow::Result<
     Ok(())
 }
 
+/// One record a frame at `rate` through the whole broker-bound path (WebSocket, publish with
+/// confirm, consume, PostgreSQL commit, ack), each record's latency taken from its timestamp
+/// to its row's commit time.
 async fn latency(
     amqp_url: &str,
     database_url: &str,
@@ -515,85 +519,17 @@ async fn latency(
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    // The consumer: one row per delivery, acked after its commit.
     let (_consume_connection, consume_channel) = channel(amqp_url).await?;
-    let mut consumer =
-        pg_writer_consumer(&consume_channel, &topology, 2000, "bench-latency").await?;
-    let inserter = tokio::spawn({
-        let pool = pool.clone();
-        async move {
-            for _ in 0..count {
-                let Some(delivery) = consumer.next().await else {
-                    bail!("the consumer ended early");
-                };
-                let delivery = delivery?;
-                let record: Record = serde_json::from_slice(&delivery.data)?;
-                let ts = flowmesh_common::record::parse_timestamp(&record.timestamp)
-                    .context("a timestamp parses")?;
-                sqlx::query(
-                    "insert into bench_latency (id, source, seq, ts, value, hash)
-                     values ($1, $2, $3, $4, $5, $6) on conflict (id) do nothing",
-                )
-                .bind(uuid::Uuid::parse_str(&record.id)?)
-                .bind(&record.source)
-                .bind(record.seq as i64)
-                .bind(ts)
-                .bind(i16::from(record.value))
-                .bind(&record.hash)
-                .execute(&pool)
-                .await?;
-                delivery.acker.ack(BasicAckOptions::default()).await?;
-            }
-            anyhow::Ok(())
-        }
-    });
-    // The server: each frame's record published, the frame acked after the confirm.
-    let exchange = topology.exchange.clone();
-    let (addr, mut server) = serve_records(move |parsed| {
-        let (publisher, exchange) = (publisher.clone(), exchange.clone());
-        async move {
-            let mut seqs = Vec::with_capacity(parsed.len());
-            for record in &parsed {
-                let confirmation = publisher
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        "".into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        record.to_json().as_bytes(),
-                        record_properties(record),
-                    )
-                    .await?
-                    .await?;
-                if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
-                    bail!("a publish was nacked");
-                }
-                seqs.push(record.seq);
-            }
-            Ok(seqs)
-        }
-    })
-    .await?;
-    // The client: one record a frame at `rate`, timestamped as it is made.
+    let consumer = pg_writer_consumer(&consume_channel, &topology, 2000, "bench-latency").await?;
+    let inserter = tokio::spawn(insert_each(consumer, pool.clone(), count));
+    let (addr, mut server) =
+        serve_records(publish_each(publisher, topology.exchange.clone())).await?;
     let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await?;
     let (mut sink, mut stream) = socket.split();
     let reader = tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
-    let source = bench_source();
     let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
     let started = tokio::time::Instant::now();
-    for i in 0..count {
-        tokio::time::sleep_until(started + interval * i as u32).await;
-        let record = record(
-            &source,
-            i as u64 + 1,
-            chrono::Utc::now(),
-            91 + (i % 10) as u8,
-        );
-        let frame = format!("[{}]", record.to_json());
-        sink.send(Message::text(frame)).await?;
-    }
+    send_at_rate(&mut sink, count, started, interval).await?;
     // Every record stored, unless a part fails first or the run takes half a minute more than
     // its schedule.
     let deadline = started + interval * count as u32 + Duration::from_secs(30);
@@ -627,5 +563,97 @@ async fn latency(
             "p50_ms": p50, "p99_ms": p99, "max_ms": max,
         })
     );
+    Ok(())
+}
+
+/// The latency run's consumer: one row per delivery, acked after its commit.
+async fn insert_each(
+    mut consumer: lapin::Consumer,
+    pool: sqlx::PgPool,
+    count: usize,
+) -> anyhow::Result<()> {
+    for _ in 0..count {
+        let Some(delivery) = consumer.next().await else {
+            bail!("the consumer ended early");
+        };
+        let delivery = delivery?;
+        let record: Record = serde_json::from_slice(&delivery.data)?;
+        let ts = flowmesh_common::record::parse_timestamp(&record.timestamp)
+            .context("a timestamp parses")?;
+        sqlx::query(
+            "insert into bench_latency (id, source, seq, ts, value, hash)
+             values ($1, $2, $3, $4, $5, $6) on conflict (id) do nothing",
+        )
+        .bind(uuid::Uuid::parse_str(&record.id)?)
+        .bind(&record.source)
+        .bind(record.seq as i64)
+        .bind(ts)
+        .bind(i16::from(record.value))
+        .bind(&record.hash)
+        .execute(&pool)
+        .await?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    Ok(())
+}
+
+/// The latency run's server side: each frame's records published, the frame acked after the
+/// confirms.
+fn publish_each(
+    publisher: lapin::Channel,
+    exchange: String,
+) -> impl FnMut(Vec<Record>) -> BoxFuture<'static, anyhow::Result<Vec<u64>>> + Send + 'static {
+    move |parsed| {
+        let (publisher, exchange) = (publisher.clone(), exchange.clone());
+        Box::pin(async move {
+            let mut seqs = Vec::with_capacity(parsed.len());
+            for record in &parsed {
+                let options = BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                };
+                let confirmation = publisher
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "".into(),
+                        options,
+                        record.to_json().as_bytes(),
+                        record_properties(record),
+                    )
+                    .await?
+                    .await?;
+                if !matches!(confirmation, lapin::Confirmation::Ack(None)) {
+                    bail!("a publish was nacked");
+                }
+                seqs.push(record.seq);
+            }
+            Ok(seqs)
+        })
+    }
+}
+
+/// The latency run's client: one record a frame, each sent on its schedule and timestamped as
+/// it is made.
+async fn send_at_rate<S>(
+    sink: &mut S,
+    count: usize,
+    started: tokio::time::Instant,
+    interval: Duration,
+) -> anyhow::Result<()>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let source = bench_source();
+    for i in 0..count {
+        tokio::time::sleep_until(started + interval * i as u32).await;
+        let record = record(
+            &source,
+            i as u64 + 1,
+            chrono::Utc::now(),
+            91 + (i % 10) as u8,
+        );
+        sink.send(Message::text(format!("[{}]", record.to_json())))
+            .await?;
+    }
     Ok(())
 }

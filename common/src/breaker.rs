@@ -13,7 +13,7 @@ use failsafe::failure_policy::{ConsecutiveFailures, consecutive_failures};
 use failsafe::{Config, Instrument, StateMachine};
 use serde_json::json;
 
-use crate::health::{Component, ComponentStatus};
+use crate::health::{Component, ComponentStatus, Reachability};
 use crate::metrics as m;
 
 /// A breaker's state as operators know it from Resilience4j.
@@ -259,6 +259,20 @@ impl Breaker {
             "failure_threshold": self.settings.failure_threshold,
             "open_wait_ms": self.settings.open_wait.as_millis() as u64,
         }))
+    }
+
+    /// This breaker's component combined with a reachability check: DOWN while unreachable
+    /// (also before the first check has answered) or while the breaker is open.
+    pub fn component_with(&self, reachability: &Reachability) -> Component {
+        let reachable = reachability.is_up();
+        let mut component = self.component();
+        component
+            .details
+            .insert("reachable".into(), serde_json::Value::Bool(reachable));
+        if !reachable {
+            component.status = ComponentStatus::Down;
+        }
+        component
     }
 }
 

@@ -252,18 +252,4 @@ impl Reachability {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::SeqCst)
     }
-
-    /// Combines this reachability with a breaker into one component: DOWN while unreachable
-    /// (also before the first check has answered) or while the breaker is open.
-    pub fn with_breaker(&self, breaker: &crate::breaker::Breaker) -> Component {
-        let reachable = self.is_up();
-        let mut component = breaker.component();
-        component
-            .details
-            .insert("reachable".into(), Value::Bool(reachable));
-        if !reachable {
-            component.status = ComponentStatus::Down;
-        }
-        component
-    }
 }

@@ -49,7 +49,18 @@ pub struct Record {
     /// reads the record back from a store or from RabbitMQ). Never part of the record's JSON,
     /// so no client can claim one.
     #[serde(skip)]
-    pub provenance: Option<crate::routing::Provenance>,
+    pub provenance: Option<Provenance>,
+}
+
+/// Which route of which routes version stored a record. Travels beside the record (AMQP
+/// headers, table columns, a field of each record in a MongoDB group, the file's name), never
+/// in the record's JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Provenance {
+    /// The routes version in force when the record was routed.
+    pub version: String,
+    /// The route that took it; `None` where the store keeps only the version (the file sink).
+    pub route: Option<String>,
 }
 
 /// Why a record is invalid. The text is what the sender sees in a `reject`.

@@ -70,17 +70,6 @@ impl Destination {
     }
 }
 
-/// Which route of which routes version stored a record. Travels beside the record (AMQP
-/// headers, table columns, a field of each record in a MongoDB group, the file's name), never
-/// in the record's JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Provenance {
-    /// The routes version in force when the record was routed.
-    pub version: String,
-    /// The route that took it; `None` where the store keeps only the version (the file sink).
-    pub route: Option<String>,
-}
-
 /// Why a routes file was refused. The text names the route and, for an expression, the line and
 /// column within it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -228,14 +228,14 @@ pub fn record_properties(record: &Record) -> BasicProperties {
 }
 
 /// The provenance the filter put in a message's headers, if it put any.
-pub fn provenance_of(properties: &BasicProperties) -> Option<crate::routing::Provenance> {
+pub fn provenance_of(properties: &BasicProperties) -> Option<crate::record::Provenance> {
     let headers = properties.headers().as_ref()?;
     let text = |key: &str| match headers.inner().get(key) {
         Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
         _ => None,
     };
-    Some(crate::routing::Provenance {
+    Some(crate::record::Provenance {
         version: text(HEADER_ROUTES_VERSION)?,
         route: text(HEADER_ROUTE),
     })

@@ -123,7 +123,7 @@ impl<D: Database> Writer<D> {
     }
 
     /// Consumes until `shutdown` fires, then finishes the batch in hand (within the grace
-    /// period) and stops.
+    /// period) and stops. In order: probes served, database prepared, consuming, stopping.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             settings,
@@ -133,57 +133,19 @@ impl<D: Database> Writer<D> {
             link,
         } = self;
         let writer = settings.consumer.writer;
-        let metrics = crate::metrics::install(writer).context("metrics recorder")?;
         let background = CancellationToken::new();
         let ping = database.clone();
         let reachable = Reachability::spawn(PING_EVERY, background.clone(), move || {
             let database = ping.clone();
             async move { database.ping().await }
         });
-
-        let health = Health::new();
-        let queue = settings.consumer.queue();
-        let broker_link = link.clone();
-        health.require("rabbitmq", move || {
-            broker_link
-                .component()
-                .with_details(serde_json::json!({"queue": queue}))
-        });
-        let db_breaker = breaker.clone();
-        let db_reachable = reachable.clone();
-        health.require(database.name(), move || {
-            db_reachable.with_breaker(&db_breaker)
-        });
+        let health = health_of(&settings, &database, &breaker, &link, &reachable);
+        let metrics = crate::metrics::install(writer).context("metrics recorder")?;
         let http = crate::http::spawn(http_listener, health.clone(), metrics, background.clone());
 
-        let name = database.name();
-        let deadline = settings.consumer.store_timeout;
-        let prepared = tokio::time::timeout(deadline, database.prepare())
-            .await
-            .unwrap_or_else(|_| {
-                Err(anyhow::anyhow!(
-                    "no answer within {} ms",
-                    deadline.as_millis()
-                ))
-            });
-        if let Err(err) = prepared {
-            tracing::warn!(
-                database = name,
-                error = format!("{err:#}"),
-                "database not reachable at startup; will retry"
-            );
-        }
-        let (watch, watched) = (background.clone(), reachable.clone());
-        tokio::spawn(async move {
-            // One clear line when the database cannot be reached; the breaker logs the rest.
-            tokio::select! {
-                _ = watch.cancelled() => {}
-                _ = tokio::time::sleep(UNREACHABLE_AFTER) => if !watched.is_up() {
-                    tracing::error!(database = name, "the database is not reachable: {writer} is not ready and its records wait in RabbitMQ");
-                }
-            }
-        });
-        tracing::info!(http = %settings.http_addr, database = name, "{writer} started");
+        prepare(&database, settings.consumer.store_timeout).await;
+        say_once_if_unreachable(writer, database.name(), &reachable, &background);
+        tracing::info!(http = %settings.http_addr, database = database.name(), "{writer} started");
 
         // Consume only while the database answers and its breaker is not open.
         let gate_reachable = reachable.clone();
@@ -193,14 +155,14 @@ impl<D: Database> Writer<D> {
         let progress = Arc::new(ConsumerProgress::default());
         spawn_progress_line(
             &settings,
-            name,
+            database.name(),
             progress.clone(),
             reachable,
             breaker.clone(),
             link.clone(),
             background.clone(),
         );
-        let mut consuming = tokio::spawn(consumer::run(
+        let consuming = tokio::spawn(consumer::run(
             settings.consumer.clone(),
             database.store(),
             breaker,
@@ -209,32 +171,100 @@ impl<D: Database> Writer<D> {
             progress,
             shutdown.clone(),
         ));
+
         shutdown.cancelled().await;
         health.set_draining();
-        if tokio::time::timeout(settings.grace, &mut consuming)
-            .await
-            .is_err()
-        {
-            consuming.abort();
-            tracing::warn!(
-                "the batch in hand was not stored within the grace period; it will be redelivered"
-            );
-        }
-        // A frozen database may never answer a polite close: the process exits all the same.
-        if tokio::time::timeout(CLOSE_WITHIN, database.close())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                database = database.name(),
-                "the database did not close its connections within {} s; exiting without them",
-                CLOSE_WITHIN.as_secs()
-            );
-        }
+        stop(consuming, &database, settings.grace).await;
         background.cancel();
         let _ = http.await;
         tracing::info!("{writer} stopped");
         Ok(())
+    }
+}
+
+/// The writer's health: its RabbitMQ link (with the queue) and its database (reachable, breaker).
+fn health_of<D: Database>(
+    settings: &WriterSettings,
+    database: &D,
+    breaker: &Breaker,
+    link: &LinkStatus,
+    reachable: &Reachability,
+) -> Health {
+    let health = Health::new();
+    let queue = settings.consumer.queue();
+    let broker_link = link.clone();
+    health.require("rabbitmq", move || {
+        broker_link
+            .component()
+            .with_details(serde_json::json!({"queue": queue}))
+    });
+    let (db_breaker, db_reachable) = (breaker.clone(), reachable.clone());
+    health.require(database.name(), move || {
+        db_breaker.component_with(&db_reachable)
+    });
+    health
+}
+
+/// Migrations or indexes before consuming, under the store deadline. A failure is logged: the
+/// database may come later, and the store prepares again before its first batch.
+async fn prepare<D: Database>(database: &D, deadline: Duration) {
+    let prepared = tokio::time::timeout(deadline, database.prepare())
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "no answer within {} ms",
+                deadline.as_millis()
+            ))
+        });
+    if let Err(err) = prepared {
+        tracing::warn!(
+            database = database.name(),
+            error = format!("{err:#}"),
+            "database not reachable at startup; will retry"
+        );
+    }
+}
+
+/// One clear line when the database cannot be reached soon after start; the breaker logs the rest.
+fn say_once_if_unreachable(
+    writer: &'static str,
+    name: &'static str,
+    reachable: &Reachability,
+    stop: &CancellationToken,
+) {
+    let (stop, reachable) = (stop.clone(), reachable.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(UNREACHABLE_AFTER) => if !reachable.is_up() {
+                tracing::error!(database = name, "the database is not reachable: {writer} is not ready and its records wait in RabbitMQ");
+            }
+        }
+    });
+}
+
+/// Lets the consumer finish the batch in hand within `grace`, then closes the database's
+/// connections within [`CLOSE_WITHIN`]: a frozen database never holds the process.
+async fn stop<D: Database>(
+    mut consuming: tokio::task::JoinHandle<()>,
+    database: &D,
+    grace: Duration,
+) {
+    if tokio::time::timeout(grace, &mut consuming).await.is_err() {
+        consuming.abort();
+        tracing::warn!(
+            "the batch in hand was not stored within the grace period; it will be redelivered"
+        );
+    }
+    if tokio::time::timeout(CLOSE_WITHIN, database.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            database = database.name(),
+            "the database did not close its connections within {} s; exiting without them",
+            CLOSE_WITHIN.as_secs()
+        );
     }
 }
 

@@ -122,6 +122,16 @@ type Confirmed = (
     Vec<(usize, Result<Confirmation, String>)>,
 );
 
+/// What became of one job handed to the link.
+enum Published {
+    /// On its way; the future settles when RabbitMQ confirms.
+    Pending(BoxFuture<'static, Confirmed>),
+    /// Nacked at once: no link.
+    Refused,
+    /// Nacked: the link failed while publishing and must be replaced.
+    LinkFailed(String),
+}
+
 struct Publisher {
     config: BrokerConfig,
     breaker: Breaker,
@@ -180,26 +190,17 @@ impl Publisher {
                         continue;
                     };
                     let count = job.records.len();
-                    match link.as_ref() {
-                        None => {
-                            self.breaker.record(false);
-                            let seqs = job.records.iter().map(|r| r.seq).collect();
-                            job.replier.nack(seqs, Destination::Broker, "RabbitMQ unavailable", self.breaker.retry_after());
+                    match self.publish_job(link.as_ref(), job).await {
+                        Published::Pending(confirming) => {
+                            unconfirmed += count;
+                            metrics::gauge!(m::FILTER_PUBLISH_IN_FLIGHT).set(unconfirmed as f64);
+                            pending.push(confirming);
                         }
-                        Some(current) => match publish(current, &self.config.topology, self.config.pack, job).await {
-                            Ok(confirming) => {
-                                unconfirmed += count;
-                                metrics::gauge!(m::FILTER_PUBLISH_IN_FLIGHT).set(unconfirmed as f64);
-                                pending.push(confirming);
-                            }
-                            Err((job, err)) => {
-                                self.breaker.record(false);
-                                let seqs = job.records.iter().map(|r| r.seq).collect();
-                                job.replier.nack(seqs, Destination::Broker, format!("publish failed: {err}"), self.breaker.retry_after());
-                                self.drop_link(&mut link, &err);
-                                next_attempt = Some(tokio::time::Instant::now() + backoff.next().unwrap_or_default());
-                            }
-                        },
+                        Published::Refused => {}
+                        Published::LinkFailed(err) => {
+                            self.drop_link(&mut link, &err);
+                            next_attempt = Some(tokio::time::Instant::now() + backoff.next().unwrap_or_default());
+                        }
                     }
                 }
             }
@@ -212,6 +213,33 @@ impl Publisher {
         }
         self.link.set_connected(false);
         tracing::info!("RabbitMQ publisher drained and closed");
+    }
+
+    /// Publishes one job on the link; a job that cannot be published is nacked here.
+    async fn publish_job(&self, link: Option<&Link>, job: BrokerJob) -> Published {
+        let Some(current) = link else {
+            self.refuse(job, "RabbitMQ unavailable".into());
+            return Published::Refused;
+        };
+        match publish(current, &self.config.topology, self.config.pack, job).await {
+            Ok(confirming) => Published::Pending(confirming),
+            Err((job, err)) => {
+                self.refuse(job, format!("publish failed: {err}"));
+                Published::LinkFailed(err)
+            }
+        }
+    }
+
+    /// Nacks every record of `job` (the breaker counts a failure).
+    fn refuse(&self, job: BrokerJob, reason: String) {
+        self.breaker.record(false);
+        let seqs = job.records.iter().map(|r| r.seq).collect();
+        job.replier.nack(
+            seqs,
+            Destination::Broker,
+            reason,
+            self.breaker.retry_after(),
+        );
     }
 
     fn drop_link(&self, link: &mut Option<Link>, reason: &str) {
@@ -388,7 +416,7 @@ fn packs(records: &[Record], pack: usize) -> impl Iterator<Item = &[Record]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flowmesh_common::routing::Provenance;
+    use flowmesh_common::record::Provenance;
 
     fn record(seq: u64, version: &str) -> Record {
         let mut record = Record::new("gen-a", seq, chrono::Utc::now(), 95, None);

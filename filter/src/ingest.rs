@@ -15,7 +15,7 @@ use flowmesh_common::metrics as m;
 use flowmesh_common::protocol::{self, CLOSE_MESSAGE_TOO_BIG, INGEST_PATH, ServerMessage};
 use flowmesh_common::record::RecordError;
 use futures_util::SinkExt;
-use futures_util::stream::{SplitSink, StreamExt};
+use futures_util::stream::{SplitSink, SplitStream, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::WebSocketStream;
@@ -241,6 +241,14 @@ enum Control {
     Close(CloseFrame),
 }
 
+/// What one message means for the session.
+enum Flow {
+    /// Go on reading; the message held this many invalid records (or frames).
+    Continue(usize),
+    /// End the session, sending this close frame (`None`: a normal close).
+    Close(Option<CloseFrame>),
+}
+
 struct Session {
     settings: Arc<IngestSettings>,
     permits: Arc<Semaphore>,
@@ -259,29 +267,21 @@ impl Session {
         }
     }
 
+    /// One connection, in the order things happen: the answer writer starts, frames are read
+    /// and routed until something ends the session, then in-flight answers settle and the
+    /// close frame goes out.
     async fn run(
         self,
         ws: WebSocketStream<Transport>,
         router: Router,
         shutdown: CancellationToken,
     ) {
-        let (sink, mut stream) = ws.split();
+        let (sink, stream) = ws.split();
         let (reply_tx, reply_rx) = mpsc::unbounded_channel();
         let replier = Replier::new(reply_tx);
         let (control_tx, control_rx) = mpsc::channel(1);
         let stalled = CancellationToken::new();
-        {
-            let (abandon, shutdown, stalled) =
-                (self.abandon.clone(), shutdown.clone(), stalled.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = stalled.cancelled() => {}
-                    _ = abandon.cancelled() => {}
-                }
-                abandon.cancel();
-            });
-        }
+        self.watch(&shutdown, &stalled);
         let writer = tokio::spawn(write_loop(
             sink,
             reply_rx,
@@ -294,11 +294,40 @@ impl Session {
                 stalled: stalled.clone(),
             },
         ));
+        let close = self
+            .read_loop(stream, &router, &replier, &shutdown, &stalled)
+            .await;
+        self.finish(close, control_tx, replier, writer).await;
+    }
 
+    /// Abandons the session (so waits for in-flight room end) on shutdown or a stalled writer.
+    fn watch(&self, shutdown: &CancellationToken, stalled: &CancellationToken) {
+        let (abandon, shutdown, stalled) =
+            (self.abandon.clone(), shutdown.clone(), stalled.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = stalled.cancelled() => {}
+                _ = abandon.cancelled() => {}
+            }
+            abandon.cancel();
+        });
+    }
+
+    /// Reads and routes frames until the session must end; returns the close frame to send
+    /// (`None`: the client closed or the connection broke, a normal close is sent if it can be).
+    async fn read_loop(
+        &self,
+        mut stream: SplitStream<WebSocketStream<Transport>>,
+        router: &Router,
+        replier: &Replier,
+        shutdown: &CancellationToken,
+        stalled: &CancellationToken,
+    ) -> Option<CloseFrame> {
         let mut invalid = 0usize;
-        let close = loop {
+        loop {
             if self.abandon.is_cancelled() && !shutdown.is_cancelled() && !stalled.is_cancelled() {
-                break Some(close_frame(
+                return Some(close_frame(
                     CloseCode::Policy,
                     "no room for the client's records",
                 ));
@@ -310,63 +339,79 @@ impl Session {
                     budget = self.settings.max_invalid,
                     "too many invalid records; closing with 1008"
                 );
-                break Some(close_frame(CloseCode::Policy, "too many invalid records"));
+                return Some(close_frame(CloseCode::Policy, "too many invalid records"));
             }
             let deadline = tokio::time::sleep(self.settings.peer_timeout);
             let message = tokio::select! {
-                _ = shutdown.cancelled() => break Some(close_frame(CloseCode::Away, "filter shutting down")),
+                _ = shutdown.cancelled() => return Some(close_frame(CloseCode::Away, "filter shutting down")),
                 _ = stalled.cancelled() => {
                     tracing::warn!(timeout_ms = self.settings.write_timeout.as_millis() as u64, "client stopped reading its answers; disconnecting");
-                    break Some(close_frame(CloseCode::Policy, "client stopped reading"));
+                    return Some(close_frame(CloseCode::Policy, "client stopped reading"));
                 }
                 _ = deadline => {
                     tracing::warn!(timeout_s = self.settings.peer_timeout.as_secs(), "client silent too long; disconnecting");
-                    break Some(close_frame(CloseCode::Policy, "peer timeout"));
+                    return Some(close_frame(CloseCode::Policy, "peer timeout"));
                 }
                 message = stream.next() => message,
             };
-            match message {
-                None | Some(Ok(Message::Close(_))) => break None,
-                Some(Ok(Message::Text(text))) => {
-                    metrics::counter!(m::FILTER_FRAMES, "kind" => "text").increment(1);
-                    invalid += self.handle_text(text.as_str(), &router, &replier).await;
-                }
-                Some(Ok(Message::Binary(bytes))) => {
-                    metrics::counter!(m::FILTER_FRAMES, "kind" => "binary").increment(1);
-                    if !self.admit(1).await {
-                        continue;
-                    }
-                    let error = RecordError::Invalid {
-                        field: "record",
-                        reason: "arrived in a binary frame; records travel in text frames".into(),
-                    };
-                    router
-                        .reject_frame(
-                            error,
-                            String::from_utf8_lossy(&bytes).into_owned(),
-                            &replier,
-                        )
-                        .await;
-                    invalid += 1;
-                }
-                Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
-                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
-                    metrics::counter!(m::FILTER_FRAMES, "kind" => "oversized").increment(1);
-                    tracing::warn!(size, max_size, "frame too large; closing with 1009");
-                    break Some(CloseFrame {
-                        code: CloseCode::from(CLOSE_MESSAGE_TOO_BIG),
-                        reason: format!("frame of {size} bytes exceeds the limit of {max_size}")
-                            .into(),
-                    });
-                }
-                Some(Err(err)) => {
-                    tracing::info!(error = %err, "connection error");
-                    break None;
-                }
+            match self.handle_message(message, router, replier).await {
+                Flow::Continue(bad) => invalid += bad,
+                Flow::Close(frame) => return frame,
             }
-        };
+        }
+    }
 
-        // Let every record already handed to a sink get its answer before closing.
+    /// One message from the client: routed, rejected, or the end of the session.
+    async fn handle_message(
+        &self,
+        message: Option<Result<Message, WsError>>,
+        router: &Router,
+        replier: &Replier,
+    ) -> Flow {
+        match message {
+            None | Some(Ok(Message::Close(_))) => Flow::Close(None),
+            Some(Ok(Message::Text(text))) => {
+                metrics::counter!(m::FILTER_FRAMES, "kind" => "text").increment(1);
+                Flow::Continue(self.handle_text(text.as_str(), router, replier).await)
+            }
+            Some(Ok(Message::Binary(bytes))) => {
+                metrics::counter!(m::FILTER_FRAMES, "kind" => "binary").increment(1);
+                if !self.admit(1).await {
+                    return Flow::Continue(0);
+                }
+                let error = RecordError::Invalid {
+                    field: "record",
+                    reason: "arrived in a binary frame; records travel in text frames".into(),
+                };
+                let frame = String::from_utf8_lossy(&bytes).into_owned();
+                router.reject_frame(error, frame, replier).await;
+                Flow::Continue(1)
+            }
+            Some(Ok(_)) => Flow::Continue(0), // ping/pong: tungstenite answers pings itself
+            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                metrics::counter!(m::FILTER_FRAMES, "kind" => "oversized").increment(1);
+                tracing::warn!(size, max_size, "frame too large; closing with 1009");
+                Flow::Close(Some(CloseFrame {
+                    code: CloseCode::from(CLOSE_MESSAGE_TOO_BIG),
+                    reason: format!("frame of {size} bytes exceeds the limit of {max_size}").into(),
+                }))
+            }
+            Some(Err(err)) => {
+                tracing::info!(error = %err, "connection error");
+                Flow::Close(None)
+            }
+        }
+    }
+
+    /// Lets every record already handed to a sink get its answer, then sends the close frame
+    /// and ends the writer (each step under the drain timeout).
+    async fn finish(
+        &self,
+        close: Option<CloseFrame>,
+        control_tx: mpsc::Sender<Control>,
+        replier: Replier,
+        writer: tokio::task::JoinHandle<()>,
+    ) {
         let all = self.settings.max_in_flight as u32;
         let drained =
             tokio::time::timeout(self.settings.drain_timeout, self.permits.acquire_many(all)).await;

@@ -7,8 +7,8 @@
 
 use flowmesh_common::metrics as m;
 use flowmesh_common::protocol::{Item, excerpt};
+use flowmesh_common::record::Provenance;
 use flowmesh_common::record::{Record, RecordError, format_timestamp};
-use flowmesh_common::routing::Provenance;
 use flowmesh_common::telemetry::LogLimit;
 use serde_json::json;
 

@@ -181,25 +181,7 @@ impl Application {
             flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
         health.require("intake", || Component::new(ComponentStatus::Up));
 
-        let settings = Arc::new(IngestSettings {
-            tokens: Tokens::new(config.token.clone(), config.token_rotation_window)
-                .map_err(anyhow::Error::msg)?,
-            max_frame_bytes: config.max_frame_bytes as usize,
-            max_in_flight: config.max_in_flight,
-            ping_interval: config.ping_interval,
-            peer_timeout: config.peer_timeout,
-            drain_timeout: config.service.grace,
-            max_batch: config.max_batch,
-            max_invalid: config.max_invalid,
-            admission: Admission::new(config.max_connections, config.max_connections_per_peer),
-            handshakes: Admission::handshakes(
-                config.max_handshakes,
-                config.max_handshakes_per_peer,
-            ),
-            write_timeout: config.write_timeout,
-            tls: config.tls()?,
-            tally: Arc::new(IntakeTally::default()),
-        });
+        let settings = Arc::new(ingest_settings(&config)?);
         spawn_progress_line(
             config.service.progress_every,
             settings.tally.clone(),
@@ -231,28 +213,57 @@ impl Application {
         .await;
 
         health.set_draining();
-        tracker.close();
-        if tokio::time::timeout(config.service.grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("connections did not drain within the grace period");
-        }
-        drop(broker);
-        drop(file);
-        for task in sink_tasks {
-            if tokio::time::timeout(config.service.grace, task)
-                .await
-                .is_err()
-            {
-                tracing::warn!("a sink did not drain within the grace period");
-            }
-        }
+        drain(tracker, broker, file, sink_tasks, config.service.grace).await;
         routes_watch.cancel();
         http_stop.cancel();
         let _ = http.await;
         tracing::info!("filter stopped");
         Ok(())
+    }
+}
+
+/// The intake's settings, from the configuration.
+fn ingest_settings(config: &FilterConfig) -> anyhow::Result<IngestSettings> {
+    Ok(IngestSettings {
+        tokens: Tokens::new(config.token.clone(), config.token_rotation_window)
+            .map_err(anyhow::Error::msg)?,
+        max_frame_bytes: config.max_frame_bytes as usize,
+        max_in_flight: config.max_in_flight,
+        ping_interval: config.ping_interval,
+        peer_timeout: config.peer_timeout,
+        drain_timeout: config.service.grace,
+        max_batch: config.max_batch,
+        max_invalid: config.max_invalid,
+        admission: Admission::new(config.max_connections, config.max_connections_per_peer),
+        handshakes: Admission::handshakes(config.max_handshakes, config.max_handshakes_per_peer),
+        write_timeout: config.write_timeout,
+        tls: config.tls()?,
+        tally: Arc::new(IntakeTally::default()),
+    })
+}
+
+/// After intake stopped: every connection answers what it holds, then the sinks (their last
+/// handles dropped here) flush and settle their confirms; each step within `grace`.
+async fn drain(
+    connections: TaskTracker,
+    broker: BrokerSink,
+    file: FileSink,
+    sink_tasks: Vec<tokio::task::JoinHandle<()>>,
+    grace: std::time::Duration,
+) {
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections did not drain within the grace period");
+    }
+    drop(broker);
+    drop(file);
+    for task in sink_tasks {
+        if tokio::time::timeout(grace, task).await.is_err() {
+            tracing::warn!("a sink did not drain within the grace period");
+        }
     }
 }
 

@@ -154,19 +154,7 @@ impl Application {
             http_stop.clone(),
         );
         let link_stop = CancellationToken::new();
-        let settings = LinkSettings {
-            url: config.filter_url.clone(),
-            tokens: flowmesh_common::token::Tokens::new(
-                config.token.clone(),
-                std::time::Duration::ZERO,
-            )
-            .map_err(anyhow::Error::msg)?,
-            tls: config.tls()?,
-            batch_max: config.batch_max,
-            max_frame_bytes: config.max_frame_bytes as usize,
-            ping_interval: config.ping_interval,
-            peer_timeout: config.peer_timeout,
-        };
+        let settings = link_settings(&config)?;
         settings.tokens.reload_on_hangup(link_stop.clone());
         tracing::info!(source = %source, url = %redact_url(&config.filter_url), rate = ?config.rate, count = config.count, "generator started");
         let supervisor = tokio::spawn(link::supervise(
@@ -188,25 +176,7 @@ impl Application {
         )
         .await;
 
-        if shutdown.is_cancelled() {
-            health.set_draining();
-            let drained = tokio::time::timeout(config.service.grace, window.wait_empty()).await;
-            if drained.is_err() {
-                tracing::warn!(
-                    in_flight = window.counts().in_flight,
-                    "records still unacked at the end of the grace period"
-                );
-            }
-        } else {
-            tracing::info!(generated, "count reached; waiting for every ack");
-            tokio::select! {
-                _ = window.wait_empty() => {}
-                _ = shutdown.cancelled() => {
-                    health.set_draining();
-                    let _ = tokio::time::timeout(config.service.grace, window.wait_empty()).await;
-                }
-            }
-        }
+        wait_for_acks(&window, &health, &shutdown, config.service.grace, generated).await;
         link_stop.cancel();
         let _ = supervisor.await;
         http_stop.cancel();
@@ -225,6 +195,51 @@ impl Application {
             "generator stopped"
         );
         Ok(summary)
+    }
+}
+
+/// How the link reaches the filter, from the configuration.
+fn link_settings(config: &GeneratorConfig) -> anyhow::Result<LinkSettings> {
+    Ok(LinkSettings {
+        url: config.filter_url.clone(),
+        tokens: flowmesh_common::token::Tokens::new(
+            config.token.clone(),
+            std::time::Duration::ZERO,
+        )
+        .map_err(anyhow::Error::msg)?,
+        tls: config.tls()?,
+        batch_max: config.batch_max,
+        max_frame_bytes: config.max_frame_bytes as usize,
+        ping_interval: config.ping_interval,
+        peer_timeout: config.peer_timeout,
+    })
+}
+
+/// After producing: waits for every ack (the count was reached) or, once `shutdown` fires, for
+/// at most the grace period; what stays unacked is in the spool for the next run.
+async fn wait_for_acks(
+    window: &Window,
+    health: &Health,
+    shutdown: &CancellationToken,
+    grace: std::time::Duration,
+    generated: u64,
+) {
+    if !shutdown.is_cancelled() {
+        tracing::info!(generated, "count reached; waiting for every ack");
+        tokio::select! {
+            _ = window.wait_empty() => return,
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    health.set_draining();
+    if tokio::time::timeout(grace, window.wait_empty())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = window.counts().in_flight,
+            "records still unacked at the end of the grace period"
+        );
     }
 }
 

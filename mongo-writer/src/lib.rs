@@ -3,6 +3,7 @@
 //! document.
 
 pub mod config;
+pub mod groups;
 pub mod mongo;
 pub mod nesting;
 pub mod startup;

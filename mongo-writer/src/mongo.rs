@@ -551,7 +551,7 @@ fn record_from_bson(element: &Bson) -> anyhow::Result<Record> {
         .and_then(|v| v.as_str().map(str::to_owned));
     let mut record: Record = bson::from_document(element).context("decoding a record")?;
     record.provenance =
-        version.map(|version| flowmesh_common::routing::Provenance { version, route });
+        version.map(|version| flowmesh_common::record::Provenance { version, route });
     Ok(record)
 }
 

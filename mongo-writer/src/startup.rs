@@ -4,8 +4,9 @@
 use flowmesh_common::writer::{Database, Writer};
 
 use crate::config::{MongoWriterConfig, StoreKind};
+use crate::groups::Groups;
 use crate::mongo::MongoStore;
-use crate::store::{GroupStore, Groups, MemoryStore, NestingStore};
+use crate::store::{GroupStore, MemoryStore, NestingStore};
 
 /// A mongo-writer with its probe port bound, not yet consuming.
 pub type Application = Writer<GroupDatabase>;

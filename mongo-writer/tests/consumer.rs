@@ -14,8 +14,9 @@ use flowmesh_common::testkit::{
     TestWriter, drain_dead_letters, eventually, publish, publish_records, queue_depth,
 };
 use flowmesh_common::topology::{HEADER_DEAD_LETTER_REASON, Topology, record_properties};
+use flowmesh_mongo_writer::groups::Groups;
 use flowmesh_mongo_writer::nesting::nests;
-use flowmesh_mongo_writer::store::{Groups, MemoryStore};
+use flowmesh_mongo_writer::store::MemoryStore;
 use flowmesh_mongo_writer::{MongoWriterConfig, build_with};
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;

@@ -277,11 +277,11 @@ async fn mongodb_and_the_in_memory_twin_leave_identical_documents_for_the_same_o
                 // Records routed under two versions, and some of no recorded version.
                 record.provenance = match rng.u8(..3) {
                     0 => None,
-                    1 => Some(flowmesh_common::routing::Provenance {
+                    1 => Some(flowmesh_common::record::Provenance {
                         version: "0123456789ab".into(),
                         route: Some("hot".into()),
                     }),
-                    _ => Some(flowmesh_common::routing::Provenance {
+                    _ => Some(flowmesh_common::record::Provenance {
                         version: "ba9876543210".into(),
                         route: Some("high-hash".into()),
                     }),

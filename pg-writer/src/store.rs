@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flowmesh_common::consumer::{Misconfigured, Permanent, RecordStore, StoreReport};
+use flowmesh_common::record::Provenance;
 use flowmesh_common::record::{Record, format_timestamp, parse_timestamp};
-use flowmesh_common::routing::Provenance;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 

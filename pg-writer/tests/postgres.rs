@@ -118,7 +118,7 @@ async fn records_are_inserted_in_batches_with_every_field_and_acked_after_commit
     // Even seqs as a filter with routes sends them (provenance in the headers); odd ones as an
     // older filter did (none).
     for record in records.iter_mut().filter(|r| r.seq % 2 == 0) {
-        record.provenance = Some(flowmesh_common::routing::Provenance {
+        record.provenance = Some(flowmesh_common::record::Provenance {
             version: "0123456789ab".into(),
             route: Some("hot".into()),
         });
@@ -161,7 +161,7 @@ async fn packed_messages_store_every_record_with_the_message_s_provenance_and_ar
     let writer = case.start(case.config()).await;
     let mut records = case.records(1..=1205);
     for record in &mut records {
-        record.provenance = Some(flowmesh_common::routing::Provenance {
+        record.provenance = Some(flowmesh_common::record::Provenance {
             version: "0123456789ab".into(),
             route: Some(if record.seq <= 600 { "hot" } else { "warm" }.into()),
         });

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flowmesh_common::message;
+use flowmesh_common::record::Record;
 use flowmesh_common::topology::{HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology};
 use lapin::message::BasicGetMessage;
 use lapin::options::{
@@ -168,16 +169,10 @@ impl Broker {
             {
                 continue;
             }
-            let (exchange, routing_key) = match target {
-                Target::Fanout => (self.topology.exchange.clone(), String::new()),
-                Target::Origin if writer_queues.contains(&letter.origin.as_str()) => {
-                    (String::new(), letter.origin.clone())
-                }
-                Target::Origin => {
-                    outcomes.push(Outcome::kept(
-                        &letter,
-                        "the queue it died in is unknown (use --fanout)",
-                    ));
+            let (exchange, routing_key) = match self.destination(target, &letter, &writer_queues) {
+                Ok(destination) => destination,
+                Err(why) => {
+                    outcomes.push(Outcome::kept(&letter, why));
                     continue;
                 }
             };
@@ -186,73 +181,80 @@ impl Broker {
             } else {
                 routing_key.clone()
             };
-            // A replay keeps the provenance the filter gave it (it is judged by that version),
-            // and a packed message stays packed. Of a packed message with lines that are still
-            // not records, the valid records are replayed and the bad lines stay dead-lettered.
-            let (records, invalid) =
-                match message::decode(&message.delivery.properties, &message.delivery.data) {
-                    Ok(decoded) if !decoded.records.is_empty() => {
-                        (decoded.records, decoded.invalid)
-                    }
-                    Ok(decoded) => {
-                        let bad = &decoded.invalid[0];
-                        outcomes.push(Outcome::kept(
-                            &letter,
-                            &format!(
-                                "line {} is still not a valid record: {}",
-                                bad.line, bad.reason
-                            ),
-                        ));
-                        continue;
-                    }
-                    Err(err) => {
-                        outcomes.push(Outcome::kept(
-                            &letter,
-                            &format!("still not a valid record: {err}"),
-                        ));
-                        continue;
-                    }
-                };
-            if dry_run {
-                outcomes.push(Outcome {
-                    id: letter.id,
-                    to,
-                    action: Action::WouldReplay,
-                    kept_lines: invalid.len(),
-                });
-                continue;
-            }
-            if !invalid.is_empty() {
-                self.dead_letter_lines(&message, &letter, &invalid).await?;
-            }
-            let (body, properties) = message::encode(&records);
-            let confirm = self
-                .channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await?
-                .await?;
-            if !confirm.is_ack() || confirm.take_message().is_some() {
-                anyhow::bail!("RabbitMQ did not accept the replay of {}", letter.id);
-            }
-            message.delivery.ack(BasicAckOptions::default()).await?;
+            let (records, invalid) = match replayable(&message) {
+                Ok(decoded) => decoded,
+                Err(why) => {
+                    outcomes.push(Outcome::kept(&letter, &why));
+                    continue;
+                }
+            };
+            let action = if dry_run {
+                Action::WouldReplay
+            } else {
+                if !invalid.is_empty() {
+                    self.dead_letter_lines(&message, &letter, &invalid).await?;
+                }
+                self.republish(&exchange, &routing_key, &records, &letter)
+                    .await?;
+                message.delivery.ack(BasicAckOptions::default()).await?;
+                Action::Replayed
+            };
             outcomes.push(Outcome {
                 id: letter.id,
                 to,
-                action: Action::Replayed,
+                action,
                 kept_lines: invalid.len(),
             });
         }
         self.close().await;
         Ok(outcomes)
+    }
+
+    /// Where a replay of `letter` goes: (exchange, routing key), or why it stays.
+    fn destination(
+        &self,
+        target: Target,
+        letter: &DeadLetter,
+        writer_queues: &[&str],
+    ) -> Result<(String, String), &'static str> {
+        match target {
+            Target::Fanout => Ok((self.topology.exchange.clone(), String::new())),
+            Target::Origin if writer_queues.contains(&letter.origin.as_str()) => {
+                Ok((String::new(), letter.origin.clone()))
+            }
+            Target::Origin => Err("the queue it died in is unknown (use --fanout)"),
+        }
+    }
+
+    /// Publishes `records` (confirmed, mandatory) as one message; an error when RabbitMQ did
+    /// not take it.
+    async fn republish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        records: &[Record],
+        letter: &DeadLetter,
+    ) -> anyhow::Result<()> {
+        let (body, properties) = message::encode(records);
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                options,
+                &body,
+                properties,
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() || confirm.take_message().is_some() {
+            anyhow::bail!("RabbitMQ did not accept the replay of {}", letter.id);
+        }
+        Ok(())
     }
 
     /// Publishes (confirmed) the `invalid` lines of dead letter `message` to the dead-letter
@@ -385,5 +387,24 @@ fn text(table: &FieldTable, key: &str) -> Option<String> {
         Some(AMQPValue::LongString(s)) => Some(s.to_string()),
         Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
         _ => None,
+    }
+}
+
+/// The records of a dead letter that a replay can send, with its lines that are still not
+/// records; or why nothing of it can be replayed. A replay keeps the provenance the filter gave
+/// it (it is judged by that version), and a packed message stays packed.
+fn replayable(
+    message: &BasicGetMessage,
+) -> Result<(Vec<Record>, Vec<message::InvalidLine>), String> {
+    match message::decode(&message.delivery.properties, &message.delivery.data) {
+        Ok(decoded) if !decoded.records.is_empty() => Ok((decoded.records, decoded.invalid)),
+        Ok(decoded) => {
+            let bad = &decoded.invalid[0];
+            Err(format!(
+                "line {} is still not a valid record: {}",
+                bad.line, bad.reason
+            ))
+        }
+        Err(err) => Err(format!("still not a valid record: {err}")),
     }
 }

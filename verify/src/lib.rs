@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use flowmesh_common::config::Validate;
+use flowmesh_common::record::Provenance;
 use flowmesh_common::record::Record;
-use flowmesh_common::routing::{Provenance, Routes};
+use flowmesh_common::routing::Routes;
 use futures_util::TryStreamExt;
 use mongodb::bson::doc;
 

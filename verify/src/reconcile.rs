@@ -168,6 +168,33 @@ impl Report {
 
     /// A readable summary table, with the seqs at fault (the first 20 of each kind).
     pub fn render(&self) -> String {
+        let mut out = self.table();
+        for line in self.details() {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = writeln!(
+            out,
+            "{}",
+            if self.is_ok() {
+                "OK: every record is stored exactly once, where the routes version in force sent it"
+            } else {
+                "FAILED: the stores do not reconcile"
+            }
+        );
+        out
+    }
+
+    /// The stores in the order the table shows them (`None`: not checked).
+    fn stores(&self) -> [(&'static str, Option<&StoreFindings>); 3] {
+        [
+            ("file", Some(&self.file)),
+            ("postgresql", Some(&self.postgres)),
+            ("mongodb", self.mongo.as_ref()),
+        ]
+    }
+
+    /// The heading and one row of counts per store.
+    fn table(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -179,30 +206,29 @@ impl Report {
             "{:<12} {:>9} {:>9} {:>11} {:>12} {:>9}",
             "store", "records", "missing", "duplicated", "wrong place", "bad hash"
         );
-        let row = |out: &mut String, name: &str, f: &StoreFindings| {
-            let _ = writeln!(
-                out,
-                "{:<12} {:>9} {:>9} {:>11} {:>12} {:>9}",
-                name,
-                f.records,
-                f.missing.len(),
-                f.duplicated.len(),
-                f.wrong_place.len(),
-                f.bad_hash.len()
-            );
-        };
-        row(&mut out, "file", &self.file);
-        row(&mut out, "postgresql", &self.postgres);
-        match &self.mongo {
-            Some(mongo) => row(&mut out, "mongodb", mongo),
-            None => {
-                let _ = writeln!(
+        for (name, findings) in self.stores() {
+            let _ = match findings {
+                Some(f) => writeln!(
                     out,
-                    "{:<12} skipped: no MongoDB configured (set MONGODB_URL)",
-                    "mongodb"
-                );
-            }
+                    "{:<12} {:>9} {:>9} {:>11} {:>12} {:>9}",
+                    name,
+                    f.records,
+                    f.missing.len(),
+                    f.duplicated.len(),
+                    f.wrong_place.len(),
+                    f.bad_hash.len()
+                ),
+                None => writeln!(
+                    out,
+                    "{name:<12} skipped: no MongoDB configured (set MONGODB_URL)"
+                ),
+            };
         }
+        out
+    }
+
+    /// One line per kind of fault with the seqs at fault (the first 20 of each).
+    fn details(&self) -> Vec<String> {
         let mut details = Vec::new();
         let mut list = |what: String, seqs: &BTreeSet<u64>| {
             if !seqs.is_empty() {
@@ -216,11 +242,7 @@ impl Report {
             }
         };
         list("lost everywhere".into(), &self.lost);
-        for (name, f) in [
-            ("file", Some(&self.file)),
-            ("postgresql", Some(&self.postgres)),
-            ("mongodb", self.mongo.as_ref()),
-        ] {
+        for (name, f) in self.stores() {
             if let Some(f) = f {
                 list(format!("{name} missing"), &f.missing);
                 list(format!("{name} duplicated"), &f.duplicated);
@@ -236,19 +258,7 @@ impl Report {
                 "  routes version {version} is recorded for stored records but not in routes.log"
             ));
         }
-        for line in details {
-            let _ = writeln!(out, "{line}");
-        }
-        let _ = writeln!(
-            out,
-            "{}",
-            if self.is_ok() {
-                "OK: every record is stored exactly once, where the routes version in force sent it"
-            } else {
-                "FAILED: the stores do not reconcile"
-            }
-        );
-        out
+        details
     }
 }
 

@@ -34,7 +34,7 @@ async fn dead_letters_are_listed_replayed_after_a_fix_and_purged() {
     let prefix = unique_prefix("dlq");
     let topology = Topology::new(&prefix, 5);
     let mut record = Record::new("dlq", 1, chrono::Utc::now(), 97, None);
-    record.provenance = Some(flowmesh_common::routing::Provenance {
+    record.provenance = Some(flowmesh_common::record::Provenance {
         version: "0123456789ab".into(),
         route: Some("hot".into()),
     });
@@ -136,7 +136,7 @@ async fn a_packed_dead_letter_is_replayed_packed_and_of_one_with_bad_lines_only_
         .map(|seq| Record::new("dlq-packed", seq, chrono::Utc::now(), 95, None))
         .collect();
     for record in &mut records {
-        record.provenance = Some(flowmesh_common::routing::Provenance {
+        record.provenance = Some(flowmesh_common::record::Provenance {
             version: "0123456789ab".into(),
             route: Some("hot".into()),
         });

@@ -1,5 +1,5 @@
 use super::*;
-use crate::routing::Provenance;
+use crate::record::Provenance;
 use crate::topology::{CONTENT_TYPE_JSON, HEADER_SEQ, HEADER_SOURCE};
 
 fn record(seq: u64, value: u8) -> Record {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use flowmesh_common::args::BrokerArgs;
 use flowmesh_common::config::Validate;
+use flowmesh_common::topology::Topology;
 use flowmesh_verify::dead_letters::{Action, Broker, Selection, Target, printable};
 
 /// flowmesh dead-letters: what could never be stored, why, and putting it back after a fix.
@@ -74,93 +75,112 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    let topology = cli.broker.topology();
-    let result = async {
-        let broker = Broker::connect(cli.broker.url.expose(), topology.clone()).await?;
-        match cli.command {
-            Command::List { data_dir } => {
-                let letters = broker.list().await?;
-                println!(
-                    "{}: {} message(s)",
-                    topology.dead_letter_queue.name,
-                    letters.len()
-                );
-                for letter in letters {
-                    let body: String = letter.body.chars().take(200).collect();
-                    println!(
-                        "  id={} reason={} from={} body={}",
-                        printable(&letter.id),
-                        printable(&letter.reason),
-                        printable(&letter.origin),
-                        printable(&body)
-                    );
-                }
-                if let Some(dir) = data_dir {
-                    let path = dir.join("dead-letter.jsonl");
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    println!("{}: {} line(s)", path.display(), text.lines().count());
-                    for line in text.lines() {
-                        println!("  {}", printable(line));
-                    }
-                }
-            }
-            Command::Replay {
-                ids,
-                all,
-                fanout,
-                dry_run,
-            } => {
-                let selection = if all {
-                    Selection::All
-                } else {
-                    Selection::Ids(ids)
-                };
-                let target = if fanout {
-                    Target::Fanout
-                } else {
-                    Target::Origin
-                };
-                let outcomes = broker.replay(&selection, target, dry_run).await?;
-                for outcome in &outcomes {
-                    let id = printable(&outcome.id);
-                    match &outcome.action {
-                        Action::Replayed => println!("  replayed {id} into {}", outcome.to),
-                        Action::WouldReplay => println!("  would replay {id} into {}", outcome.to),
-                        Action::Kept(why) => println!("  kept {id}: {why}"),
-                    }
-                    if outcome.kept_lines > 0 {
-                        println!(
-                            "    its valid records only: its {} bad line(s) stay in the dead-letter queue",
-                            outcome.kept_lines
-                        );
-                    }
-                }
-                let done = |a: &Action| outcomes.iter().filter(|o| &o.action == a).count();
-                if dry_run {
-                    println!(
-                        "dry run: {} message(s) would be replayed",
-                        done(&Action::WouldReplay)
-                    );
-                } else {
-                    println!("replayed {} message(s)", done(&Action::Replayed));
-                }
-            }
-            Command::Purge { dry_run: true, .. } => {
-                println!(
-                    "dry run: {} message(s) would be purged",
-                    broker.count().await?
-                )
-            }
-            Command::Purge { .. } => println!("purged {} message(s)", broker.purge().await?),
-        }
-        anyhow::Ok(())
-    }
-    .await;
-    match result {
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::from(3)
         }
     }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let topology = cli.broker.topology();
+    let broker = Broker::connect(cli.broker.url.expose(), topology.clone()).await?;
+    match cli.command {
+        Command::List { data_dir } => list(broker, &topology, data_dir).await?,
+        Command::Replay {
+            ids,
+            all,
+            fanout,
+            dry_run,
+        } => {
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(ids)
+            };
+            let target = if fanout {
+                Target::Fanout
+            } else {
+                Target::Origin
+            };
+            replay(broker, &selection, target, dry_run).await?
+        }
+        Command::Purge { dry_run: true, .. } => {
+            println!(
+                "dry run: {} message(s) would be purged",
+                broker.count().await?
+            )
+        }
+        Command::Purge { .. } => println!("purged {} message(s)", broker.purge().await?),
+    }
+    Ok(())
+}
+
+/// Prints the dead-letter queue and, with a data directory, the filter's dead-letter file.
+async fn list(
+    broker: Broker,
+    topology: &Topology,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let letters = broker.list().await?;
+    println!(
+        "{}: {} message(s)",
+        topology.dead_letter_queue.name,
+        letters.len()
+    );
+    for letter in letters {
+        let body: String = letter.body.chars().take(200).collect();
+        println!(
+            "  id={} reason={} from={} body={}",
+            printable(&letter.id),
+            printable(&letter.reason),
+            printable(&letter.origin),
+            printable(&body)
+        );
+    }
+    if let Some(dir) = data_dir {
+        let path = dir.join("dead-letter.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        println!("{}: {} line(s)", path.display(), text.lines().count());
+        for line in text.lines() {
+            println!("  {}", printable(line));
+        }
+    }
+    Ok(())
+}
+
+/// Replays the chosen dead letters and prints what became of each.
+async fn replay(
+    broker: Broker,
+    selection: &Selection,
+    target: Target,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let outcomes = broker.replay(selection, target, dry_run).await?;
+    for outcome in &outcomes {
+        let id = printable(&outcome.id);
+        match &outcome.action {
+            Action::Replayed => println!("  replayed {id} into {}", outcome.to),
+            Action::WouldReplay => println!("  would replay {id} into {}", outcome.to),
+            Action::Kept(why) => println!("  kept {id}: {why}"),
+        }
+        if outcome.kept_lines > 0 {
+            println!(
+                "    its valid records only: its {} bad line(s) stay in the dead-letter queue",
+                outcome.kept_lines
+            );
+        }
+    }
+    let done = |a: &Action| outcomes.iter().filter(|o| &o.action == a).count();
+    if dry_run {
+        println!(
+            "dry run: {} message(s) would be replayed",
+            done(&Action::WouldReplay)
+        );
+    } else {
+        println!("replayed {} message(s)", done(&Action::Replayed));
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Reconciliation catches every kind of damage, and names the seqs.
 
 use super::*;
-use flowmesh_common::routing::Provenance;
+use flowmesh_common::record::Provenance;
 
 fn rec(seq: u64, value: u8) -> Record {
     let at = flowmesh_common::record::parse_timestamp("2026-11-22T04:00:00.123Z").expect("ts")
