@@ -17,4 +17,4 @@ pub use config::FilterConfig;
 pub use startup::Application;
 
 #[cfg(feature = "testkit")]
-pub mod testing;
+pub mod testkit;

@@ -7,7 +7,7 @@ use flowmesh_common::protocol::ServerMessage;
 use flowmesh_common::record::Record;
 use flowmesh_common::routing::{Destination, Routes};
 use flowmesh_common::testkit::record;
-use flowmesh_filter::testing::{RawClient, TestFilter};
+use flowmesh_filter::testkit::{RawClient, TestFilter};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_record_and_a_batch_frame_are_each_acked_once_per_record() {

@@ -8,7 +8,7 @@ use flowmesh_common::record::Record;
 use flowmesh_common::testkit::{
     amqp_channel, amqp_url, drain_queue, eventually, proxy_url, record,
 };
-use flowmesh_filter::testing::{RawClient, TestFilter};
+use flowmesh_filter::testkit::{RawClient, TestFilter};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 

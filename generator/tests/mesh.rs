@@ -8,7 +8,7 @@ use std::time::Duration;
 use flowmesh_common::record::Record;
 use flowmesh_common::routing::{Destination, Routes};
 use flowmesh_common::testkit::{amqp_channel, drain_queue, eventually, read_lines};
-use flowmesh_filter::testing::TestFilter;
+use flowmesh_filter::testkit::TestFilter;
 use flowmesh_generator::config::Rate;
 use flowmesh_generator::{Application, GeneratorConfig, Summary};
 use tokio_util::sync::CancellationToken;
@@ -299,7 +299,7 @@ async fn a_filter_restarted_on_the_same_directory_does_not_write_resent_records_
     first.finish().await;
     // Everything comes again (as after a crash between the file commit and the acks).
     let second = TestFilter::start("refile2", |c| c.data_dir = data.clone()).await;
-    let mut client = flowmesh_filter::testing::RawClient::connect(&second.url(), None)
+    let mut client = flowmesh_filter::testkit::RawClient::connect(&second.url(), None)
         .await
         .expect("connect");
     let again: Vec<Record> = read_lines(&data.join("records.jsonl"))

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flowmesh_filter::testing::TestFilter;
+use flowmesh_filter::testkit::TestFilter;
 use flowmesh_generator::config::Rate;
 use flowmesh_generator::{Application, GeneratorConfig};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;

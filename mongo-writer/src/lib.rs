@@ -13,4 +13,4 @@ pub use config::MongoWriterConfig;
 pub use startup::{Application, build, build_with};
 
 #[cfg(any(test, feature = "testkit"))]
-pub mod testing;
+pub mod testkit;

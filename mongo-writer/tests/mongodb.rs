@@ -14,7 +14,7 @@ use flowmesh_mongo_writer::MongoWriterConfig;
 use flowmesh_mongo_writer::mongo::{self, MongoStore, from_document};
 use flowmesh_mongo_writer::nesting::{GroupDoc, Op, nests};
 use flowmesh_mongo_writer::store::{Conflict, GroupStore, MemoryStore, NestingStore};
-use flowmesh_mongo_writer::testing::Crashing;
+use flowmesh_mongo_writer::testkit::Crashing;
 use futures_util::TryStreamExt;
 use mongodb::bson::doc;
 

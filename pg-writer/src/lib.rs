@@ -9,4 +9,4 @@ pub use config::PgWriterConfig;
 pub use startup::{Application, build};
 
 #[cfg(feature = "testkit")]
-pub mod testing;
+pub mod testkit;

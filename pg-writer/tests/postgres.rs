@@ -12,7 +12,7 @@ use flowmesh_common::testkit::{
 };
 use flowmesh_common::topology::{Topology, record_properties};
 use flowmesh_pg_writer::PgWriterConfig;
-use flowmesh_pg_writer::testing::TestDb;
+use flowmesh_pg_writer::testkit::TestDb;
 use lapin::BasicProperties;
 use sqlx::{PgPool, Row};
 

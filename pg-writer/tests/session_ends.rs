@@ -15,7 +15,7 @@ use flowmesh_common::testkit::{
     unique_prefix,
 };
 use flowmesh_common::topology::{DEFAULT_DELIVERY_LIMIT, Topology};
-use flowmesh_pg_writer::testing::TestDb;
+use flowmesh_pg_writer::testkit::TestDb;
 use sqlx::{PgPool, Row};
 
 const BACKLOG: u64 = 100_000;

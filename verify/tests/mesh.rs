@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use flowmesh_common::testkit::TestWriter;
-use flowmesh_filter::testing::TestFilter;
+use flowmesh_filter::testkit::TestFilter;
 use flowmesh_generator::config::Rate;
 use flowmesh_generator::{Application as Generator, GeneratorConfig};
 use flowmesh_mongo_writer::MongoWriterConfig;
@@ -13,7 +13,7 @@ use flowmesh_mongo_writer::config::StoreKind;
 use flowmesh_mongo_writer::groups::Groups;
 use flowmesh_mongo_writer::store::MemoryStore;
 use flowmesh_pg_writer::PgWriterConfig;
-use flowmesh_pg_writer::testing::TestDb;
+use flowmesh_pg_writer::testkit::TestDb;
 use flowmesh_verify::{Rules, VerifyConfig, observe, reconcile};
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;

@@ -23,7 +23,7 @@ fn rec(seq: u64, hash: &str) -> Record {
     }
 }
 
-type Flaky = crate::testing::Crashing<MemoryStore>;
+type Flaky = crate::testkit::Crashing<MemoryStore>;
 
 #[derive(Debug, Clone)]
 struct Step {
