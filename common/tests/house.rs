@@ -315,3 +315,77 @@ fn the_checks_see_what_they_look_for() {
     let common = imports(&workspace().join("common/src"));
     assert!(common[&vec!["routing".to_owned()]].contains(&vec!["record".to_owned()]));
 }
+
+/// The anchors GitHub makes of a Markdown file's headings.
+fn anchors(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix('#'))
+        .map(|heading| {
+            heading
+                .trim_start_matches('#')
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == '-' || *c == '_' || *c == ' ')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect()
+}
+
+/// The relative links of a Markdown text: `(target, fragment)`.
+fn links(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (start, _) in text.match_indices("](") {
+        let rest = &text[start + 2..];
+        let Some(end) = rest.find(')') else { continue };
+        let link = &rest[..end];
+        if link.contains("://") || link.contains(' ') || link.starts_with("mailto:") {
+            continue;
+        }
+        let (path, fragment) = link.split_once('#').unwrap_or((link, ""));
+        out.push((path.to_owned(), fragment.to_owned()));
+    }
+    out
+}
+
+#[test]
+fn every_link_in_the_readme_and_the_docs_resolves() {
+    let root = workspace();
+    let mut pages = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).expect("docs/") {
+        let path = entry.expect("an entry").path();
+        if path.extension().is_some_and(|e| e == "md") {
+            pages.push(path);
+        }
+    }
+    let mut broken = Vec::new();
+    for page in &pages {
+        let text = std::fs::read_to_string(page).expect("a readable page");
+        for (path, fragment) in links(&text) {
+            let target = if path.is_empty() {
+                page.clone()
+            } else {
+                page.parent().expect("in a folder").join(&path)
+            };
+            let shown = format!("{}: ({path}#{fragment})", page.display());
+            if !target.exists() {
+                broken.push(format!("{shown}: no such file"));
+            } else if !fragment.is_empty()
+                && target.extension().is_some_and(|e| e == "md")
+                && !anchors(&std::fs::read_to_string(&target).expect("readable"))
+                    .contains(&fragment)
+            {
+                broken.push(format!("{shown}: no such heading"));
+            }
+        }
+    }
+    assert!(pages.len() >= 5, "the README and the docs are read");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+    // The check itself: a heading's anchor, and a link it must see.
+    assert!(anchors("## Metrics, dashboards, alerts").contains("metrics-dashboards-alerts"));
+    assert_eq!(
+        links("see [x](docs/a.md#b) and [y](https://e.org)"),
+        [("docs/a.md".to_owned(), "b".to_owned())]
+    );
+}
