@@ -17,7 +17,7 @@ COPY pg-writer/migrations pg-writer/migrations
 RUN for crate in common generator filter pg-writer mongo-writer verify bench; do \
       mkdir -p $crate/src/bin && echo '' > $crate/src/lib.rs && echo 'fn main() {}' > $crate/src/main.rs; \
     done \
- && echo 'fn main() {}' > verify/src/bin/dead_letters.rs \
+ && for bin in dead_letters services; do echo 'fn main() {}' > verify/src/bin/$bin.rs; done \
  && cargo build --release --locked --workspace --bins \
  && rm -rf common/src generator/src filter/src pg-writer/src mongo-writer/src verify/src bench/src
 COPY . .

@@ -17,12 +17,15 @@ pub trait Validate {
     fn validate(&self) -> Result<(), String>;
 }
 
-/// Settings whose value may instead come from the file named by `<VARIABLE>_FILE` (Docker-secrets
-/// style): the URLs that carry passwords, which a variable would show to anyone who can read the
-/// process's environment.
-pub const FILE_VARIABLES: &[&str] = &["AMQP_URL", "DATABASE_URL", "MONGODB_URL"];
+/// Whether the setting read from `variable` may instead come from the file named by
+/// `<VARIABLE>_FILE` (Docker-secrets style): every URL (`AMQP_URL`, `DATABASE_URL`,
+/// `MONGODB_URL`, a new writer's own), since URLs carry passwords, which a variable would show
+/// to anyone who can read the process's environment.
+pub fn from_file_allowed(variable: &str) -> bool {
+    variable.ends_with("_URL")
+}
 
-/// Parses flags and environment (with [`FILE_VARIABLES`] read from their `_FILE`), then
+/// Parses flags and environment (with URLs read from their `_FILE`, [`from_file_allowed`]), then
 /// validates. On bad configuration prints one line to stderr and returns the exit code to use
 /// (2); `--help` and `--version` print and return 0.
 pub fn parse<T: Parser + Validate>() -> Result<T, ExitCode> {
@@ -36,7 +39,7 @@ pub fn parse<T: Parser + Validate>() -> Result<T, ExitCode> {
     }
 }
 
-/// `args` plus `--flag=value` for each setting of `T` in [`FILE_VARIABLES`] whose `_FILE`
+/// `args` plus `--flag=value` for each setting of `T` that [`from_file_allowed`] and whose `_FILE`
 /// variable names a file (its content, trimmed, is the value).
 pub fn with_secret_files<T: clap::CommandFactory>(
     mut args: Vec<std::ffi::OsString>,
@@ -48,7 +51,7 @@ pub fn with_secret_files<T: clap::CommandFactory>(
         else {
             continue;
         };
-        if !FILE_VARIABLES.contains(&variable) {
+        if !from_file_allowed(variable) {
             continue;
         }
         let file_variable = format!("{variable}_FILE");

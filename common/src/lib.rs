@@ -17,6 +17,7 @@ pub mod record;
 pub mod retry;
 pub mod routing;
 pub mod service;
+pub mod services;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -14,8 +14,6 @@ use crate::record::Record;
 pub const DEFAULT_PREFIX: &str = "flowmesh";
 /// Default `x-delivery-limit` of the writer queues.
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
-/// The writers, each with its own queue.
-pub const CONSUMERS: [&str; 2] = ["pg-writer", "mongo-writer"];
 
 /// AMQP header carrying the record's `source`.
 pub const HEADER_SOURCE: &str = "source";
@@ -68,13 +66,16 @@ impl Topology {
     /// The topology under `prefix` (`flowmesh` → `flowmesh.records`, …).
     pub fn new(prefix: &str, delivery_limit: u32) -> Self {
         let exchange = format!("{prefix}.records");
-        let writer_queues = CONSUMERS
-            .iter()
-            .map(|consumer| QueueDef {
-                name: format!("{exchange}.{consumer}"),
-                consumer: Some(consumer),
+        // Each writer of the list has its own queue.
+        let writer_queues = crate::services::writers()
+            .map(|writer| QueueDef {
+                name: format!("{exchange}.{}", writer.name),
+                consumer: Some(writer.name),
                 quorum: true,
-                single_active_consumer: *consumer == "mongo-writer",
+                single_active_consumer: matches!(
+                    writer.role,
+                    crate::services::Role::Writer { in_order: true, .. }
+                ),
             })
             .collect();
         Self {

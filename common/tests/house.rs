@@ -389,3 +389,43 @@ fn every_link_in_the_readme_and_the_docs_resolves() {
         [("docs/a.md".to_owned(), "b".to_owned())]
     );
 }
+
+#[test]
+fn prometheus_and_compose_know_every_service_of_the_list() {
+    use flowmesh_common::services::SERVICES;
+    let root = workspace();
+    let prometheus =
+        std::fs::read_to_string(root.join("prometheus/prometheus.yml")).expect("prometheus.yml");
+    let compose =
+        std::fs::read_to_string(root.join("docker-compose.yml")).expect("docker-compose.yml");
+    // The flowmesh jobs Prometheus scrapes, and their targets, are exactly the list's.
+    let jobs: Vec<String> = prometheus
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- job_name: flowmesh-"))
+        .map(str::to_owned)
+        .collect();
+    let listed: Vec<String> = SERVICES.iter().map(|s| s.name.to_owned()).collect();
+    assert_eq!(
+        jobs, listed,
+        "prometheus/prometheus.yml: one flowmesh-<name> job a service"
+    );
+    for service in SERVICES {
+        let target = format!("\"{}:{}\"", service.name, service.probe_port);
+        assert!(
+            prometheus.contains(&target),
+            "prometheus.yml: no target {target}"
+        );
+        let defined = format!("\n  {}:\n", service.name);
+        let published = format!("{0}}}:{0}\"", service.probe_port);
+        assert!(
+            compose.contains(&defined),
+            "docker-compose.yml: no service {}",
+            service.name
+        );
+        assert!(
+            compose.contains(&published),
+            "docker-compose.yml: port {} not published",
+            service.probe_port
+        );
+    }
+}
