@@ -56,9 +56,14 @@ run() {
   local scenario=$1 n=$2
   setup "$scenario" "$n"
   log "scenario $scenario: $COUNT records at $RATE/s, source $SOURCE"
-  local pg_env=()
-  [ "$scenario" = slow-consumer ] && pg_env=(PG_WRITER_PREFETCH=10 PG_WRITER_BATCH_MAX=10 PG_WRITER_LINGER=100ms)
-  start filter; start pg-writer "${pg_env[@]}"; start mongo-writer
+  local writer_env=() writer prefix
+  if [ "$scenario" = slow-consumer ]; then
+    for writer in $(services writer | cut -d' ' -f1); do
+      prefix=$(settings_prefix "$writer")
+      writer_env+=("${prefix}_PREFETCH=10" "${prefix}_BATCH_MAX=10" "${prefix}_LINGER=100ms")
+    done
+  fi
+  start filter; start_writers "${writer_env[@]}"
   if ! wait_ready filter "$FILTER_HTTP_ADDR"; then
     printf '%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\tFAILED (filter never ready)\n' "$scenario" "$COUNT" >>"$RESULTS"
     mesh_teardown; return 0
@@ -67,7 +72,7 @@ run() {
   if [ "$scenario" = two-sources-kill-mongo-writer ]; then
     SOURCES+=("$SOURCE-b")
     start generator2 GENERATOR_SOURCE="$SOURCE-b" GENERATOR_SPOOL_DIR="$RUN_DIR/spool-b" \
-      GENERATOR_HTTP_ADDR="127.0.0.1:$((21000 + n * 10 + 5))"
+      GENERATOR_HTTP_ADDR="127.0.0.1:$NEXT_PORT"
   fi
   sleep 3
   SKIPPED="" FAULT_FAILED=""

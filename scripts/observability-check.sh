@@ -35,9 +35,14 @@ mesh_setup obs
 export AMQP_PREFIX=flowmesh-obs GENERATOR_RATE=100 MONGO_WRITER_STORE=memory
 mesh_ports 27100
 temp_database obs
-for s in filter pg-writer mongo-writer generator; do start "$s"; sleep 0.5; done
-sed -e 's/generator:9101/127.0.0.1:27101/; s/filter:9102/127.0.0.1:27102/; s/pg-writer:9103/127.0.0.1:27103/' \
-    -e 's/mongo-writer:9104/127.0.0.1:27104/; s/rabbitmq:15692/127.0.0.1:15692/' prometheus/prometheus.yml >"$WORK/prometheus.yml"
+start filter; start_writers; sleep 1; start generator
+# The scrape config with every service's target (from the one list) moved to its loopback port.
+targets=() urls=()
+while read -r name port _; do
+  addr_var="$(settings_prefix "$name")_HTTP_ADDR"
+  targets+=(-e "s/\"$name:$port\"/\"${!addr_var}\"/") urls+=("http://${!addr_var}/metrics")
+done < <(services)
+sed "${targets[@]}" -e 's/rabbitmq:15692/127.0.0.1:15692/' prometheus/prometheus.yml >"$WORK/prometheus.yml"
 cp prometheus/alerts.yml "$WORK/"
 prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/tsdb" \
   --web.listen-address=127.0.0.1:29090 >"$WORK/prometheus.log" 2>&1 &
@@ -47,5 +52,4 @@ trap cleanup EXIT
 # A stop (Ctrl-C, kill) runs the exit trap too.
 trap 'exit 130' INT; trap 'exit 143' TERM
 sleep 5
-python3 tests/observability/check.py http://127.0.0.1:29090 \
-  http://127.0.0.1:27101/metrics http://127.0.0.1:27102/metrics http://127.0.0.1:27103/metrics http://127.0.0.1:27104/metrics
+python3 tests/observability/check.py http://127.0.0.1:29090 "${urls[@]}"

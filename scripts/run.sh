@@ -56,18 +56,23 @@ stop_all() {
   # Generator first (stops intake), then the rest; only the processes this script started.
   stop generator
   sleep 1
-  for name in filter pg-writer mongo-writer; do stop "$name"; done
+  for name in "${!pids[@]}"; do stop "$name"; done
   wait "${pids[@]}" 2>/dev/null || true
   echo "[run] stopped" >&2
 }
 trap stop_all INT TERM
 
-for service in filter pg-writer mongo-writer; do
-  [ -x "$BIN/$service" ] && start "$service"
+# The services from the one list (common/src/services.rs): everything but the generator first.
+mapfile -t SERVICES < <("$BIN/services")
+for line in "${SERVICES[@]}"; do
+  read -r name _ role _ <<<"$line"
+  [ "$role" = generator ] || start "$name"
 done
 # Let the filter become ready before records start to flow (the generator would wait anyway).
 for _ in $(seq 100); do "$BIN/filter" --probe-ready >/dev/null 2>&1 && break; sleep 0.2; done
 start generator --rate "${GENERATOR_RATE:-5}"
 
-echo "[run] mesh running: metrics on :9101 (generator) :9102 (filter) :9103 (pg-writer) :9104 (mongo-writer); Ctrl-C stops" >&2
+ports=""
+for line in "${SERVICES[@]}"; do read -r name port _ <<<"$line"; ports+=" :$port ($name)"; done
+echo "[run] mesh running: metrics on$ports; Ctrl-C stops" >&2
 wait "${pids[@]}"

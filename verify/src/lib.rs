@@ -17,7 +17,7 @@ use flowmesh_common::routing::Routes;
 use futures_util::TryStreamExt;
 use mongodb::bson::doc;
 
-pub use reconcile::{Observed, Report, Rules, reconcile};
+pub use reconcile::{Held, Observed, Report, Rules, reconcile};
 
 /// flowmesh verify: reconciles the file sink, PostgreSQL and MongoDB for one source and exits 0
 /// only when every record is stored exactly once in the right place.
@@ -77,26 +77,39 @@ impl Validate for VerifyConfig {
 /// Where MongoDB is looked for when `MONGODB_URL` is not set.
 const LOCAL_MONGODB: &str = "mongodb://127.0.0.1:27017";
 
-/// Reads what every store holds for the source.
+/// Reads what every store holds for the source: the file sink, then each writer's store of
+/// the one list (`flowmesh_common::services`).
 pub async fn observe(config: &VerifyConfig) -> anyhow::Result<Observed> {
-    let file = read_file_sink(config)?;
-    let postgres = read_postgres(config).await?;
-    let mongo = match config.mongodb_url.as_ref().map(|url| url.expose()) {
-        Some("") => None,
-        Some(url) => Some(read_mongo(config, url).await?),
-        None => match read_mongo(config, LOCAL_MONGODB).await {
-            Ok(groups) => Some(groups),
-            Err(err) => {
-                eprintln!("verify: no MongoDB answers at {LOCAL_MONGODB} ({err:#}); skipping it");
-                None
-            }
-        },
+    let mut observed = Observed {
+        file: read_file_sink(config)?,
+        ..Observed::default()
     };
-    Ok(Observed {
-        file,
-        postgres,
-        mongo,
-    })
+    for (store, held) in &mut observed.stores {
+        *held = read_store(config, store).await?;
+    }
+    Ok(observed)
+}
+
+/// What the store called `store` holds for the source (`None`: not checked). Each writer's
+/// store has its reader here.
+async fn read_store(config: &VerifyConfig, store: &str) -> anyhow::Result<Option<Held>> {
+    match store {
+        "postgresql" => Ok(Some(Held::Records(read_postgres(config).await?))),
+        "mongodb" => Ok(match config.mongodb_url.as_ref().map(|url| url.expose()) {
+            Some("") => None,
+            Some(url) => Some(Held::Groups(read_mongo(config, url).await?)),
+            None => match read_mongo(config, LOCAL_MONGODB).await {
+                Ok(groups) => Some(Held::Groups(groups)),
+                Err(err) => {
+                    eprintln!(
+                        "verify: no MongoDB answers at {LOCAL_MONGODB} ({err:#}); skipping it"
+                    );
+                    None
+                }
+            },
+        }),
+        other => anyhow::bail!("verify has no reader for the store {other}"),
+    }
 }
 
 fn read_file_sink(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use flowmesh_common::record::{Record, record_hash};
 use flowmesh_common::routing::{Destination, Routes};
+use flowmesh_common::services::Role;
 use flowmesh_mongo_writer::nesting::{DEFAULT_MAX_NEST, GroupDoc, Op, OpenGroups, nests, plan};
 
 /// The rules stored records are checked against: the same functions the services run.
@@ -73,16 +74,77 @@ impl Rules {
     }
 }
 
+/// What one writer's store holds for the source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Held {
+    /// One record a row or a document.
+    Records(Vec<Record>),
+    /// Records nested in groups (mongo-writer's layout), each with the `count` it stores.
+    Groups(Vec<(GroupDoc, i64)>),
+}
+
+impl Held {
+    /// Every record held, of any source.
+    pub fn records(&self) -> Vec<&Record> {
+        match self {
+            Self::Records(records) => records.iter().collect(),
+            Self::Groups(groups) => groups.iter().flat_map(|(g, _)| g.records.iter()).collect(),
+        }
+    }
+}
+
 /// What the stores hold for one source.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Observed {
     /// Records read from the file sink (every rotated file and the active one).
     pub file: Vec<Record>,
-    /// Rows of the PostgreSQL table, as records (`ts` formatted back to the record form).
-    pub postgres: Vec<Record>,
-    /// MongoDB groups holding records of the source with their stored `count`; `None` when
-    /// MongoDB was not checked.
-    pub mongo: Option<Vec<(GroupDoc, i64)>>,
+    /// Each writer's store by its name (`flowmesh_common::services`), in the list's order;
+    /// `None` when that store was not checked.
+    pub stores: Vec<(&'static str, Option<Held>)>,
+}
+
+impl Default for Observed {
+    /// Nothing in the file, and every writer's store checked and empty.
+    fn default() -> Self {
+        let stores = flowmesh_common::services::writers()
+            .filter_map(|w| match w.role {
+                Role::Writer { store, .. } => Some((store, Some(Held::Records(Vec::new())))),
+                _ => None,
+            })
+            .collect();
+        Self {
+            file: Vec::new(),
+            stores,
+        }
+    }
+}
+
+impl Observed {
+    /// What the store called `name` holds (`None`: not checked, or no such store).
+    pub fn held(&self, name: &str) -> Option<&Held> {
+        self.stores
+            .iter()
+            .find(|(store, _)| *store == name)
+            .and_then(|(_, held)| held.as_ref())
+    }
+
+    /// Sets what the store called `name` holds (`None`: not checked).
+    pub fn set(&mut self, name: &str, held: Option<Held>) {
+        let slot = self
+            .stores
+            .iter_mut()
+            .find(|(store, _)| *store == name)
+            .unwrap_or_else(|| panic!("no writer stores into {name}"));
+        slot.1 = held;
+    }
+
+    /// The records of a store that holds one record a row (tests change them).
+    pub fn records_mut(&mut self, name: &str) -> &mut Vec<Record> {
+        match self.stores.iter_mut().find(|(store, _)| *store == name) {
+            Some((_, Some(Held::Records(records)))) => records,
+            _ => panic!("{name} is not a checked store of records"),
+        }
+    }
 }
 
 /// Problems found in one store.
@@ -118,14 +180,12 @@ pub struct Report {
     pub expected: u64,
     /// Seqs found in no store at all.
     pub lost: BTreeSet<u64>,
-    /// Per store.
+    /// The file sink.
     pub file: StoreFindings,
-    /// PostgreSQL.
-    pub postgres: StoreFindings,
-    /// MongoDB, when checked.
-    pub mongo: Option<StoreFindings>,
-    /// Groups that break the nesting rule: `_id` and why.
-    pub bad_groups: Vec<(String, String)>,
+    /// Each writer's store, in the list's order (`None`: not checked).
+    pub stores: Vec<(&'static str, Option<StoreFindings>)>,
+    /// Groups that break the nesting rule: the store, the group's `_id`, and why.
+    pub bad_groups: Vec<(&'static str, String, String)>,
     /// Routes versions recorded for stored records that no filter recorded in `routes.log`.
     pub unknown_versions: BTreeSet<String>,
 }
@@ -135,13 +195,24 @@ impl Report {
     pub fn is_ok(&self) -> bool {
         self.lost.is_empty()
             && self.file.is_clean()
-            && self.postgres.is_clean()
-            && self.mongo.as_ref().is_none_or(StoreFindings::is_clean)
+            && self
+                .stores
+                .iter()
+                .all(|(_, f)| f.as_ref().is_none_or(StoreFindings::is_clean))
             && self.bad_groups.is_empty()
             && self.unknown_versions.is_empty()
     }
 
-    /// The report as one JSON object: counts per store, seqs lost, and whether it reconciles.
+    /// The findings of the store called `name` (`None`: not checked, or no such store).
+    pub fn store(&self, name: &str) -> Option<&StoreFindings> {
+        self.stores
+            .iter()
+            .find(|(store, _)| *store == name)
+            .and_then(|(_, f)| f.as_ref())
+    }
+
+    /// The report as one JSON object: counts per store (by name; `null` when not checked), seqs
+    /// lost, and whether it reconciles.
     pub fn to_json(&self) -> serde_json::Value {
         let store = |f: &StoreFindings| {
             serde_json::json!({
@@ -152,18 +223,20 @@ impl Report {
                 "bad_hash": f.bad_hash.len(),
             })
         };
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "source": self.source,
             "expected": self.expected,
             "lost": self.lost.len(),
             "lost_seqs": self.lost.iter().take(20).collect::<Vec<_>>(),
             "file": store(&self.file),
-            "postgresql": store(&self.postgres),
-            "mongodb": self.mongo.as_ref().map(store),
             "bad_groups": self.bad_groups.len(),
             "unknown_routes_versions": self.unknown_versions.iter().collect::<Vec<_>>(),
             "ok": self.is_ok(),
-        })
+        });
+        for (name, findings) in &self.stores {
+            json[*name] = findings.as_ref().map(store).into();
+        }
+        json
     }
 
     /// A readable summary table, with the seqs at fault (the first 20 of each kind).
@@ -185,12 +258,10 @@ impl Report {
     }
 
     /// The stores in the order the table shows them (`None`: not checked).
-    fn stores(&self) -> [(&'static str, Option<&StoreFindings>); 3] {
-        [
-            ("file", Some(&self.file)),
-            ("postgresql", Some(&self.postgres)),
-            ("mongodb", self.mongo.as_ref()),
-        ]
+    fn rows(&self) -> Vec<(&'static str, Option<&StoreFindings>)> {
+        std::iter::once(("file", Some(&self.file)))
+            .chain(self.stores.iter().map(|(name, f)| (*name, f.as_ref())))
+            .collect()
     }
 
     /// The heading and one row of counts per store.
@@ -206,7 +277,7 @@ impl Report {
             "{:<12} {:>9} {:>9} {:>11} {:>12} {:>9}",
             "store", "records", "missing", "duplicated", "wrong place", "bad hash"
         );
-        for (name, findings) in self.stores() {
+        for (name, findings) in self.rows() {
             let _ = match findings {
                 Some(f) => writeln!(
                     out,
@@ -218,10 +289,7 @@ impl Report {
                     f.wrong_place.len(),
                     f.bad_hash.len()
                 ),
-                None => writeln!(
-                    out,
-                    "{name:<12} skipped: no MongoDB configured (set MONGODB_URL)"
-                ),
+                None => writeln!(out, "{name:<12} skipped: not configured"),
             };
         }
         out
@@ -242,7 +310,7 @@ impl Report {
             }
         };
         list("lost everywhere".into(), &self.lost);
-        for (name, f) in self.stores() {
+        for (name, f) in self.rows() {
             if let Some(f) = f {
                 list(format!("{name} missing"), &f.missing);
                 list(format!("{name} duplicated"), &f.duplicated);
@@ -250,8 +318,8 @@ impl Report {
                 list(format!("{name} bad hash"), &f.bad_hash);
             }
         }
-        for (id, why) in self.bad_groups.iter().take(20) {
-            details.push(format!("  mongodb group {id}: {why}"));
+        for (store, id, why) in self.bad_groups.iter().take(20) {
+            details.push(format!("  {store} group {id}: {why}"));
         }
         for version in &self.unknown_versions {
             details.push(format!(
@@ -297,20 +365,26 @@ fn findings(
 /// Reconciles what was observed for `source`. `expected` defaults to the highest seq seen.
 pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules: Rules) -> Report {
     let belongs = |record: &Record, here: Destination| rules.belongs(record, here);
-    let mongo_records: Option<Vec<&Record>> = observed.mongo.as_ref().map(|groups| {
-        groups
-            .iter()
-            .flat_map(|(g, _)| g.records.iter())
-            .filter(|r| r.source == source)
-            .collect()
-    });
+    // Each writer's store: the source's records in it (`None`: not checked).
+    let stored: Vec<(&'static str, Option<Vec<&Record>>)> = observed
+        .stores
+        .iter()
+        .map(|(name, held)| {
+            let records = held.as_ref().map(|held| {
+                held.records()
+                    .into_iter()
+                    .filter(|r| r.source == source)
+                    .collect()
+            });
+            (*name, records)
+        })
+        .collect();
     let all = observed
         .file
         .iter()
-        .chain(observed.postgres.iter())
-        .chain(mongo_records.iter().flatten().copied());
-    // Each seq as first seen (file, then PostgreSQL, then MongoDB): its fields and its routes
-    // version decide where it belongs.
+        .chain(stored.iter().flat_map(|(_, r)| r.iter().flatten().copied()));
+    // Each seq as first seen (the file, then each store in the list's order): its fields and
+    // its routes version decide where it belongs.
     let mut value_of: BTreeMap<u64, &Record> = BTreeMap::new();
     let mut unknown_versions = BTreeSet::new();
     for record in all {
@@ -335,40 +409,43 @@ pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules
     let to_file = bound_for(Destination::File);
 
     let file: Vec<&Record> = observed.file.iter().collect();
-    let postgres: Vec<&Record> = observed.postgres.iter().collect();
     let mut bad_groups = Vec::new();
-    if let Some(groups) = &observed.mongo {
-        for (group, count) in groups {
-            if let Some(why) = group_problem(group, *count, rules.max_nest) {
-                bad_groups.push((group.id.clone(), why));
+    for (name, held) in &observed.stores {
+        if let Some(Held::Groups(groups)) = held {
+            for (group, count) in groups {
+                if let Some(why) = group_problem(group, *count, rules.max_nest) {
+                    bad_groups.push((*name, group.id.clone(), why));
+                }
+            }
+            if let Some((id, why)) = partition_problem(source, groups, rules.max_nest) {
+                bad_groups.push((*name, id, why));
             }
         }
-        bad_groups.extend(partition_problem(source, groups, rules.max_nest));
     }
+    // A copy belongs only where its own version sends it and where the seq belongs as first
+    // seen: one record stored in both the file and the broker's stores, each copy under a
+    // version that sends it there, is still in one place too many. Every writer's store gets
+    // every record RabbitMQ takes (the fanout exchange).
+    let in_stores = |records: &[&Record]| {
+        findings(
+            records,
+            |r| belongs(r, Destination::Broker) && to_broker.contains(&r.seq),
+            &to_broker,
+        )
+    };
     Report {
         source: source.to_owned(),
         expected,
         lost,
-        // A copy belongs only where its own version sends it and where the seq belongs as
-        // first seen: one record stored in both the file and the broker's stores, each copy
-        // under a version that sends it there, is still in one place too many.
         file: findings(
             &file,
             |r| belongs(r, Destination::File) && to_file.contains(&r.seq),
             &to_file,
         ),
-        postgres: findings(
-            &postgres,
-            |r| belongs(r, Destination::Broker) && to_broker.contains(&r.seq),
-            &to_broker,
-        ),
-        mongo: mongo_records.map(|records| {
-            findings(
-                &records,
-                |r| belongs(r, Destination::Broker) && to_broker.contains(&r.seq),
-                &to_broker,
-            )
-        }),
+        stores: stored
+            .iter()
+            .map(|(name, records)| (*name, records.as_deref().map(in_stores)))
+            .collect(),
         bad_groups,
         unknown_versions,
     }

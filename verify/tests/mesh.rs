@@ -14,7 +14,7 @@ use flowmesh_mongo_writer::groups::Groups;
 use flowmesh_mongo_writer::store::MemoryStore;
 use flowmesh_pg_writer::PgWriterConfig;
 use flowmesh_pg_writer::testkit::TestDb;
-use flowmesh_verify::{Rules, VerifyConfig, observe, reconcile};
+use flowmesh_verify::{Held, Rules, VerifyConfig, observe, reconcile};
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
@@ -98,16 +98,15 @@ async fn settle_and_verify(
     }
     let config = verify_config(filter, db, source, count);
     let mut observed = observe(&config).await.expect("stores readable");
-    observed.mongo = Some(
-        memory
-            .groups()
-            .into_iter()
-            .map(|g| {
-                let n = g.records.len() as i64;
-                (g, n)
-            })
-            .collect(),
-    );
+    let groups = memory
+        .groups()
+        .into_iter()
+        .map(|g| {
+            let n = g.records.len() as i64;
+            (g, n)
+        })
+        .collect();
+    observed.set("mongodb", Some(Held::Groups(groups)));
     let versions =
         flowmesh_filter::routes::applied_versions(filter.dir.path()).expect("routes.log");
     reconcile(
@@ -137,10 +136,22 @@ async fn a_twenty_thousand_record_run_verifies_and_verify_names_a_deleted_row_an
     generate(&filter, "e2e-20k", 20_000).await;
     let report = settle_and_verify(&filter, &db, &memory, "e2e-20k", 20_000).await;
     assert!(report.is_ok(), "{}", report.render());
-    assert_eq!(report.file.records + report.postgres.records, 20_000);
     assert_eq!(
-        report.mongo.as_ref().map(|m| m.records),
-        Some(report.postgres.records)
+        report.file.records
+            + report
+                .store("postgresql")
+                .expect("PostgreSQL checked")
+                .records,
+        20_000
+    );
+    assert_eq!(
+        report.store("mongodb").map(|m| m.records),
+        Some(
+            report
+                .store("postgresql")
+                .expect("PostgreSQL checked")
+                .records
+        )
     );
 
     // Delete one row from PostgreSQL: verify fails and names its seq.
@@ -155,7 +166,14 @@ async fn a_twenty_thousand_record_run_verifies_and_verify_names_a_deleted_row_an
     let config = verify_config(&filter, &db, "e2e-20k", 20_000);
     let report = flowmesh_verify::verify(&config).await.expect("verify runs");
     assert!(!report.is_ok());
-    assert!(report.postgres.missing.contains(&(seq as u64)) || report.lost.contains(&(seq as u64)));
+    assert!(
+        report
+            .store("postgresql")
+            .expect("PostgreSQL checked")
+            .missing
+            .contains(&(seq as u64))
+            || report.lost.contains(&(seq as u64))
+    );
     assert!(
         report.render().contains(&seq.to_string()),
         "{}",
@@ -388,7 +406,7 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
         None => settle_and_verify(&filter, &db, &memory, "e2e-routes", count).await,
     };
     assert!(report.is_ok(), "{}", report.render());
-    assert_eq!(report.mongo.is_some(), mongodb.is_some());
+    assert_eq!(report.store("mongodb").is_some(), mongodb.is_some());
     // Both versions stored records, each where it sent them.
     let observed = observe(&config).await.expect("stores readable");
     let version = |r: &flowmesh_common::record::Record| {
@@ -399,8 +417,7 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
     };
     for routes in [&hot, &low] {
         assert!(
-            observed
-                .postgres
+            pg_records(&observed)
                 .iter()
                 .any(|r| version(r) == routes.version())
         );
@@ -413,19 +430,18 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
             .any(|r| r.value > 80 && version(r) == low.version())
     );
     assert!(
-        observed
-            .postgres
+        pg_records(&observed)
             .iter()
             .any(|r| r.value < 10 && version(r) == low.version())
     );
     // Each record under the version in force when it was routed: HOT for the first leg, LOW
     // for the other two (the broken file changed nothing).
-    for r in observed.file.iter().chain(&observed.postgres) {
+    for r in observed.file.iter().chain(pg_records(&observed)) {
         let expected = if r.seq <= 3_000 { &hot } else { &low };
         assert_eq!(version(r), expected.version(), "seq {}", r.seq);
     }
-    let in_mongo: Vec<flowmesh_common::record::Record> = match &observed.mongo {
-        Some(groups) => groups.iter().flat_map(|(g, _)| g.records.clone()).collect(),
+    let in_mongo: Vec<flowmesh_common::record::Record> = match observed.held("mongodb") {
+        Some(held) => held.records().into_iter().cloned().collect(),
         None => memory
             .groups()
             .into_iter()
@@ -440,8 +456,7 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
     );
 
     // A record moved from PostgreSQL into the file: verify names it.
-    let moved = observed
-        .postgres
+    let moved = pg_records(&observed)
         .iter()
         .find(|r| version(r) == low.version())
         .expect("a record of the second version")
@@ -466,7 +481,11 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
         report.render()
     );
     assert!(
-        report.postgres.missing.contains(&moved.seq),
+        report
+            .store("postgresql")
+            .expect("PostgreSQL checked")
+            .missing
+            .contains(&moved.seq),
         "{}",
         report.render()
     );
@@ -480,5 +499,13 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
             .await
             .expect("client");
         client.database(database).drop().await.expect("drop");
+    }
+}
+
+/// The records verify read from PostgreSQL.
+fn pg_records(observed: &flowmesh_verify::Observed) -> &[flowmesh_common::record::Record] {
+    match observed.held("postgresql") {
+        Some(Held::Records(records)) => records,
+        _ => panic!("PostgreSQL was read"),
     }
 }

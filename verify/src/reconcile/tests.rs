@@ -9,36 +9,53 @@ fn rec(seq: u64, value: u8) -> Record {
     Record::new("v", seq, at, value, None)
 }
 
+fn pg(report: &Report) -> &StoreFindings {
+    report.store("postgresql").expect("PostgreSQL checked")
+}
+
+/// The stores with MongoDB not checked: these tests store the broker's records in PostgreSQL.
+fn without_mongodb() -> Observed {
+    let mut observed = Observed::default();
+    observed.set("mongodb", None);
+    observed
+}
+
 fn clean(n: u64) -> Observed {
     let records: Vec<Record> = (1..=n)
         .map(|s| rec(s, if s % 7 == 0 { 95 } else { 40 }))
         .collect();
-    Observed {
+    let mut observed = Observed {
         file: records
             .iter()
             .filter(|r| Routes::builtin().destination(r) == Destination::File)
             .cloned()
             .collect(),
-        postgres: records
-            .iter()
-            .filter(|r| Routes::builtin().destination(r) == Destination::Broker)
-            .cloned()
-            .collect(),
-        mongo: None,
-    }
+        ..Observed::default()
+    };
+    *observed.records_mut("postgresql") = records
+        .iter()
+        .filter(|r| Routes::builtin().destination(r) == Destination::Broker)
+        .cloned()
+        .collect();
+    observed.set("mongodb", None);
+    observed
 }
 
 #[test]
 fn a_clean_run_reconciles() {
     let report = reconcile("v", Some(50), &clean(50), Rules::default());
     assert!(report.is_ok(), "{}", report.render());
-    assert!(report.render().contains("skipped: no MongoDB"));
+    assert!(
+        report
+            .render()
+            .contains("mongodb      skipped: not configured")
+    );
 }
 
 #[test]
 fn a_deleted_row_is_named() {
     let mut observed = clean(50);
-    observed.postgres.retain(|r| r.seq != 14);
+    observed.records_mut("postgresql").retain(|r| r.seq != 14);
     let report = reconcile("v", Some(50), &observed, Rules::default());
     assert!(!report.is_ok());
     assert_eq!(report.lost, BTreeSet::from([14]));
@@ -134,7 +151,7 @@ fn stored_by(routes: &Routes, records: &[Record], into: &mut Observed) {
         });
         match choice.route.to() {
             Destination::File => into.file.push(stored),
-            Destination::Broker => into.postgres.push(stored),
+            Destination::Broker => into.records_mut("postgresql").push(stored),
         }
     }
 }
@@ -144,7 +161,7 @@ fn verify_judges_each_record_by_the_routes_version_recorded_for_it() {
     let first = routes("value > 80 || hash >= 'f0'");
     let second = routes("value < 10");
     let records: Vec<Record> = (1..=200).map(|s| rec(s, (s % 101) as u8)).collect();
-    let mut observed = Observed::default();
+    let mut observed = without_mongodb();
     stored_by(&first, &records[..120], &mut observed);
     stored_by(&second, &records[120..], &mut observed);
     let rules = Rules::with_routes([first.clone(), second.clone()]);
@@ -152,36 +169,39 @@ fn verify_judges_each_record_by_the_routes_version_recorded_for_it() {
     assert!(report.is_ok(), "{}", report.render());
     assert!(
         observed.file.iter().any(|r| r.value > 80)
-            && observed.postgres.iter().any(|r| r.value < 80)
+            && observed
+                .records_mut("postgresql")
+                .iter()
+                .any(|r| r.value < 80)
     );
 
     // One record moved to the other store: wrong place there, missing where it belongs.
     let mut moved = observed.clone();
     let at = moved
-        .postgres
+        .records_mut("postgresql")
         .iter()
         .position(|r| r.value > 80)
         .expect("a hot record");
-    let mut record = moved.postgres.remove(at);
+    let mut record = moved.records_mut("postgresql").remove(at);
     let seq = record.seq;
     record.provenance.as_mut().expect("provenance").route = None;
     moved.file.push(record);
     let report = reconcile("v", Some(200), &moved, rules.clone());
     assert!(!report.is_ok());
     assert_eq!(report.file.wrong_place, BTreeSet::from([seq]));
-    assert_eq!(report.postgres.missing, BTreeSet::from([seq]));
+    assert_eq!(pg(&report).missing, BTreeSet::from([seq]));
 
     // A record stored under the right store but a route its version does not name.
     let mut renamed = observed.clone();
-    renamed.postgres[0]
+    renamed.records_mut("postgresql")[0]
         .provenance
         .as_mut()
         .expect("provenance")
         .route = Some("rest".into());
     let report = reconcile("v", Some(200), &renamed, rules.clone());
     assert_eq!(
-        report.postgres.wrong_place,
-        BTreeSet::from([renamed.postgres[0].seq])
+        pg(&report).wrong_place,
+        BTreeSet::from([renamed.records_mut("postgresql")[0].seq])
     );
 
     // A record in both stores, each copy under a version that sends it there: one too many.
@@ -202,9 +222,9 @@ fn verify_judges_each_record_by_the_routes_version_recorded_for_it() {
         version: second.version().to_owned(),
         route: Some(second.choose(&copy).route.name().to_owned()),
     });
-    twice.postgres.push(copy);
+    twice.records_mut("postgresql").push(copy);
     let report = reconcile("v", Some(200), &twice, rules.clone());
-    assert_eq!(report.postgres.wrong_place, BTreeSet::from([in_file.seq]));
+    assert_eq!(pg(&report).wrong_place, BTreeSet::from([in_file.seq]));
 
     // The same stores judged without the second version: its records are unknown.
     let report = reconcile("v", Some(200), &observed, Rules::with_routes([first]));
@@ -222,16 +242,18 @@ fn records_of_no_recorded_version_are_judged_by_the_builtin_routes() {
     // the wrong place.
     let fifty = routes("value > 50");
     let records: Vec<Record> = (1..=30).map(|s| rec(s, (s * 3) as u8)).collect();
-    let mut observed = Observed::default();
+    let mut observed = without_mongodb();
     stored_by(&fifty, &records, &mut observed);
     let rules = Rules::with_routes([fifty]);
     assert!(reconcile("v", Some(30), &observed, rules.clone()).is_ok());
-    for record in observed.file.iter_mut().chain(observed.postgres.iter_mut()) {
-        record.provenance = None;
-    }
+    observed.file.iter_mut().for_each(|r| r.provenance = None);
+    observed
+        .records_mut("postgresql")
+        .iter_mut()
+        .for_each(|r| r.provenance = None);
     let report = reconcile("v", Some(30), &observed, rules);
     let misplaced: BTreeSet<u64> = (17..=30).collect();
-    assert_eq!(report.postgres.wrong_place, misplaced);
+    assert_eq!(pg(&report).wrong_place, misplaced);
 }
 
 #[test]
@@ -263,4 +285,30 @@ fn a_nested_run_split_in_two_is_reported_and_a_correct_partition_is_not() {
     let mut full = GroupDoc::new(highs[0].clone(), 1, now);
     full.records.push(highs[1].clone());
     assert_eq!(partition_problem("v", &[(full, 2), (second, 1)], 2), None);
+}
+
+#[test]
+fn every_writer_store_is_held_to_every_broker_bound_record() {
+    // A store verify knows nothing special of (a third writer's) is judged like the others.
+    let mut observed = clean(50);
+    let broker = observed.records_mut("postgresql").clone();
+    observed
+        .stores
+        .push(("clickhouse", Some(Held::Records(broker.clone()))));
+    let report = reconcile("v", Some(50), &observed, Rules::default());
+    assert!(report.is_ok(), "{}", report.render());
+    assert_eq!(
+        report.store("clickhouse").map(|f| f.records),
+        Some(broker.len())
+    );
+
+    observed.stores.last_mut().expect("clickhouse").1 = Some(Held::Records(broker[1..].to_vec()));
+    let report = reconcile("v", Some(50), &observed, Rules::default());
+    assert!(!report.is_ok());
+    assert_eq!(
+        report.store("clickhouse").map(|f| f.missing.clone()),
+        Some(BTreeSet::from([broker[0].seq]))
+    );
+    assert!(report.render().contains("clickhouse missing: 7"));
+    assert_eq!(report.to_json()["clickhouse"]["missing"], 1);
 }
