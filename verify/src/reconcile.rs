@@ -362,11 +362,12 @@ fn findings(
     f
 }
 
-/// Reconciles what was observed for `source`. `expected` defaults to the highest seq seen.
-pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules: Rules) -> Report {
-    let belongs = |record: &Record, here: Destination| rules.belongs(record, here);
-    // Each writer's store: the source's records in it (`None`: not checked).
-    let stored: Vec<(&'static str, Option<Vec<&Record>>)> = observed
+/// Each writer's store with the source's records in it (`None`: not checked).
+fn stored_records<'a>(
+    observed: &'a Observed,
+    source: &str,
+) -> Vec<(&'static str, Option<Vec<&'a Record>>)> {
+    observed
         .stores
         .iter()
         .map(|(name, held)| {
@@ -378,7 +379,36 @@ pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules
             });
             (*name, records)
         })
-        .collect();
+        .collect()
+}
+
+/// The groups, in every store that nests records, that break the nesting rule: the store, the
+/// group's `_id`, and why.
+fn bad_groups(
+    observed: &Observed,
+    source: &str,
+    max_nest: usize,
+) -> Vec<(&'static str, String, String)> {
+    let mut bad = Vec::new();
+    for (name, held) in &observed.stores {
+        if let Some(Held::Groups(groups)) = held {
+            for (group, count) in groups {
+                if let Some(why) = group_problem(group, *count, max_nest) {
+                    bad.push((*name, group.id.clone(), why));
+                }
+            }
+            if let Some((id, why)) = partition_problem(source, groups, max_nest) {
+                bad.push((*name, id, why));
+            }
+        }
+    }
+    bad
+}
+
+/// Reconciles what was observed for `source`. `expected` defaults to the highest seq seen.
+pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules: Rules) -> Report {
+    let belongs = |record: &Record, here: Destination| rules.belongs(record, here);
+    let stored = stored_records(observed, source);
     let all = observed
         .file
         .iter()
@@ -409,19 +439,7 @@ pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules
     let to_file = bound_for(Destination::File);
 
     let file: Vec<&Record> = observed.file.iter().collect();
-    let mut bad_groups = Vec::new();
-    for (name, held) in &observed.stores {
-        if let Some(Held::Groups(groups)) = held {
-            for (group, count) in groups {
-                if let Some(why) = group_problem(group, *count, rules.max_nest) {
-                    bad_groups.push((*name, group.id.clone(), why));
-                }
-            }
-            if let Some((id, why)) = partition_problem(source, groups, rules.max_nest) {
-                bad_groups.push((*name, id, why));
-            }
-        }
-    }
+    let bad_groups = bad_groups(observed, source, rules.max_nest);
     // A copy belongs only where its own version sends it and where the seq belongs as first
     // seen: one record stored in both the file and the broker's stores, each copy under a
     // version that sends it there, is still in one place too many. Every writer's store gets
