@@ -1,38 +1,40 @@
-# One image for all flowmesh binaries: generator, filter, pg-writer, mongo-writer, verify,
-# dead-letters. Pick one with the container's command.
+# One image for all flowmesh binaries (every service, verify, dead-letters, services). Pick one
+# with the container's command.
 #
-# Stage 1 builds the dependencies alone (from the manifests and empty sources), so that layer is
-# reused until a Cargo.toml or Cargo.lock changes; stage 2 builds the real sources on top.
+# Stage 1 keeps of the workspace only what building the dependencies needs: every manifest, the
+# lock file, the migrations, and each target as an empty stub. Its result changes only when a
+# manifest does, so stage 2's dependency layer is reused until then; stage 2 then builds the
+# real sources on top. Nothing here names a crate: a new one is built and shipped as it is.
+FROM rust:1.95-slim-bookworm AS manifests
+WORKDIR /src
+COPY . .
+RUN find . -name '*.rs' | while read -r file; do \
+      case $file in \
+        */src/lib.rs) : > "$file" ;; \
+        */src/main.rs|*/src/bin/*.rs) echo 'fn main() {}' > "$file" ;; \
+        *) rm "$file" ;; \
+      esac; \
+    done \
+ && find . -type f ! -name '*.rs' ! -name Cargo.toml ! -name Cargo.lock ! -path '*/migrations/*' -delete \
+ && find . -depth -type d -empty -delete
+
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY common/Cargo.toml common/
-COPY generator/Cargo.toml generator/
-COPY filter/Cargo.toml filter/
-COPY pg-writer/Cargo.toml pg-writer/
-COPY mongo-writer/Cargo.toml mongo-writer/
-COPY verify/Cargo.toml verify/
-COPY bench/Cargo.toml bench/
-COPY pg-writer/migrations pg-writer/migrations
-RUN for crate in common generator filter pg-writer mongo-writer verify bench; do \
-      mkdir -p $crate/src/bin && echo '' > $crate/src/lib.rs && echo 'fn main() {}' > $crate/src/main.rs; \
-    done \
- && for bin in dead_letters services; do echo 'fn main() {}' > verify/src/bin/$bin.rs; done \
- && cargo build --release --locked --workspace --bins \
- && rm -rf common/src generator/src filter/src pg-writer/src mongo-writer/src verify/src bench/src
+COPY --from=manifests /src ./
+RUN cargo build --release --locked --workspace --bins
 COPY . .
-# Make cargo see the real sources as newer than the placeholder build.
-RUN find common generator filter pg-writer mongo-writer verify bench -name '*.rs' -exec touch {} + \
- && cargo build --release --locked --workspace --bins
+# Make cargo see the real sources as newer than the stubs; then every binary but the bench.
+RUN find . -name '*.rs' -not -path './target/*' -exec touch {} + \
+ && cargo build --release --locked --workspace --bins \
+ && mkdir /out \
+ && find target/release -maxdepth 1 -type f -perm -u+x ! -name bench -exec cp {} /out/ \;
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /var/lib/flowmesh --create-home flowmesh \
  && install -d -o flowmesh -g flowmesh /var/lib/flowmesh/filter /var/lib/flowmesh/spool
-COPY --from=build /src/target/release/generator /src/target/release/filter \
-     /src/target/release/pg-writer /src/target/release/mongo-writer \
-     /src/target/release/verify /src/target/release/dead-letters /usr/local/bin/
+COPY --from=build /out/ /usr/local/bin/
 USER flowmesh
 WORKDIR /var/lib/flowmesh
 ENV LOG_FORMAT=json RUST_LOG=info
