@@ -3,10 +3,14 @@
 # scripts/deps.sh (which starts RabbitMQ, PostgreSQL and MongoDB and defines `target_dir`).
 #
 #   mesh_setup NAME          release binaries built; URLs exported; a fresh WORK (= RUN_DIR)
-#   mesh_ports BASE          the services' ports BASE…BASE+4, FILTER_URL, FILTER_DATA_DIR
+#   services [ROLE]          the services of the one list (common/src/services.rs), or its
+#                            writers, generators…: one `name probe_port role [store]` a line
+#   mesh_ports BASE          the filter on BASE, each service's probe port above it,
+#                            FILTER_URL, FILTER_DATA_DIR; NEXT_PORT the first port above them
 #   temp_database NAME       a database of its own: DB, DATABASE_URL
 #   start SERVICE [VAR=…]    runs $BIN/SERVICE (generator2, generator3: more generators), its
 #                            log and pid file in RUN_DIR, its PID in PID[SERVICE]
+#   start_writers [VAR=…]    starts every writer of the list
 #   stop / kill9 SERVICE     SIGTERM (waits for the exit) / kill -9
 #   wait_ready SERVICE ADDR  its readiness probe, up to 30 s; its log's end on failure
 #   rss_kib / rss_mib / open_files PID
@@ -28,12 +32,22 @@ mesh_setup() { # NAME
   RUN_DIR=$WORK
 }
 
+services() { # [ROLE]: the list, or only the services of ROLE (generator, filter, writer)
+  "$BIN/services" | awk -v role="${1:-}" 'role == "" || $3 == role'
+}
+# The variable prefix of a service's settings: pg-writer → PG_WRITER.
+settings_prefix() { local name=${1^^}; echo "${name//-/_}"; }
+
 mesh_ports() { # BASE: ports below the kernel's ephemeral range, so no outgoing connection holds one
-  local base=$1
-  export FILTER_LISTEN=127.0.0.1:$base GENERATOR_HTTP_ADDR=127.0.0.1:$((base + 1))
-  export FILTER_HTTP_ADDR=127.0.0.1:$((base + 2)) PG_WRITER_HTTP_ADDR=127.0.0.1:$((base + 3))
-  export MONGO_WRITER_HTTP_ADDR=127.0.0.1:$((base + 4)) FILTER_URL=ws://127.0.0.1:$base/ingest
+  local base=$1 offset=1 name
+  export FILTER_LISTEN=127.0.0.1:$base FILTER_URL=ws://127.0.0.1:$base/ingest
   export FILTER_DATA_DIR="$RUN_DIR/filter"
+  # Each service's probe port: BASE+1, BASE+2, … in the list's order (the generator first).
+  while read -r name _; do
+    export "$(settings_prefix "$name")_HTTP_ADDR=127.0.0.1:$((base + offset))"
+    offset=$((offset + 1))
+  done < <(services)
+  NEXT_PORT=$((base + offset)) # the first port above them, for more generators
 }
 
 temp_database() { # NAME
@@ -47,6 +61,10 @@ start() { # SERVICE [env assignments…]
   env "$@" "$BIN/${name%[0-9]}" >>"$RUN_DIR/$name.log" 2>&1 &
   PID[$name]=$!
   echo "${PID[$name]}" >"$RUN_DIR/$name.pid"
+}
+start_writers() { # [env assignments…]: every writer of the list
+  local name
+  for name in $(services writer | cut -d' ' -f1); do start "$name" "$@"; done
 }
 running() { [ -n "${PID[$1]:-}" ]; }
 stop() {
@@ -79,7 +97,7 @@ mesh_teardown() { # the generators first: they wait for acks from a filter still
   fi
   if [ -n "${AMQP_PREFIX:-}" ]; then
     local q
-    for q in records.pg-writer records.mongo-writer dead-letter; do
+    for q in $(services writer | cut -d' ' -f1 | sed 's/^/records./') dead-letter; do
       rabbitmqctl -q delete_queue "$AMQP_PREFIX.$q" >/dev/null 2>&1 || true
     done
   fi

@@ -31,7 +31,9 @@ mesh_setup soak
 CSV="$WORK/soak.csv" FAULTS="$WORK/faults.tsv"
 source scripts/faults.sh
 
-SERVICES=(generator generator2 generator3 filter pg-writer mongo-writer)
+# The three generators, then every other service of the one list (common/src/services.rs).
+mapfile -t OTHERS < <(services | awk '$3 != "generator" { print $1 }')
+SERVICES=(generator generator2 generator3 "${OTHERS[@]}")
 SOURCES=("soak-a-$RANDOM" "soak-b-$RANDOM" "soak-c-$RANDOM")
 # The faults drawn from (the chaos catalogue's, each injected and healed within a minute).
 CATALOGUE=(kill-generator kill-filter kill-pg-writer kill-mongo-writer rabbitmq-restart
@@ -48,7 +50,7 @@ temp_database soak
 
 start_generator() { # NAME INDEX: generator N of the three, its own source, spool and probe port
   start "$1" GENERATOR_SOURCE="${SOURCES[$2]}" GENERATOR_SPOOL_DIR="$WORK/spool-$2" \
-    GENERATOR_HTTP_ADDR="127.0.0.1:$((base + 5 + $2))"
+    GENERATOR_HTTP_ADDR="127.0.0.1:$((NEXT_PORT + $2))"
 }
 GENERATORS=(generator generator2 generator3)
 
@@ -60,7 +62,13 @@ trap 'exit 130' INT; trap 'exit 143' TERM
 sample() {
   local header="t" name
   for name in "${SERVICES[@]}"; do header+=",rss_kib_$name,files_$name"; done
-  echo "$header,spool_bytes,file_sink_bytes,dead_letter_file_bytes,queue_pg_writer,queue_mongo_writer,queue_dead_letter" >"$CSV"
+  # One depth column a queue: each writer's (from the list), then the dead letters.
+  local queue_names=() queue_header=""
+  for name in $(services writer | cut -d' ' -f1); do
+    queue_names+=("records.$name") queue_header+=",queue_${name//-/_}"
+  done
+  queue_names+=(dead-letter) queue_header+=",queue_dead_letter"
+  echo "$header,spool_bytes,file_sink_bytes,dead_letter_file_bytes$queue_header" >"$CSV"
   local started; started=$(date +%s)
   while :; do
     local row pid rss files
@@ -77,16 +85,17 @@ sample() {
     sink=$(find "$FILTER_DATA_DIR" -name 'records*.jsonl*' -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }')
     dead=$(find "$FILTER_DATA_DIR" -name 'dead-letter*.jsonl*' -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }')
     local queues
-    queues=$(timeout 8 rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v p="$AMQP_PREFIX." '
-      $1 == p "records.pg-writer" { a = $2 } $1 == p "records.mongo-writer" { b = $2 } $1 == p "dead-letter" { c = $2 }
-      END { printf "%s,%s,%s", a, b, c }' || echo ",,")
-    echo "$row,$spool,$sink,$dead,$queues" >>"$CSV"
+    queues=$(timeout 8 rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v p="$AMQP_PREFIX." \
+      -v names="${queue_names[*]}" '
+      { depth[$1] = $2 }
+      END { n = split(names, q, " "); for (i = 1; i <= n; i++) printf ",%s", depth[p q[i]] }' || true)
+    echo "$row,$spool,$sink,$dead$queues" >>"$CSV"
     sleep $(( 10 - ($(date +%s) - started) % 10 ))
   done
 }
 
 log "soak: $MINUTES min, 3 sources at $RATE records/s each, a fault a minute (seed $SEED); in $WORK"
-start filter; start pg-writer; start mongo-writer
+start filter; start_writers
 wait_ready filter "$FILTER_HTTP_ADDR" || exit 1
 for i in 0 1 2; do start_generator "${GENERATORS[$i]}" "$i"; done
 sample & SAMPLER=$!
@@ -160,9 +169,8 @@ panels = [
     ("disk (MiB)", [(n, series(c, 1 / 2**20)) for n, c in
                     [("generator spools", "spool_bytes"), ("file sink (the records themselves)", "file_sink_bytes"),
                      ("dead letters (file)", "dead_letter_file_bytes")]]),
-    ("queue depth (messages)", [(n, series(c)) for n, c in
-                                [("pg-writer", "queue_pg_writer"), ("mongo-writer", "queue_mongo_writer"),
-                                 ("dead-letter", "queue_dead_letter")]]),
+    ("queue depth (messages)", [(c[len("queue_"):].replace("_", "-"), series(c))
+                                for c in (rows[0] if rows else []) if c.startswith("queue_")]),
 ]
 fig, axes = plt.subplots(len(panels), 1, figsize=(11, 12), sharex=True)
 for ax, (title, lines) in zip(axes, panels):
