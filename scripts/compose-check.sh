@@ -46,7 +46,10 @@ export GENERATOR_RATE=${COMPOSE_CHECK_RATE:-200}
 SOURCE=compose-generator # the compose file's GENERATOR_SOURCE
 FILES=(-f docker-compose.yml)
 LOGS=${COMPOSE_CHECK_LOGS:-var/compose-check}
-SERVICES=(rabbitmq postgres mongodb filter pg-writer mongo-writer generator prometheus)
+# The mesh's own services come from the one list (common/src/services.rs, printed by `services`).
+mapfile -t MESH < <(cargo run --quiet --bin services | cut -d' ' -f1)
+[ ${#MESH[@]} -gt 0 ] || { log "cannot list the mesh's services (cargo run --bin services)"; exit 1; }
+SERVICES=(rabbitmq postgres mongodb "${MESH[@]}" prometheus)
 SUMMARY=()
 FAILED=0
 
@@ -194,7 +197,7 @@ sys.exit(1 if down or len(targets) < 5 else 0)'; then
 
 json_logs() { # every line each flowmesh service wrote is a JSON object naming the service
   local service bad=0
-  for service in filter pg-writer mongo-writer generator; do
+  for service in "${MESH[@]}"; do
     docker logs "$(cid "$service")" 2>&1 | python3 -c '
 import json, sys
 service, lines, bad = sys.argv[1], 0, []

@@ -320,9 +320,11 @@ macro_rules! writer_args {
 
         impl WriterArgs {
             /// The shell's settings for the writer of database `D`.
-            pub fn settings<D: $crate::writer::Database>(&self) -> $crate::writer::WriterSettings {
-                $crate::writer::WriterSettings {
-                    consumer: $crate::consumer::ConsumerSettings {
+            pub fn settings<D: $crate::writers::Database>(
+                &self,
+            ) -> $crate::writers::WriterSettings {
+                $crate::writers::WriterSettings {
+                    consumer: $crate::writers::consumer::ConsumerSettings {
                         url: self.broker.url.expose().to_owned(),
                         topology: self.broker.topology(),
                         writer: D::WRITER,

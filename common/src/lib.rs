@@ -5,7 +5,6 @@
 pub mod args;
 pub mod breaker;
 pub mod config;
-pub mod consumer;
 pub mod health;
 pub mod http;
 pub mod link;
@@ -23,7 +22,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod topology;
-pub mod writer;
+pub mod writers;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::breaker::Breaker;
 use crate::link::LinkStatus;
 use crate::topology::Topology;
-use crate::writer::{Database, Writer};
+use crate::writers::{Database, Writer};
 
 /// A fresh, unique prefix for a test's private AMQP topology or database objects.
 pub fn unique_prefix(test: &str) -> String {

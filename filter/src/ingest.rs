@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, Refusal, Ticket};
+use crate::dispatch::Dispatcher;
 use crate::reply::{Destination, Replier, Reply};
-use crate::router::Router;
 use crate::transport::Transport;
 use flowmesh_common::token::Tokens;
 
@@ -92,7 +92,7 @@ pub struct IntakeTally {
 pub async fn serve(
     listener: TcpListener,
     settings: Arc<IngestSettings>,
-    router: Router,
+    dispatcher: Dispatcher,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -109,7 +109,7 @@ pub async fn serve(
                     let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
                     match settings.handshakes.enter(peer.ip()) {
                         Ok(handshake) => {
-                            tracker.spawn(connection(stream, peer, handshake, settings.clone(), router.clone(), shutdown.clone()));
+                            tracker.spawn(connection(stream, peer, handshake, settings.clone(), dispatcher.clone(), shutdown.clone()));
                         }
                         Err(refusal) => {
                             // Too many handshakes at once: closed before a byte is read.
@@ -182,7 +182,7 @@ async fn connection(
     peer: SocketAddr,
     handshake: Ticket,
     settings: Arc<IngestSettings>,
-    router: Router,
+    dispatcher: Dispatcher,
     shutdown: CancellationToken,
 ) {
     let config = WebSocketConfig::default()
@@ -231,7 +231,7 @@ async fn connection(
     metrics::gauge!(m::FILTER_CONNECTIONS).increment(1.0);
     let tally = settings.tally.clone();
     tally.connections.fetch_add(1, Ordering::Relaxed);
-    Session::new(settings).run(ws, router, shutdown).await;
+    Session::new(settings).run(ws, dispatcher, shutdown).await;
     tally.connections.fetch_sub(1, Ordering::Relaxed);
     metrics::gauge!(m::FILTER_CONNECTIONS).decrement(1.0);
     tracing::info!(%peer, "client disconnected");
@@ -273,7 +273,7 @@ impl Session {
     async fn run(
         self,
         ws: WebSocketStream<Transport>,
-        router: Router,
+        dispatcher: Dispatcher,
         shutdown: CancellationToken,
     ) {
         let (sink, stream) = ws.split();
@@ -295,7 +295,7 @@ impl Session {
             },
         ));
         let close = self
-            .read_loop(stream, &router, &replier, &shutdown, &stalled)
+            .read_loop(stream, &dispatcher, &replier, &shutdown, &stalled)
             .await;
         self.finish(close, control_tx, replier, writer).await;
     }
@@ -319,7 +319,7 @@ impl Session {
     async fn read_loop(
         &self,
         mut stream: SplitStream<WebSocketStream<Transport>>,
-        router: &Router,
+        dispatcher: &Dispatcher,
         replier: &Replier,
         shutdown: &CancellationToken,
         stalled: &CancellationToken,
@@ -354,7 +354,7 @@ impl Session {
                 }
                 message = stream.next() => message,
             };
-            match self.handle_message(message, router, replier).await {
+            match self.handle_message(message, dispatcher, replier).await {
                 Flow::Continue(bad) => invalid += bad,
                 Flow::Close(frame) => return frame,
             }
@@ -365,14 +365,14 @@ impl Session {
     async fn handle_message(
         &self,
         message: Option<Result<Message, WsError>>,
-        router: &Router,
+        dispatcher: &Dispatcher,
         replier: &Replier,
     ) -> Flow {
         match message {
             None | Some(Ok(Message::Close(_))) => Flow::Close(None),
             Some(Ok(Message::Text(text))) => {
                 metrics::counter!(m::FILTER_FRAMES, "kind" => "text").increment(1);
-                Flow::Continue(self.handle_text(text.as_str(), router, replier).await)
+                Flow::Continue(self.handle_text(text.as_str(), dispatcher, replier).await)
             }
             Some(Ok(Message::Binary(bytes))) => {
                 metrics::counter!(m::FILTER_FRAMES, "kind" => "binary").increment(1);
@@ -384,7 +384,7 @@ impl Session {
                     reason: "arrived in a binary frame; records travel in text frames".into(),
                 };
                 let frame = String::from_utf8_lossy(&bytes).into_owned();
-                router.reject_frame(error, frame, replier).await;
+                dispatcher.reject_frame(error, frame, replier).await;
                 Flow::Continue(1)
             }
             Some(Ok(_)) => Flow::Continue(0), // ping/pong: tungstenite answers pings itself
@@ -435,13 +435,15 @@ impl Session {
     }
 
     /// Routes one text frame; returns how many invalid records (or frames) it held.
-    async fn handle_text(&self, text: &str, router: &Router, replier: &Replier) -> usize {
+    async fn handle_text(&self, text: &str, dispatcher: &Dispatcher, replier: &Replier) -> usize {
         match protocol::parse_frame(text, self.settings.max_batch) {
             Err(error) => {
                 if !self.admit(1).await {
                     return 0;
                 }
-                router.reject_frame(error, text.to_owned(), replier).await;
+                dispatcher
+                    .reject_frame(error, text.to_owned(), replier)
+                    .await;
                 1
             }
             Ok(mut items) => {
@@ -456,7 +458,7 @@ impl Session {
                     if !self.admit(items.len()).await {
                         return 0;
                     }
-                    router.route(items, replier).await;
+                    dispatcher.route(items, replier).await;
                     items = rest;
                 }
                 invalid

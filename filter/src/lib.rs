@@ -5,11 +5,11 @@
 pub mod admission;
 pub mod broker;
 pub mod config;
+pub mod dispatch;
 pub mod file_sink;
 pub mod ingest;
+pub mod live_routes;
 pub mod reply;
-pub mod router;
-pub mod routes;
 pub mod startup;
 pub mod transport;
 

@@ -16,10 +16,10 @@ use tokio_util::task::TaskTracker;
 use crate::admission::Admission;
 use crate::broker::{BrokerConfig, BrokerSink};
 use crate::config::FilterConfig;
+use crate::dispatch::Dispatcher;
 use crate::file_sink::{FileSink, FileSinkConfig};
 use crate::ingest::{self, IngestSettings, IntakeTally};
-use crate::router::Router;
-use crate::routes::RoutesHandle;
+use crate::live_routes::RoutesHandle;
 use flowmesh_common::token::Tokens;
 
 /// Breaker names (metric label values), one per guarded dependency.
@@ -35,7 +35,7 @@ pub struct Application {
     ws_listener: TcpListener,
     http_listener: TcpListener,
     health: Health,
-    router: Router,
+    dispatcher: Dispatcher,
     routes: RoutesHandle,
     routes_watch: CancellationToken,
     broker: BrokerSink,
@@ -106,7 +106,8 @@ impl Application {
         routes.watch(routes_watch.clone());
         let routes_in_force = routes.clone();
         health.optional("routes", move || routes_in_force.component());
-        let router = Router::new(broker.clone(), file.clone(), dead_letters, routes.clone());
+        let dispatcher =
+            Dispatcher::new(broker.clone(), file.clone(), dead_letters, routes.clone());
         Ok(Self {
             routes,
             routes_watch,
@@ -114,7 +115,7 @@ impl Application {
             ws_listener,
             http_listener,
             health,
-            router,
+            dispatcher,
             broker,
             file,
             sink_tasks: vec![broker_task, file_task, dead_task],
@@ -168,7 +169,7 @@ impl Application {
             ws_listener,
             http_listener,
             health,
-            router,
+            dispatcher,
             routes: _,
             routes_watch,
             broker,
@@ -189,7 +190,7 @@ impl Application {
             [
                 broker.breaker().clone(),
                 file.breaker().clone(),
-                router.dead_letter_breaker(),
+                dispatcher.dead_letter_breaker(),
             ],
             http_stop.clone(),
         );
@@ -206,7 +207,7 @@ impl Application {
         ingest::serve(
             ws_listener,
             settings,
-            router,
+            dispatcher,
             shutdown.clone(),
             tracker.clone(),
         )

@@ -35,7 +35,7 @@ pub struct TestFilter {
     /// The records file breaker.
     pub file_breaker: flowmesh_common::breaker::Breaker,
     /// The routes in force.
-    pub routes: crate::routes::RoutesHandle,
+    pub routes: crate::live_routes::RoutesHandle,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }

@@ -11,7 +11,7 @@ use flowmesh_common::routing::{Destination, Routes};
 use flowmesh_common::testkit::{amqp_channel, drain_queue, eventually, record};
 use flowmesh_common::topology::provenance_of;
 use flowmesh_filter::file_sink::{file_version, sink_files};
-use flowmesh_filter::routes::{Reload, applied_versions};
+use flowmesh_filter::live_routes::{Reload, applied_versions};
 use flowmesh_filter::testkit::{RawClient, TestFilter};
 
 const HOT: &str = "[[route]]\nname = \"hot\"\nwhen = \"value > 80 || hash >= 'f0'\"\nto = \"broker\"\n\n[[route]]\nname = \"rest\"\nto = \"file\"\n";

@@ -2,5 +2,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    flowmesh_common::writer::main("mongo-writer", flowmesh_mongo_writer::build).await
+    flowmesh_common::writers::main("mongo-writer", flowmesh_mongo_writer::build).await
 }

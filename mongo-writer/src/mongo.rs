@@ -24,8 +24,8 @@ use tokio::sync::OnceCell;
 
 use crate::nesting::{GroupDoc, Op, OpenGroup};
 use crate::store::{Conflict, GroupStore};
-use flowmesh_common::consumer::{Misconfigured, Permanent};
 use flowmesh_common::record::Record;
+use flowmesh_common::writers::consumer::{Misconfigured, Permanent};
 
 /// Default database.
 pub const DEFAULT_DATABASE: &str = "flowmesh";

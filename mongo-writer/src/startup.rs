@@ -1,7 +1,7 @@
 //! mongo-writer as a [`Writer`]: MongoDB (or the in-memory twin) behind the nesting store is its
 //! [`Database`]; the shell in `flowmesh_common` does the rest.
 
-use flowmesh_common::writer::{Database, Writer};
+use flowmesh_common::writers::{Database, Writer};
 
 use crate::config::{MongoWriterConfig, StoreKind};
 use crate::groups::Groups;

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
-use flowmesh_common::consumer::{RecordStore, StoreReport};
 use flowmesh_common::record::Record;
+use flowmesh_common::writers::consumer::{RecordStore, StoreReport};
 
 use crate::nesting::{GroupDoc, Op, OpenGroup, OpenGroups, plan};
 

@@ -290,7 +290,7 @@ struct Consuming {
 impl Consuming {
     /// Consumes `topology`'s mongo-writer queue through `url`, `batch_max` records a batch at
     /// most, waiting `linger` for more.
-    fn start<S: flowmesh_common::consumer::RecordStore>(
+    fn start<S: flowmesh_common::writers::consumer::RecordStore>(
         url: String,
         topology: &Topology,
         store: S,
@@ -298,7 +298,7 @@ impl Consuming {
         linger: Duration,
     ) -> Self {
         use flowmesh_common::breaker::{Breaker, BreakerSettings};
-        use flowmesh_common::consumer::{self, ConsumerProgress, ConsumerSettings};
+        use flowmesh_common::writers::consumer::{self, ConsumerProgress, ConsumerSettings};
         let settings = ConsumerSettings {
             url,
             topology: topology.clone(),
@@ -353,14 +353,14 @@ impl<F> Hooked<F> {
     }
 }
 
-impl<F> flowmesh_common::consumer::RecordStore for Hooked<F>
+impl<F> flowmesh_common::writers::consumer::RecordStore for Hooked<F>
 where
     F: FnMut(&[Record]) -> anyhow::Result<()> + Send + 'static,
 {
     async fn store(
         &mut self,
         records: &[Record],
-    ) -> anyhow::Result<flowmesh_common::consumer::StoreReport> {
+    ) -> anyhow::Result<flowmesh_common::writers::consumer::StoreReport> {
         let checked = (self.check)(records);
         tokio::time::sleep(self.delay).await;
         checked?;
@@ -468,7 +468,7 @@ async fn a_record_refused_for_good_is_dead_lettered_alone_and_the_rest_of_its_ba
         &memory,
         Duration::ZERO,
         move |records: &[Record]| match records.iter().find(|r| bad.contains(&r.seq)) {
-            Some(record) => Err(flowmesh_common::consumer::Permanent(format!(
+            Some(record) => Err(flowmesh_common::writers::consumer::Permanent(format!(
                 "document failed validation (seq {})",
                 record.seq
             ))
@@ -593,11 +593,11 @@ struct Crashing {
     calls: std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
 }
 
-impl flowmesh_common::consumer::RecordStore for Crashing {
+impl flowmesh_common::writers::consumer::RecordStore for Crashing {
     async fn store(
         &mut self,
         records: &[Record],
-    ) -> anyhow::Result<flowmesh_common::consumer::StoreReport> {
+    ) -> anyhow::Result<flowmesh_common::writers::consumer::StoreReport> {
         let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
         let crash = seqs.contains(&self.poison);
         self.calls.lock().expect("calls").push(seqs);
@@ -606,7 +606,7 @@ impl flowmesh_common::consumer::RecordStore for Crashing {
             tokio::time::sleep(Duration::from_millis(300)).await;
             self.proxy.heal();
             // The session is gone: its ack cannot reach RabbitMQ, which has the batch back.
-            return Ok(flowmesh_common::consumer::StoreReport::default());
+            return Ok(flowmesh_common::writers::consumer::StoreReport::default());
         }
         self.inner.store(records).await
     }

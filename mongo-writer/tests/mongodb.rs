@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use flowmesh_common::consumer::RecordStore;
 use flowmesh_common::record::Record;
 use flowmesh_common::testkit::{
     TestWriter, drain_dead_letters, eventually, publish_records, unique_prefix,
 };
 use flowmesh_common::topology::Topology;
+use flowmesh_common::writers::consumer::RecordStore;
 use flowmesh_mongo_writer::MongoWriterConfig;
 use flowmesh_mongo_writer::mongo::{self, MongoStore, from_document};
 use flowmesh_mongo_writer::nesting::{GroupDoc, Op, nests};

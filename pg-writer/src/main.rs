@@ -2,5 +2,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    flowmesh_common::writer::main("pg-writer", flowmesh_pg_writer::build).await
+    flowmesh_common::writers::main("pg-writer", flowmesh_pg_writer::build).await
 }

@@ -1,7 +1,7 @@
 //! pg-writer as a [`Writer`]: PostgreSQL is its [`Database`]; the shell in `flowmesh_common`
 //! does the rest.
 
-use flowmesh_common::writer::{Database, Writer};
+use flowmesh_common::writers::{Database, Writer};
 use sqlx::PgPool;
 
 use crate::config::PgWriterConfig;

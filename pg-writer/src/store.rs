@@ -5,9 +5,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use flowmesh_common::consumer::{Misconfigured, Permanent, RecordStore, StoreReport};
 use flowmesh_common::record::Provenance;
 use flowmesh_common::record::{Record, format_timestamp, parse_timestamp};
+use flowmesh_common::writers::consumer::{Misconfigured, Permanent, RecordStore, StoreReport};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 

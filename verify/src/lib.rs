@@ -174,7 +174,7 @@ async fn read_mongo(
 /// Runs a whole verification: observe, reconcile, and the report.
 pub async fn verify(config: &VerifyConfig) -> anyhow::Result<Report> {
     let observed = observe(config).await?;
-    let versions = flowmesh_filter::routes::applied_versions(&config.data_dir)?;
+    let versions = flowmesh_filter::live_routes::applied_versions(&config.data_dir)?;
     let rules = Rules {
         max_nest: config.max_nest,
         ..Rules::with_routes(versions.into_values())

@@ -108,7 +108,7 @@ async fn settle_and_verify(
         .collect();
     observed.set("mongodb", Some(Held::Groups(groups)));
     let versions =
-        flowmesh_filter::routes::applied_versions(filter.dir.path()).expect("routes.log");
+        flowmesh_filter::live_routes::applied_versions(filter.dir.path()).expect("routes.log");
     reconcile(
         source,
         Some(count),
@@ -323,7 +323,7 @@ async fn mongo_documents_records(url: &str, database: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly() {
     use flowmesh_common::routing::Routes;
-    use flowmesh_filter::routes::Reload;
+    use flowmesh_filter::live_routes::Reload;
     let db = TestDb::create().await;
     let routes_dir = tempfile::tempdir().expect("dir");
     let path = routes_dir.path().join("routes.toml");

@@ -1,4 +1,4 @@
-//! Routing (docs/contracts.md §3, the routes owned by `flowmesh_common::routing`): each valid
+//! Dispatch (docs/contracts.md §3, the routes owned by `flowmesh_common::routing`): each valid
 //! record to RabbitMQ or the file sink by the routes in force, every invalid one to the
 //! dead-letter file and a reject. A frame is routed entirely under one routes version, which
 //! goes with its records: in AMQP headers, and as the version of the file they are written to.
@@ -14,8 +14,8 @@ use serde_json::json;
 
 use crate::broker::{BrokerJob, BrokerSink};
 use crate::file_sink::{FileJob, FileSink, id_key};
+use crate::live_routes::RoutesHandle;
 use crate::reply::{Completion, Destination, Replier};
-use crate::routes::RoutesHandle;
 
 /// Warnings about invalid records logged per second at most.
 const WARNINGS_PER_SECOND: u32 = 10;
@@ -25,7 +25,7 @@ const UNSTORED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Hands each record to its destination. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Router {
+pub struct Dispatcher {
     broker: BrokerSink,
     file: FileSink,
     dead_letters: FileSink,
@@ -34,8 +34,8 @@ pub struct Router {
     warnings: std::sync::Arc<LogLimit>,
 }
 
-impl Router {
-    /// A router over the three sinks, by the routes `routes` holds at each frame.
+impl Dispatcher {
+    /// A dispatcher over the three sinks, by the routes `routes` holds at each frame.
     pub fn new(
         broker: BrokerSink,
         file: FileSink,

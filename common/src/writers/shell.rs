@@ -13,10 +13,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Breaker, BreakerSettings, BreakerState};
-use crate::consumer::{self, ConsumerProgress, ConsumerSettings, RecordStore, StoreGate};
 use crate::health::{Health, Reachability};
 use crate::link::LinkStatus;
 use crate::progress::Tally;
+use crate::writers::consumer::{self, ConsumerProgress, ConsumerSettings, RecordStore, StoreGate};
 
 /// How often the database's reachability is checked for health.
 const PING_EVERY: Duration = Duration::from_secs(2);
