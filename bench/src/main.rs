@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flowmesh_common::record::Record;
 use flowmesh_common::topology::{Topology, record_properties};
+use flowmesh_pg_writer::store::Columns;
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use lapin::options::{
@@ -275,13 +276,22 @@ async fn channel(amqp_url: &str) -> anyhow::Result<(Connection, lapin::Channel)>
     Ok((connection, channel))
 }
 
-async fn publish(amqp_url: &str, prefix: &str, count: usize, window: usize) -> anyhow::Result<()> {
-    let (_connection, channel) = channel(amqp_url).await?;
+/// A confirmed channel and the mesh's topology under `prefix`, declared on it.
+async fn confirmed_channel(
+    amqp_url: &str,
+    prefix: &str,
+) -> anyhow::Result<(Connection, lapin::Channel, Topology)> {
+    let (connection, channel) = channel(amqp_url).await?;
     let topology = Topology::new(prefix, 5);
     topology.declare(&channel).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
+    Ok((connection, channel, topology))
+}
+
+async fn publish(amqp_url: &str, prefix: &str, count: usize, window: usize) -> anyhow::Result<()> {
+    let (_connection, channel, topology) = confirmed_channel(amqp_url, prefix).await?;
     let records = records(count);
     let bodies: Vec<Vec<u8>> = records.iter().map(|r| r.to_json().into_bytes()).collect();
     let started = Instant::now();
@@ -399,42 +409,12 @@ async fn insert(database_url: &str, count: usize, batch: usize) -> anyhow::Resul
     let records = records(count);
     let started = Instant::now();
     for chunk in records.chunks(batch) {
-        let ids: Vec<uuid::Uuid> = chunk
-            .iter()
-            .map(|r| uuid::Uuid::parse_str(&r.id))
-            .collect::<Result<_, _>>()?;
-        let sources: Vec<&str> = chunk.iter().map(|r| r.source.as_str()).collect();
-        let seqs: Vec<i64> = chunk.iter().map(|r| r.seq as i64).collect();
-        let times: Vec<chrono::DateTime<chrono::Utc>> = chunk
-            .iter()
-            .map(|r| flowmesh_common::record::parse_timestamp(&r.timestamp))
-            .collect::<Option<_>>()
-            .context("timestamps parse")?;
-        let values: Vec<i16> = chunk.iter().map(|r| i16::from(r.value)).collect();
-        let hashes: Vec<&str> = chunk.iter().map(|r| r.hash.as_str()).collect();
-        let routes: Vec<Option<&str>> = chunk
-            .iter()
-            .map(|r| r.provenance.as_ref().and_then(|p| p.route.as_deref()))
-            .collect();
-        let versions: Vec<Option<&str>> = chunk
-            .iter()
-            .map(|r| r.provenance.as_ref().map(|p| p.version.as_str()))
-            .collect();
-        sqlx::query(
+        let query = sqlx::query(
             "insert into bench_records (id, source, seq, ts, value, hash, route, routes_version)
              select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::int2[], $6::text[], $7::text[], $8::text[])
              on conflict (id) do nothing",
-        )
-        .bind(ids)
-        .bind(sources)
-        .bind(seqs)
-        .bind(times)
-        .bind(values)
-        .bind(hashes)
-        .bind(routes)
-        .bind(versions)
-        .execute(&pool)
-        .await?;
+        );
+        Columns::of(chunk)?.bind(query).execute(&pool).await?;
     }
     let elapsed = started.elapsed();
     sqlx::raw_sql("drop table bench_records")
@@ -513,12 +493,7 @@ async fn latency(
     )
     .execute(&pool)
     .await?;
-    let (_connection, publisher) = channel(amqp_url).await?;
-    let topology = Topology::new(prefix, 5);
-    topology.declare(&publisher).await?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let (_connection, publisher, topology) = confirmed_channel(amqp_url, prefix).await?;
     let (_consume_connection, consume_channel) = channel(amqp_url).await?;
     let consumer = pg_writer_consumer(&consume_channel, &topology, 2000, "bench-latency").await?;
     let inserter = tokio::spawn(insert_each(consumer, pool.clone(), count));

@@ -113,19 +113,27 @@ pub fn require_scheme(setting: &str, url: &str, schemes: &[&str]) -> Result<(), 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
-impl Secret {
-    /// The secret's value, for the one place that must use it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
+/// `expose` (the value, for the one place that must use it) and parsing from a setting, for a
+/// string type that keeps its value from printing.
+macro_rules! unprinted {
+    ($name:ident) => {
+        impl $name {
+            /// The value itself, for the one place that must use it.
+            pub fn expose(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = std::convert::Infallible;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Ok(Self(s.to_owned()))
+            }
+        }
+    };
 }
 
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
+unprinted!(Secret);
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -144,19 +152,7 @@ impl fmt::Display for Secret {
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretUrl(String);
 
-impl SecretUrl {
-    /// The URL itself, for the one place that connects with it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::str::FromStr for SecretUrl {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
+unprinted!(SecretUrl);
 
 impl From<&str> for SecretUrl {
     fn from(url: &str) -> Self {

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -34,25 +35,27 @@ pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
         .with_state(AppState { health, metrics })
 }
 
-/// Serves the probe port on `listener` until `shutdown` fires, with a bounded number of
+/// Serves `service`'s probe port on `listener` (its `/metrics` from the process's recorder,
+/// installed here if it is not yet) until `shutdown` fires, with a bounded number of
 /// connections and a read timeout (see [`guard`]).
 pub fn spawn(
+    service: &'static str,
     listener: TcpListener,
     health: Health,
-    metrics: PrometheusHandle,
     shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let metrics = crate::metrics::install(service).context("installing the metrics recorder")?;
     let app = router(health, metrics);
     let listener =
         guard::GuardedListener::new(listener, guard::MAX_CONNECTIONS, guard::READ_TIMEOUT);
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(err) = served {
             tracing::error!(error = %err, "HTTP probe server failed");
         }
-    })
+    }))
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {

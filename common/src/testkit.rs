@@ -221,6 +221,16 @@ pub async fn eventually(what: &str, within: Duration, mut condition: impl FnMut(
     }
 }
 
+/// Waits (up to 30 s) until `link` is connected; `who` names its owner in the failure.
+pub async fn wait_linked(who: &str, link: &LinkStatus) {
+    eventually(
+        &format!("{who} connected to RabbitMQ"),
+        Duration::from_secs(30),
+        || link.is_connected(),
+    )
+    .await;
+}
+
 /// Parses every line of a JSON Lines file (none if it does not exist).
 pub fn read_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -357,13 +367,7 @@ impl TestWriter {
 
     /// Waits until the writer is connected to RabbitMQ.
     pub async fn wait_connected(&self) {
-        let link = self.link.clone();
-        eventually(
-            "the writer connected to RabbitMQ",
-            Duration::from_secs(30),
-            || link.is_connected(),
-        )
-        .await;
+        wait_linked("the writer", &self.link).await;
     }
 
     /// Stops the writer and waits for a clean stop; the topology stays (for a restart).

@@ -176,10 +176,13 @@ impl Application {
             file,
             sink_tasks,
         } = self;
-        let metrics = flowmesh_common::metrics::install("filter").context("metrics recorder")?;
         let http_stop = CancellationToken::new();
-        let http =
-            flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
+        let http = flowmesh_common::http::spawn(
+            "filter",
+            http_listener,
+            health.clone(),
+            http_stop.clone(),
+        )?;
         health.require("intake", || Component::new(ComponentStatus::Up));
 
         let settings = Arc::new(ingest_settings(&config)?);

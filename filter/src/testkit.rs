@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Application, FilterConfig};
 use flowmesh_common::link::LinkStatus;
-use flowmesh_common::testkit::{amqp_channel, eventually, read_lines};
+use flowmesh_common::testkit::{amqp_channel, read_lines};
 
 /// A filter running in-process.
 pub struct TestFilter {
@@ -74,13 +74,7 @@ impl TestFilter {
 
     /// Waits until the publisher is connected to RabbitMQ.
     pub async fn wait_connected(&self) {
-        let broker = self.broker.clone();
-        eventually(
-            "filter connected to RabbitMQ",
-            Duration::from_secs(30),
-            || broker.is_connected(),
-        )
-        .await;
+        flowmesh_common::testkit::wait_linked("the filter", &self.broker).await;
     }
 
     /// `ws://…/ingest` of this filter.

@@ -131,20 +131,23 @@ impl Application {
     /// Runs until `--count` records are made and all acked, or until `shutdown` fires; then
     /// waits up to the grace period for in-flight acks, closes the link and stops.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<Summary> {
+        let http_stop = CancellationToken::new();
+        let http = flowmesh_common::http::spawn(
+            "generator",
+            self.http_listener,
+            self.health.clone(),
+            http_stop.clone(),
+        )?;
         let Self {
             config,
             source,
-            http_listener,
             health,
             link,
             breaker,
             window,
             next_seq,
+            ..
         } = self;
-        let metrics = flowmesh_common::metrics::install("generator").context("metrics recorder")?;
-        let http_stop = CancellationToken::new();
-        let http =
-            flowmesh_common::http::spawn(http_listener, health.clone(), metrics, http_stop.clone());
 
         spawn_progress_line(
             config.service.progress_every,

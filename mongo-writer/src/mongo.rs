@@ -22,7 +22,7 @@ use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 use tokio::sync::OnceCell;
 
-use crate::nesting::{GroupDoc, Op, OpenGroup};
+use crate::nesting::{Append, GroupDoc, Op, OpenGroup};
 use crate::store::{Conflict, GroupStore};
 use flowmesh_common::record::Record;
 use flowmesh_common::writers::consumer::{Misconfigured, Permanent};
@@ -186,14 +186,14 @@ impl MongoStore {
     /// `seen.0` records at write sequence `seen.1`: a compare-and-set on the group's state.
     /// Anything else (another writer got there first, an earlier attempt of this batch did, the
     /// group is gone) is a [`Conflict`].
-    async fn append(
-        &self,
-        id: &str,
-        seen: (usize, u64),
-        records: &[Record],
-        wseq: u64,
-        at: chrono::DateTime<chrono::Utc>,
-    ) -> anyhow::Result<()> {
+    async fn append(&self, append: &Append) -> anyhow::Result<()> {
+        let Append {
+            id,
+            seen,
+            records,
+            wseq,
+            at,
+        } = append;
         if records.is_empty() {
             return Ok(());
         }
@@ -211,7 +211,7 @@ impl MongoStore {
                 doc! {
                     "$push": {"records": {"$each": pushed}},
                     "$inc": {"count": records.len() as i64},
-                    "$set": {"last_seq": last_seq, "wseq": wseq as i64, "updated_at": bson_time(at)},
+                    "$set": {"last_seq": last_seq, "wseq": *wseq as i64, "updated_at": bson_time(*at)},
                 },
             )
             .await
@@ -310,20 +310,14 @@ impl GroupStore for MongoStore {
                         .iter()
                         .filter_map(|op| match op {
                             Op::Insert(group) => Some(group),
-                            Op::Append { .. } => None,
+                            Op::Append(_) => None,
                         })
                         .collect();
                     self.insert_groups(&groups).await?;
                     rest = &rest[run..];
                 }
-                Op::Append {
-                    id,
-                    seen,
-                    records,
-                    wseq,
-                    at,
-                } => {
-                    self.append(id, *seen, records, *wseq, *at).await?;
+                Op::Append(append) => {
+                    self.append(append).await?;
                     rest = &rest[1..];
                 }
             }

@@ -95,19 +95,23 @@ pub enum Op {
     Insert(GroupDoc),
     /// Append records to an existing group, in order, if the group is still as the plan saw
     /// it (`seen`): its count and write sequence are the fence between two writers.
-    Append {
-        /// The group's `_id`.
-        id: String,
-        /// The group's count and write sequence when planned: the store applies the append
-        /// only to a group still in that state, and reports a conflict otherwise.
-        seen: (usize, u64),
-        /// The records to add.
-        records: Vec<Record>,
-        /// The operation's write sequence (the group's new `wseq`).
-        wseq: u64,
-        /// The group's new `updated_at`.
-        at: DateTime<Utc>,
-    },
+    Append(Append),
+}
+
+/// Records to add to an existing group, if the group is still as the plan saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Append {
+    /// The group's `_id`.
+    pub id: String,
+    /// The group's count and write sequence when planned: the store applies the append only to
+    /// a group still in that state, and reports a conflict otherwise.
+    pub seen: (usize, u64),
+    /// The records to add.
+    pub records: Vec<Record>,
+    /// The operation's write sequence (the group's new `wseq`).
+    pub wseq: u64,
+    /// The group's new `updated_at`.
+    pub at: DateTime<Utc>,
 }
 
 /// Each source's open group (`None`: the source has no group yet). The planner needs an entry
@@ -136,17 +140,17 @@ pub fn plan(
                 group.count += 1;
                 match ops.last_mut() {
                     Some(Op::Insert(doc)) if doc.id == group.id => doc.records.push(record.clone()),
-                    Some(Op::Append { id, records, .. }) if *id == group.id => {
-                        records.push(record.clone())
+                    Some(Op::Append(append)) if append.id == group.id => {
+                        append.records.push(record.clone())
                     }
                     _ => {
-                        ops.push(Op::Append {
+                        ops.push(Op::Append(Append {
                             id: group.id.clone(),
                             seen: (group.count - 1, group.wseq),
                             records: vec![record.clone()],
                             wseq: *next_wseq,
                             at: now,
-                        });
+                        }));
                         group.wseq = *next_wseq;
                         *next_wseq += 1;
                     }
@@ -164,4 +168,4 @@ pub fn plan(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -16,7 +16,7 @@ use chrono::Utc;
 use flowmesh_common::record::Record;
 use flowmesh_common::writers::consumer::{RecordStore, StoreReport};
 
-use crate::nesting::{GroupDoc, Op, OpenGroup, OpenGroups, plan};
+use crate::nesting::{Append, GroupDoc, Op, OpenGroup, OpenGroups, plan};
 
 /// A write refused because the store is no longer as the plan saw it: another writer (or an
 /// earlier attempt of this one) wrote first. The writer re-reads the store and plans again.
@@ -190,13 +190,13 @@ impl GroupStore for MemoryStore {
                     store.groups.push(doc.clone());
                     store.note_written(index);
                 }
-                Op::Append {
+                Op::Append(Append {
                     id,
                     seen,
                     records,
                     wseq,
                     at,
-                } => {
+                }) => {
                     let index = store.as_planned(id, *seen)?;
                     store.check_new(records, *wseq)?;
                     let old_wseq = store.groups[index].wseq;

@@ -12,7 +12,7 @@ use flowmesh_common::topology::Topology;
 use flowmesh_common::writers::consumer::RecordStore;
 use flowmesh_mongo_writer::MongoWriterConfig;
 use flowmesh_mongo_writer::mongo::{self, MongoStore, from_document};
-use flowmesh_mongo_writer::nesting::{GroupDoc, Op, nests};
+use flowmesh_mongo_writer::nesting::{Append, GroupDoc, Op, nests};
 use flowmesh_mongo_writer::store::{Conflict, GroupStore, MemoryStore, NestingStore};
 use flowmesh_mongo_writer::testkit::Crashing;
 use futures_util::TryStreamExt;
@@ -114,15 +114,17 @@ async fn writes_that_meet_a_changed_store_are_conflicts_in_mongodb_and_in_the_tw
         );
         doc
     };
-    let append = |id: u64, seen: (usize, u64), seqs: &[u64], wseq: u64| Op::Append {
-        id: records[id as usize - 1].id.clone(),
-        seen,
-        records: seqs
-            .iter()
-            .map(|&s| records[s as usize - 1].clone())
-            .collect(),
-        wseq,
-        at: now,
+    let append = |id: u64, seen: (usize, u64), seqs: &[u64], wseq: u64| {
+        Op::Append(Append {
+            id: records[id as usize - 1].id.clone(),
+            seen,
+            records: seqs
+                .iter()
+                .map(|&s| records[s as usize - 1].clone())
+                .collect(),
+            wseq,
+            at: now,
+        })
     };
     // What another writer wrote first: group 3 holds seqs 3 and 4, at wseq 1.
     let earlier = [Op::Insert(group(&[3, 4], 1))];

@@ -20,6 +20,75 @@ const INSERT: &str = "
     select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::int2[], $6::text[], $7::text[], $8::text[])
     on conflict (id) do nothing";
 
+/// A batch as the INSERT's eight arrays, one per column, in the batch's order: the statement
+/// takes the whole batch in one round trip.
+pub struct Columns<'a> {
+    ids: Vec<uuid::Uuid>,
+    sources: Vec<&'a str>,
+    seqs: Vec<i64>,
+    times: Vec<chrono::DateTime<chrono::Utc>>,
+    values: Vec<i16>,
+    hashes: Vec<&'a str>,
+    routes: Vec<Option<&'a str>>,
+    versions: Vec<Option<&'a str>>,
+}
+
+impl<'a> Columns<'a> {
+    /// The columns of `records`. Validation upstream guarantees every field converts; a failure
+    /// here is a bug, not bad input.
+    pub fn of(records: &'a [Record]) -> anyhow::Result<Self> {
+        let mut columns = Self {
+            ids: Vec::with_capacity(records.len()),
+            sources: Vec::with_capacity(records.len()),
+            seqs: Vec::with_capacity(records.len()),
+            times: Vec::with_capacity(records.len()),
+            values: Vec::with_capacity(records.len()),
+            hashes: Vec::with_capacity(records.len()),
+            routes: Vec::with_capacity(records.len()),
+            versions: Vec::with_capacity(records.len()),
+        };
+        for record in records {
+            columns
+                .ids
+                .push(uuid::Uuid::parse_str(&record.id).context("record id")?);
+            columns.sources.push(&record.source);
+            columns
+                .seqs
+                .push(i64::try_from(record.seq).context("record seq")?);
+            columns
+                .times
+                .push(parse_timestamp(&record.timestamp).context("record timestamp")?);
+            columns.values.push(i16::from(record.value));
+            columns.hashes.push(&record.hash);
+            let provenance = record.provenance.as_ref();
+            columns
+                .routes
+                .push(provenance.and_then(|p| p.route.as_deref()));
+            columns
+                .versions
+                .push(provenance.map(|p| p.version.as_str()));
+        }
+        Ok(columns)
+    }
+
+    /// `query` (whose `$1`…`$8` are id, source, seq, ts, value, hash, route and routes version
+    /// arrays) with the columns bound.
+    pub fn bind(
+        self,
+        query: sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.ids)
+            .bind(self.sources)
+            .bind(self.seqs)
+            .bind(self.times)
+            .bind(self.values)
+            .bind(self.hashes)
+            .bind(self.routes)
+            .bind(self.versions)
+    }
+}
+
 /// Reads back every stored record of `source` (for `verify`), `ts` formatted as the record's
 /// timestamp. No table yet means nothing was ever written: an empty list.
 pub async fn records_of(pool: &PgPool, source: &str) -> anyhow::Result<Vec<Record>> {
@@ -131,41 +200,13 @@ impl RecordStore for PgStore {
             migrate(&self.pool).await?;
             self.migrated = true;
         }
-        let mut ids = Vec::with_capacity(records.len());
-        let mut sources = Vec::with_capacity(records.len());
-        let mut seqs = Vec::with_capacity(records.len());
-        let mut times = Vec::with_capacity(records.len());
-        let mut values = Vec::with_capacity(records.len());
-        let mut hashes = Vec::with_capacity(records.len());
-        let mut routes: Vec<Option<&str>> = Vec::with_capacity(records.len());
-        let mut versions: Vec<Option<&str>> = Vec::with_capacity(records.len());
-        for record in records {
-            // Validation upstream guarantees these parse; a failure here is a bug, not bad input.
-            ids.push(uuid::Uuid::parse_str(&record.id).context("record id")?);
-            sources.push(record.source.clone());
-            seqs.push(i64::try_from(record.seq).context("record seq")?);
-            times.push(parse_timestamp(&record.timestamp).context("record timestamp")?);
-            values.push(i16::from(record.value));
-            hashes.push(record.hash.clone());
-            let provenance = record.provenance.as_ref();
-            routes.push(provenance.and_then(|p| p.route.as_deref()));
-            versions.push(provenance.map(|p| p.version.as_str()));
-        }
+        let columns = Columns::of(records)?;
         let mut connection = self
             .pool
             .acquire()
             .await
             .map_err(|e| classify(e, "taking a connection"))?;
-        let insert = sqlx::query(INSERT)
-            .bind(ids)
-            .bind(sources)
-            .bind(seqs)
-            .bind(times)
-            .bind(values)
-            .bind(hashes)
-            .bind(routes)
-            .bind(versions)
-            .execute(&mut *connection);
+        let insert = columns.bind(sqlx::query(INSERT)).execute(&mut *connection);
         let result = match tokio::time::timeout(self.deadline, insert).await {
             Ok(result) => result.map_err(|e| classify(e, "inserting a batch"))?,
             Err(_) => {

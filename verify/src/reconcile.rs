@@ -494,7 +494,7 @@ pub fn partition_problem(
         .iter()
         .filter_map(|op| match op {
             Op::Insert(doc) => Some(ids(&doc.records)),
-            Op::Append { .. } => None,
+            Op::Append(_) => None,
         })
         .collect();
     stored.iter().zip(expected.iter().map(Some).chain(std::iter::repeat(None))).find_map(

@@ -140,8 +140,7 @@ impl<D: Database> Writer<D> {
             async move { database.ping().await }
         });
         let health = health_of(&settings, &database, &breaker, &link, &reachable);
-        let metrics = crate::metrics::install(writer).context("metrics recorder")?;
-        let http = crate::http::spawn(http_listener, health.clone(), metrics, background.clone());
+        let http = crate::http::spawn(writer, http_listener, health.clone(), background.clone())?;
 
         prepare(&database, settings.consumer.store_timeout).await;
         say_once_if_unreachable(writer, database.name(), &reachable, &background);

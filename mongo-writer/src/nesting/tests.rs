@@ -31,7 +31,7 @@ fn shapes(ops: &[Op]) -> Vec<(bool, Vec<u64>)> {
     ops.iter()
         .map(|op| match op {
             Op::Insert(doc) => (doc.nested, doc.records.iter().map(|r| r.seq).collect()),
-            Op::Append { records, .. } => (true, records.iter().map(|r| r.seq).collect()),
+            Op::Append(append) => (true, append.records.iter().map(|r| r.seq).collect()),
         })
         .collect()
 }
@@ -96,7 +96,7 @@ fn a_batch_continues_the_open_group_of_the_previous_one() {
     });
     let (ops, open) = plan_t(open, &[rec(7, "cc"), rec(8, "dd")], 3);
     assert!(
-        matches!(&ops[..], [Op::Append { id, seen: (1, 0), records, .. }] if id == "g" && records.len() == 2)
+        matches!(&ops[..], [Op::Append(Append { id, seen: (1, 0), records, .. })] if id == "g" && records.len() == 2)
     );
     assert_eq!(open.map(|g| g.count), Some(3));
 }
@@ -146,7 +146,7 @@ fn sources_nest_independently_and_never_share_a_group() {
                 doc.source.clone(),
                 doc.records.iter().map(|r| r.seq).collect(),
             )),
-            Op::Append { .. } => None,
+            Op::Append(_) => None,
         })
         .collect();
     assert_eq!(
@@ -160,7 +160,7 @@ fn sources_nest_independently_and_never_share_a_group() {
     let appended: Vec<u64> = ops
         .iter()
         .filter_map(|op| match op {
-            Op::Append { records, .. } => Some(records.iter().map(|r| r.seq)),
+            Op::Append(append) => Some(append.records.iter().map(|r| r.seq)),
             Op::Insert(_) => None,
         })
         .flatten()

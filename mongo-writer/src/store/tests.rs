@@ -10,16 +10,11 @@ use proptest::prelude::*;
 use super::*;
 use crate::nesting::nests;
 
+/// The planner tests' record, from source "p".
 fn rec(seq: u64, hash: &str) -> Record {
     Record {
-        id: format!("00000000-0000-7000-8000-{seq:012x}"),
         source: "p".into(),
-        seq,
-        timestamp: "2026-11-22T04:00:00.000Z".into(),
-        value: 95,
-        hash: hash.into(),
-        traceparent: None,
-        provenance: None,
+        ..crate::nesting::tests::rec(seq, hash)
     }
 }
 
