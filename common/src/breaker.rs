@@ -302,6 +302,16 @@ mod tests {
         assert_eq!(breaker.component().status, ComponentStatus::Down);
     }
 
+    /// Waits until the open wait is over and a probe is let through. The open wait is at most
+    /// 40 ms; this polls with a generous deadline instead of one sleep.
+    fn wait_for_probe(breaker: &Breaker) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !breaker.permit() {
+            assert!(std::time::Instant::now() < deadline, "never half-opened");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn a_success_resets_the_failure_count() {
         let breaker = Breaker::new("test_resets", fast());
@@ -318,12 +328,7 @@ mod tests {
         let breaker = Breaker::new("test_half_open", fast());
         breaker.trip();
         assert_eq!(breaker.state(), BreakerState::Open);
-        // The open wait is at most 40 ms; poll with a generous deadline instead of one sleep.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !breaker.permit() {
-            assert!(std::time::Instant::now() < deadline, "never half-opened");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_probe(&breaker);
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
         breaker.record(true);
         assert_eq!(breaker.state(), BreakerState::Closed);
@@ -333,11 +338,7 @@ mod tests {
     fn a_failed_probe_opens_the_breaker_again() {
         let breaker = Breaker::new("test_reopen", fast());
         breaker.trip();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !breaker.permit() {
-            assert!(std::time::Instant::now() < deadline, "never half-opened");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_probe(&breaker);
         breaker.record(false);
         assert_eq!(breaker.state(), BreakerState::Open);
     }

@@ -128,6 +128,18 @@ impl Application {
         self.window.clone()
     }
 
+    /// Builds on `config` and runs until `--count` records are made and all acked, with no
+    /// shutdown signal (a one-shot run, as tests do); fails past `within`.
+    pub async fn run_to_end(
+        config: GeneratorConfig,
+        within: std::time::Duration,
+    ) -> anyhow::Result<Summary> {
+        let app = Self::build(config).await?;
+        tokio::time::timeout(within, app.run_until_stopped(CancellationToken::new()))
+            .await
+            .map_err(|_| anyhow::anyhow!("the run did not end within {within:?}"))?
+    }
+
     /// Runs until `--count` records are made and all acked, or until `shutdown` fires; then
     /// waits up to the grace period for in-flight acks, closes the link and stops.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<Summary> {

@@ -23,14 +23,47 @@ fn generator(url: &str, source: &str, count: Option<u64>) -> GeneratorConfig {
 }
 
 async fn run(config: GeneratorConfig) -> Summary {
-    let app = Application::build(config).await.expect("generator builds");
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        app.run_until_stopped(CancellationToken::new()),
-    )
-    .await
-    .expect("generator finishes within 120 s")
-    .expect("generator ran")
+    Application::run_to_end(config, Duration::from_secs(120))
+        .await
+        .expect("the generator ran to its end")
+}
+
+/// Checks that the generator had `count` records acked and that each is stored exactly once
+/// (seqs 1..=count, one queue); stops the filter.
+async fn stored_once_each(filter: TestFilter, summary: &Summary, count: u64) {
+    assert_eq!(summary.counts.acked, count);
+    placement(&filter, 1).await.assert_exactly_once(1..=count);
+    filter.finish().await;
+}
+
+/// A generator running until `stop` fires.
+struct Running {
+    window: std::sync::Arc<flowmesh_generator::window::Window>,
+    link: flowmesh_common::link::LinkStatus,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<Summary>>,
+}
+
+impl Running {
+    /// Starts a generator on `config` and waits until more than `acked` of its records are
+    /// acked.
+    async fn until_acked(config: GeneratorConfig, acked: u64) -> Self {
+        let app = Application::build(config).await.expect("builds");
+        let window = app.window();
+        let link = app.link();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+        eventually("some records acked", Duration::from_secs(30), || {
+            window.counts().acked > acked
+        })
+        .await;
+        Self {
+            window,
+            link,
+            stop,
+            task,
+        }
+    }
 }
 
 /// Where each seq ended up: (times in the file, times in each writer queue).
@@ -149,10 +182,7 @@ async fn records_nacked_by_an_open_breaker_are_resent_until_acked() {
     filter.wait_connected().await;
     filter.file_breaker.trip();
     let summary = run(generator(&filter.url(), "resend", Some(200))).await;
-    assert_eq!(summary.counts.acked, 200);
-    let placed = placement(&filter, 1).await;
-    placed.assert_exactly_once(1..=200);
-    filter.finish().await;
+    stored_once_each(filter, &summary, 200).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,10 +210,7 @@ async fn a_filter_that_is_not_there_yet_is_waited_out_and_then_gets_everything()
         .expect("finishes")
         .expect("task")
         .expect("ran");
-    assert_eq!(summary.counts.acked, 500);
-    let placed = placement(&filter, 1).await;
-    placed.assert_exactly_once(1..=500);
-    filter.finish().await;
+    stored_once_each(filter, &summary, 500).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,24 +218,15 @@ async fn a_generator_stopped_mid_stream_drains_its_window_and_everything_it_made
     let filter = TestFilter::start("genstop", |_| {}).await;
     let mut config = generator(&filter.url(), "genstop", None);
     config.rate = Rate::PerSecond(2000.0);
-    let app = Application::build(config).await.expect("builds");
-    let window = app.window();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(app.run_until_stopped(stop.clone()));
-    eventually("some records acked", Duration::from_secs(30), || {
-        window.counts().acked > 500
-    })
-    .await;
-    stop.cancel();
-    let summary = running.await.expect("task").expect("ran");
+    let running = Running::until_acked(config, 500).await;
+    running.stop.cancel();
+    let summary = running.task.await.expect("task").expect("ran");
     assert_eq!(
         summary.counts.in_flight, 0,
         "the grace period was enough to drain"
     );
-    assert_eq!(summary.counts.acked, summary.generated);
-    let placed = placement(&filter, 1).await;
-    placed.assert_exactly_once(1..=summary.generated);
-    filter.finish().await;
+    let generated = summary.generated;
+    stored_once_each(filter, &summary, generated).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,15 +238,12 @@ async fn a_filter_shut_down_mid_stream_loses_nothing_it_acked() {
     let mut config = generator(&filter.url(), "filterstop", None);
     config.rate = Rate::PerSecond(3000.0);
     config.service.grace = Duration::from_secs(1);
-    let app = Application::build(config).await.expect("builds");
-    let window = app.window();
-    let link = app.link();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(app.run_until_stopped(stop.clone()));
-    eventually("some records acked", Duration::from_secs(30), || {
-        window.counts().acked > 1000
-    })
-    .await;
+    let Running {
+        window,
+        link,
+        stop,
+        task: running,
+    } = Running::until_acked(config, 1000).await;
     filter.stop().await;
     eventually(
         "the generator loses the filter",

@@ -42,15 +42,15 @@ async fn generate(filter: &TestFilter, source: &str, count: u64) {
     config.source = Some(source.to_owned());
     config.rate = Rate::Max;
     config.count = Some(count);
-    let app = Generator::build(config).await.expect("generator builds");
-    let summary = tokio::time::timeout(
-        Duration::from_secs(180),
-        app.run_until_stopped(CancellationToken::new()),
-    )
-    .await
-    .expect("generator finishes")
-    .expect("generator ran");
+    let summary = run_generator(config).await;
     assert_eq!(summary.counts.acked, count);
+}
+
+/// Runs a generator on `config` to its end (at most 3 minutes).
+async fn run_generator(config: GeneratorConfig) -> flowmesh_generator::Summary {
+    Generator::run_to_end(config, Duration::from_secs(180))
+        .await
+        .expect("the generator ran to its end")
 }
 
 async fn pg_rows(db: &TestDb) -> usize {
@@ -359,14 +359,7 @@ async fn a_run_across_two_routes_versions_and_a_refused_file_reconciles_exactly(
             config.rate = Rate::PerSecond(3000.0);
             config.count = Some(until);
             config.spool_dir = Some(spool);
-            let app = Generator::build(config).await.expect("builds");
-            let summary = tokio::time::timeout(
-                Duration::from_secs(180),
-                app.run_until_stopped(CancellationToken::new()),
-            )
-            .await
-            .expect("the leg finishes")
-            .expect("runs");
+            let summary = run_generator(config).await;
             assert_eq!(summary.counts.in_flight, 0, "every record of the leg acked");
         }
     };

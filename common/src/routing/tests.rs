@@ -72,47 +72,41 @@ fn the_version_is_a_hash_of_the_exact_text() {
 
 #[test]
 fn bad_files_are_refused_with_the_route_and_position() {
-    let e = refusal(
-        "[[route]]\nname = \"hot\"\nwhen = \"value >\"\nto = \"broker\"\n[[route]]\nname = \"rest\"\nto = \"file\"\n",
-    );
-    assert!(
-        e.contains("route \"hot\"") && e.contains("line 1 column"),
-        "{e}"
-    );
-    let e = refusal(
-        "[[route]]\nname = \"hot\"\nwhen = \"value > 'x'\"\nto = \"broker\"\n[[route]]\nname = \"rest\"\nto = \"file\"\n",
-    );
-    assert!(e.contains("route \"hot\"") && e.contains("bool"), "{e}");
-    let e = refusal(
-        "[[route]]\nname = \"hot\"\nwhen = \"value + 1\"\nto = \"broker\"\n[[route]]\nname = \"rest\"\nto = \"file\"\n",
-    );
-    assert!(e.contains("not a bool"), "{e}");
-    let e = refusal(
-        "[[route]]\nname = \"hot\"\nwhen = \"colour == 'red'\"\nto = \"broker\"\n[[route]]\nname = \"rest\"\nto = \"file\"\n",
-    );
-    assert!(e.contains("`colour`") && e.contains("column 1"), "{e}");
-    let e = refusal("[[route]]\nname = \"hot\"\nwhen = \"value > 1\"\nto = \"broker\"\n");
-    assert!(e.contains("last route"), "{e}");
-    let e = refusal(
-        "[[route]]\nname = \"all\"\nto = \"broker\"\n[[route]]\nname = \"rest\"\nto = \"file\"\n",
-    );
-    assert!(
-        e.contains("route \"all\"") && e.contains("only the last"),
-        "{e}"
-    );
-    let e = refusal(
-        "[[route]]\nname = \"a\"\nwhen = \"value > 1\"\nto = \"broker\"\n[[route]]\nname = \"a\"\nto = \"file\"\n",
-    );
-    assert!(e.contains("used twice"), "{e}");
-    let e = refusal("[[route]]\nname = \"Hot Route\"\nto = \"file\"\n");
-    assert!(e.contains("a-z"), "{e}");
-    let e = refusal("[[route]]\nname = \"a\"\nto = \"disk\"\n");
-    assert!(
-        e.contains("not a valid routes file") && e.contains("line"),
-        "{e}"
-    );
-    let e = refusal("[[route]]\nname = \"a\"\nto = \"file\"\nextra = 1\n");
-    assert!(e.contains("extra"), "{e}");
+    /// Two routes, "hot" to the broker `when`, and "rest" to the file.
+    fn hot_when(when: &str) -> String {
+        format!(
+            "[[route]]\nname = \"hot\"\nwhen = \"{when}\"\nto = \"broker\"\n[[route]]\nname = \"rest\"\nto = \"file\"\n"
+        )
+    }
+    // Each file, and what its refusal must say.
+    let cases: Vec<(String, &[&str])> = vec![
+        (hot_when("value >"), &["route \"hot\"", "line 1 column"]),
+        (hot_when("value > 'x'"), &["route \"hot\"", "bool"]),
+        (hot_when("value + 1"), &["not a bool"]),
+        (hot_when("colour == 'red'"), &["`colour`", "column 1"]),
+        (
+            "[[route]]\nname = \"hot\"\nwhen = \"value > 1\"\nto = \"broker\"\n".into(),
+            &["last route"],
+        ),
+        (
+            "[[route]]\nname = \"all\"\nto = \"broker\"\n[[route]]\nname = \"rest\"\nto = \"file\"\n".into(),
+            &["route \"all\"", "only the last"],
+        ),
+        (
+            "[[route]]\nname = \"a\"\nwhen = \"value > 1\"\nto = \"broker\"\n[[route]]\nname = \"a\"\nto = \"file\"\n".into(),
+            &["used twice"],
+        ),
+        ("[[route]]\nname = \"Hot Route\"\nto = \"file\"\n".into(), &["a-z"]),
+        (
+            "[[route]]\nname = \"a\"\nto = \"disk\"\n".into(),
+            &["not a valid routes file", "line"],
+        ),
+        ("[[route]]\nname = \"a\"\nto = \"file\"\nextra = 1\n".into(), &["extra"]),
+    ];
+    for (text, says) in cases {
+        let e = refusal(&text);
+        assert!(says.iter().all(|s| e.contains(s)), "{text:?}: {e}");
+    }
     assert!(refusal("").contains("no [[route]]"));
     assert!(refusal(&"#".repeat(MAX_TEXT_BYTES + 1)).contains("at most"));
 }

@@ -21,6 +21,16 @@ fn config(dir: &Path, max_bytes: u64, max_age: Duration, durability: Durability)
     }
 }
 
+/// Files of up to 1 MiB, rotated after `max_age`, each write flushed (not fsynced).
+fn flushing(dir: &Path, max_age: Duration) -> FileSinkConfig {
+    config(dir, 1 << 20, max_age, Durability::Flush)
+}
+
+/// A sink on `config` with a breaker of the default settings.
+fn started(config: FileSinkConfig) -> (FileSink, tokio::task::JoinHandle<()>) {
+    FileSink::start(config, breaker())
+}
+
 fn breaker() -> Breaker {
     Breaker::new("test_file_sink", BreakerSettings::default())
 }
@@ -80,10 +90,12 @@ fn all_seqs(dir: &Path) -> Vec<u64> {
 async fn an_ack_comes_only_after_the_lines_are_in_the_file_in_both_durability_modes() {
     for durability in [Durability::Flush, Durability::Fsync] {
         let dir = tempfile::tempdir().expect("dir");
-        let (sink, _task) = FileSink::start(
-            config(dir.path(), 1 << 20, Duration::from_secs(3600), durability),
-            breaker(),
-        );
+        let (sink, _task) = started(config(
+            dir.path(),
+            1 << 20,
+            Duration::from_secs(3600),
+            durability,
+        ));
         match write(&sink, 1..=3).await {
             Reply::Ack { seqs, destination } => {
                 assert_eq!(seqs, vec![1, 2, 3]);
@@ -99,15 +111,12 @@ async fn an_ack_comes_only_after_the_lines_are_in_the_file_in_both_durability_mo
 #[tokio::test]
 async fn the_file_rotates_by_size_and_no_line_is_lost_or_split() {
     let dir = tempfile::tempdir().expect("dir");
-    let (sink, _task) = FileSink::start(
-        config(
-            dir.path(),
-            1024,
-            Duration::from_secs(3600),
-            Durability::Flush,
-        ),
-        breaker(),
-    );
+    let (sink, _task) = started(config(
+        dir.path(),
+        1024,
+        Duration::from_secs(3600),
+        Durability::Flush,
+    ));
     for chunk in 0..20u64 {
         let first = chunk * 10 + 1;
         assert!(matches!(
@@ -130,15 +139,7 @@ async fn the_file_rotates_by_size_and_no_line_is_lost_or_split() {
 #[tokio::test]
 async fn an_idle_file_rotates_by_age() {
     let dir = tempfile::tempdir().expect("dir");
-    let (sink, _task) = FileSink::start(
-        config(
-            dir.path(),
-            1 << 20,
-            Duration::from_millis(200),
-            Durability::Flush,
-        ),
-        breaker(),
-    );
+    let (sink, _task) = started(flushing(dir.path(), Duration::from_millis(200)));
     assert!(matches!(write(&sink, 1..=1).await, Reply::Ack { .. }));
     // The idle check runs every second; allow generously for a busy machine.
     let active = dir.path().join("records.jsonl");
@@ -183,15 +184,7 @@ async fn a_torn_last_line_left_by_a_crash_is_cut_before_appending() {
         "{\"seq\":1}\n{\"seq\":2}\n{\"se",
     )
     .expect("seed");
-    let (sink, _task) = FileSink::start(
-        config(
-            dir.path(),
-            1 << 20,
-            Duration::from_secs(3600),
-            Durability::Flush,
-        ),
-        breaker(),
-    );
+    let (sink, _task) = started(flushing(dir.path(), Duration::from_secs(3600)));
     assert!(matches!(write(&sink, 3..=3).await, Reply::Ack { .. }));
     assert_eq!(all_seqs(dir.path()), vec![1, 2, 3]);
 }
@@ -199,21 +192,14 @@ async fn a_torn_last_line_left_by_a_crash_is_cut_before_appending() {
 #[tokio::test]
 async fn records_sent_again_are_acked_but_not_written_twice_even_after_a_restart() {
     let dir = tempfile::tempdir().expect("dir");
-    let cfg = || {
-        config(
-            dir.path(),
-            1 << 20,
-            Duration::from_secs(3600),
-            Durability::Flush,
-        )
-    };
-    let (sink, task) = FileSink::start(cfg(), breaker());
+    let cfg = || flushing(dir.path(), Duration::from_secs(3600));
+    let (sink, task) = started(cfg());
     assert!(matches!(write(&sink, 1..=5).await, Reply::Ack { .. }));
     assert!(matches!(write(&sink, 4..=6).await, Reply::Ack { .. }));
     drop(sink);
     task.await.expect("sink stops");
     // A new process (the old one crashed): it reloads the ids from the file.
-    let (sink, _task) = FileSink::start(cfg(), breaker());
+    let (sink, _task) = started(cfg());
     match write(&sink, 3..=8).await {
         Reply::Ack { seqs, .. } => assert_eq!(
             seqs,
@@ -238,7 +224,7 @@ async fn a_restart_remembers_exactly_the_newest_ids_across_rotated_files() {
             Durability::Flush,
         )
     };
-    let (sink, task) = FileSink::start(cfg(), breaker());
+    let (sink, task) = started(cfg());
     for seq in 1..=20 {
         assert!(matches!(write(&sink, seq..=seq).await, Reply::Ack { .. }));
     }
@@ -247,7 +233,7 @@ async fn a_restart_remembers_exactly_the_newest_ids_across_rotated_files() {
     assert!(sink_files(dir.path(), "records").expect("list").len() > 3);
     // A new process remembers 14..=20 (the window's 7 newest, spread over files): re-sent, they
     // are dropped; 13 was forgotten, so it is written again.
-    let (sink, _task) = FileSink::start(cfg(), breaker());
+    let (sink, _task) = started(cfg());
     assert!(matches!(write(&sink, 14..=20).await, Reply::Ack { .. }));
     assert_eq!(all_seqs(dir.path()), (1..=20).collect::<Vec<_>>());
     assert!(matches!(write(&sink, 13..=13).await, Reply::Ack { .. }));
@@ -282,7 +268,7 @@ async fn files_at_their_size_cap_refuse_writes_until_old_files_are_removed() {
     // Lines of `write` are 22 to 24 bytes: 30 of them (rotated every 200 bytes) take about
     // 700, so 20 more would pass the cap.
     capped.max_total_bytes = Some(1000);
-    let (sink, _task) = FileSink::start(capped, breaker());
+    let (sink, _task) = started(capped);
     for seqs in [1..=10, 11..=20, 21..=30] {
         assert!(matches!(write(&sink, seqs).await, Reply::Ack { .. }));
     }
@@ -316,7 +302,7 @@ async fn each_file_holds_one_routes_version_named_in_it() {
         Duration::from_secs(3600),
         Durability::Fsync,
     );
-    let (sink, task) = FileSink::start(cfg.clone(), breaker());
+    let (sink, task) = started(cfg.clone());
     assert!(matches!(
         write_under(&sink, 1..=10, Some("aaaaaaaaaaaa")).await,
         Reply::Ack { .. }
@@ -332,7 +318,7 @@ async fn each_file_holds_one_routes_version_named_in_it() {
     drop(sink);
     task.await.expect("sink task");
     // A restarted sink knows the active file's version: the same version appends to it.
-    let (sink, task) = FileSink::start(cfg, breaker());
+    let (sink, task) = started(cfg);
     assert!(matches!(
         write_under(&sink, 31..=40, Some("bbbbbbbbbbbb")).await,
         Reply::Ack { .. }

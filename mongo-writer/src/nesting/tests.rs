@@ -86,14 +86,19 @@ fn a_full_group_closes_and_the_next_high_hash_starts_a_new_one() {
     assert_eq!(open.map(|g| g.count), Some(1));
 }
 
-#[test]
-fn a_batch_continues_the_open_group_of_the_previous_one() {
-    let open = Some(OpenGroup {
-        id: "g".into(),
-        nested: true,
+/// An open group `id` of one record, written by the first operation.
+fn one_record_group(id: &str, nested: bool) -> Option<OpenGroup> {
+    Some(OpenGroup {
+        id: id.into(),
+        nested,
         count: 1,
         wseq: 0,
-    });
+    })
+}
+
+#[test]
+fn a_batch_continues_the_open_group_of_the_previous_one() {
+    let open = one_record_group("g", true);
     let (ops, open) = plan_t(open, &[rec(7, "cc"), rec(8, "dd")], 3);
     assert!(
         matches!(&ops[..], [Op::Append(Append { id, seen: (1, 0), records, .. })] if id == "g" && records.len() == 2)
@@ -103,12 +108,7 @@ fn a_batch_continues_the_open_group_of_the_previous_one() {
 
 #[test]
 fn a_high_hash_after_an_open_plain_group_starts_a_nested_one() {
-    let open = Some(OpenGroup {
-        id: "p".into(),
-        nested: false,
-        count: 1,
-        wseq: 0,
-    });
+    let open = one_record_group("p", false);
     let (ops, _) = plan_t(open, &[rec(9, "ee")], 100);
     assert_eq!(shapes(&ops), vec![(true, vec![9])]);
 }

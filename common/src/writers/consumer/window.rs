@@ -129,6 +129,13 @@ mod tests {
         assert!(window.opened() >= 80);
     }
 
+    /// After a batch without suspects the window opens again at its `full` size.
+    fn a_healthy_batch_reopens_it(window: &mut Window, full: u16) {
+        window.saw(1, false);
+        assert!(window.should_resubscribe());
+        assert_eq!(window.opened(), full);
+    }
+
     #[test]
     fn a_suspect_is_taken_with_a_window_of_one_and_the_window_comes_back_after() {
         let mut window = Window::new(2000);
@@ -138,9 +145,7 @@ mod tests {
         assert_eq!(window.opened(), 1);
         window.saw(1, true);
         assert!(!window.should_resubscribe(), "still suspects");
-        window.saw(1, false);
-        assert!(window.should_resubscribe());
-        assert_eq!(window.opened(), 2000);
+        a_healthy_batch_reopens_it(&mut window, 2000);
     }
 
     #[test]
@@ -148,9 +153,7 @@ mod tests {
         let mut window = Window::new(2000);
         window.careful();
         assert_eq!(window.opened(), 1);
-        window.saw(1, false);
-        assert!(window.should_resubscribe());
-        assert_eq!(window.opened(), 2000);
+        a_healthy_batch_reopens_it(&mut window, 2000);
     }
 
     #[test]
