@@ -62,7 +62,8 @@ impl TokenArgs {
 /// `AMQP_DELIVERY_LIMIT`, for every binary that talks to it.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL.
+    /// RabbitMQ URL, or the URLs of a cluster's nodes separated by commas (each process
+    /// connects to one, in a shuffled order, and moves to the next when it loses it).
     #[arg(
         long = "amqp-url",
         env = "AMQP_URL",
@@ -98,13 +99,16 @@ impl BrokerArgs {
         }
     }
 
+    /// The nodes of `AMQP_URL`, shuffled for this process.
+    pub fn nodes(&self) -> anyhow::Result<crate::nodes::Nodes> {
+        crate::nodes::Nodes::shuffled(self.url.expose())
+            .map_err(|e| anyhow::anyhow!("--amqp-url (AMQP_URL): {e}"))
+    }
+
     /// Checks the settings, naming the one at fault.
     pub fn validate(&self) -> Result<(), String> {
-        crate::config::require_scheme(
-            "--amqp-url (AMQP_URL)",
-            self.url.expose(),
-            &["amqp://", "amqps://"],
-        )?;
+        crate::nodes::Nodes::in_order(self.url.expose())
+            .map_err(|e| format!("--amqp-url (AMQP_URL): {e}"))?;
         if self.prefix.is_empty() {
             return Err("--amqp-prefix (AMQP_PREFIX): must not be empty".into());
         }
@@ -322,10 +326,10 @@ macro_rules! writer_args {
             /// The shell's settings for the writer of database `D`.
             pub fn settings<D: $crate::writers::Database>(
                 &self,
-            ) -> $crate::writers::WriterSettings {
-                $crate::writers::WriterSettings {
+            ) -> anyhow::Result<$crate::writers::WriterSettings> {
+                Ok($crate::writers::WriterSettings {
                     consumer: $crate::writers::consumer::ConsumerSettings {
-                        url: self.broker.url.expose().to_owned(),
+                        nodes: self.broker.nodes()?,
                         topology: self.broker.topology(),
                         writer: D::WRITER,
                         prefetch: self.consumer.prefetch,
@@ -337,7 +341,7 @@ macro_rules! writer_args {
                     http_addr: self.service.http_addr,
                     grace: self.service.grace,
                     progress_every: self.service.progress_every,
-                }
+                })
             }
 
             /// Tests: a private AMQP prefix, a free loopback probe port, short breaker waits.

@@ -10,6 +10,7 @@ pub mod http;
 pub mod link;
 pub mod message;
 pub mod metrics;
+pub mod nodes;
 pub mod progress;
 pub mod protocol;
 pub mod record;

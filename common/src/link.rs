@@ -17,6 +17,8 @@ pub struct LinkStatus {
     connected: Arc<AtomicBool>,
     /// When the state last changed.
     since: Arc<Mutex<Instant>>,
+    /// The node (`host:port`) of the last connection, for RabbitMQ links.
+    node: Arc<Mutex<Option<String>>>,
 }
 
 impl LinkStatus {
@@ -26,6 +28,7 @@ impl LinkStatus {
             link,
             connected: Arc::new(AtomicBool::new(false)),
             since: Arc::new(Mutex::new(Instant::now())),
+            node: Arc::new(Mutex::new(None)),
         };
         status.set_connected(false);
         metrics::counter!(m::RECONNECTS, "link" => link).absolute(0);
@@ -43,6 +46,33 @@ impl LinkStatus {
             *self.since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         }
         metrics::gauge!(m::CONNECTION_UP, "link" => self.link).set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Records that the link is connected to RabbitMQ `node` (`host:port`): the metric says so,
+    /// and a log line when it moved from another node.
+    pub fn set_node(&self, node: &str) {
+        let mut current = self.node.lock().unwrap_or_else(|e| e.into_inner());
+        match current.as_deref() {
+            Some(old) if old == node => {}
+            Some(old) => {
+                tracing::warn!(
+                    link = self.link,
+                    from = old,
+                    to = node,
+                    "moved to another RabbitMQ node"
+                );
+                metrics::gauge!(m::AMQP_NODE, "link" => self.link, "node" => old.to_owned())
+                    .set(0.0);
+            }
+            None => {}
+        }
+        metrics::gauge!(m::AMQP_NODE, "link" => self.link, "node" => node.to_owned()).set(1.0);
+        *current = Some(node.to_owned());
+    }
+
+    /// The node of the last connection, if this link has one.
+    pub fn node(&self) -> Option<String> {
+        self.node.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// How long the link has been down, if it is.
@@ -73,7 +103,11 @@ impl LinkStatus {
 
     /// Health of a link guarded by `breaker`: DOWN while disconnected, else the breaker's view.
     pub fn guarded_by(&self, breaker: &Breaker) -> Component {
-        breaker.link_component(self.is_connected())
+        let mut component = breaker.link_component(self.is_connected());
+        if let Some(node) = self.node() {
+            component.details.insert("node".into(), node.into());
+        }
+        component
     }
 }
 
@@ -89,5 +123,17 @@ mod tests {
         link.set_connected(true);
         assert!(seen.is_connected());
         assert_eq!(seen.component().status, ComponentStatus::Up);
+    }
+
+    #[test]
+    fn the_node_of_a_link_shows_in_its_health() {
+        let link = LinkStatus::new("test_node");
+        let breaker = Breaker::new("test_node", Default::default());
+        assert!(!link.guarded_by(&breaker).details.contains_key("node"));
+        link.set_node("rabbitmq-1:5672");
+        link.set_node("rabbitmq-2:5672");
+        link.set_connected(true);
+        let component = link.guarded_by(&breaker);
+        assert_eq!(component.details["node"], "rabbitmq-2:5672");
     }
 }

@@ -78,6 +78,8 @@ catalogue! {
         "Connection attempts after the first, by link (filter, amqp).";
     CONNECTION_UP = "flowmesh_connection_up", Gauge, Shared, ["link"],
         "1 while the link's connection is established, else 0.";
+    AMQP_NODE = "flowmesh_amqp_node", Gauge, Shared, ["link", "node"],
+        "1 for the RabbitMQ node (host:port) the link last connected to, 0 for nodes it left.";
 
     GEN_GENERATED = "flowmesh_generator_records_generated_total", Counter, Generator, [],
         "Records the generator made.";

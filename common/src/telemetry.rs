@@ -111,8 +111,17 @@ const SECRET_PARAMS: &[&str] = &[
 
 /// A URL fit for logs: its password and the values of secret-looking query parameters become
 /// `***` (`amqp://user:***@host/`), whatever characters they hold. A URL that does not parse is
-/// not printed at all.
+/// not printed at all. A list of URLs separated by commas (a cluster's nodes) is redacted URL
+/// by URL.
 pub fn redact_url(text: &str) -> String {
+    if text.contains(',') && text.matches("://").count() > 1 {
+        // Several URLs: parsed whole, the second would hide in the first one's path.
+        return text
+            .split(',')
+            .map(|one| redact_url(one.trim()))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     let Ok(mut url) = url::Url::parse(text) else {
         return "<unparsable URL>".into();
     };
@@ -164,6 +173,10 @@ mod tests {
             redact_url("mongodb://h/?authSource=admin&tlsCertificateKeyFilePassword=x1&token=y2");
         assert!(!query.contains("x1") && !query.contains("y2"), "{query}");
         assert_eq!(redact_url("not a url"), "<unparsable URL>");
+        assert_eq!(
+            redact_url("amqp://u:s1@a:5672/%2f, amqp://u:s2@b:5672/%2f"),
+            "amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f"
+        );
     }
 }
 

@@ -16,9 +16,9 @@ use flowmesh_common::breaker::Breaker;
 use flowmesh_common::link::LinkStatus;
 use flowmesh_common::message;
 use flowmesh_common::metrics as m;
+use flowmesh_common::nodes::{Node, Nodes};
 use flowmesh_common::record::Record;
 use flowmesh_common::retry;
-use flowmesh_common::telemetry::redact_url;
 use flowmesh_common::topology::Topology;
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, join_all};
@@ -37,8 +37,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How the sink reaches RabbitMQ.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
-    /// AMQP URL (may hold a password: never logged unredacted).
-    pub url: String,
+    /// The RabbitMQ nodes (their URLs may hold a password: never logged).
+    pub nodes: Nodes,
     /// Exchanges and queues, declared at every (re)connect.
     pub topology: Topology,
     /// Published records awaiting a confirm at most.
@@ -111,6 +111,8 @@ struct Link {
     channel: Channel,
     /// Fires when lapin reports a connection error.
     failed: mpsc::UnboundedReceiver<lapin::Error>,
+    /// The node it is connected to.
+    node: Node,
 }
 
 /// A job's seqs, who to answer, when its publishing started, and each message's confirm with
@@ -141,8 +143,9 @@ struct Publisher {
 impl Publisher {
     async fn run(self, mut receiver: mpsc::Receiver<BrokerJob>) {
         let mut link: Option<Link> = None;
-        let mut connecting: Option<BoxFuture<'static, Result<Link, String>>> =
-            Some(Box::pin(connect(self.config.clone())));
+        let mut connecting: Option<BoxFuture<'static, Result<Link, (Node, String)>>> = Some(
+            Box::pin(connect(self.config.clone(), self.config.nodes.next())),
+        );
         let mut backoff = retry::reconnect().build();
         let mut next_attempt: Option<tokio::time::Instant> = None;
         let mut pending: FuturesUnordered<BoxFuture<'static, Confirmed>> = FuturesUnordered::new();
@@ -156,14 +159,15 @@ impl Publisher {
                     connecting = None;
                     match result {
                         Ok(new_link) => {
-                            tracing::info!(url = %redact_url(&self.config.url), "connected to RabbitMQ");
+                            tracing::info!(node = new_link.node.name(), "connected to RabbitMQ");
+                            self.link.set_node(new_link.node.name());
                             link = Some(new_link);
                             backoff = retry::reconnect().build();
                             self.link.set_connected(true);
                         }
-                        Err(err) => {
+                        Err((node, err)) => {
                             let wait = backoff.next().unwrap_or(Duration::from_secs(10));
-                            tracing::warn!(url = %redact_url(&self.config.url), error = %err, retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ");
+                            tracing::warn!(node = node.name(), error = %err, retry_in_ms = wait.as_millis() as u64, "cannot connect to RabbitMQ");
                             next_attempt = Some(tokio::time::Instant::now() + wait);
                         }
                     }
@@ -171,7 +175,7 @@ impl Publisher {
                 _ = sleep_until(next_attempt), if link.is_none() && connecting.is_none() => {
                     next_attempt = None;
                     self.link.count_reconnect();
-                    connecting = Some(Box::pin(connect(self.config.clone())));
+                    connecting = Some(Box::pin(connect(self.config.clone(), self.config.nodes.next())));
                 }
                 err = async { link.as_mut().expect("guarded").failed.recv().await }, if link.is_some() => {
                     let reason = err.map(|e| e.to_string()).unwrap_or_else(|| "connection closed".into());
@@ -309,11 +313,11 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// Opens a connection and a confirming channel and declares the topology.
-async fn connect(config: BrokerConfig) -> Result<Link, String> {
+async fn connect(config: BrokerConfig, node: Node) -> Result<Link, (Node, String)> {
     let attempt = async {
         let properties =
             ConnectionProperties::default().with_connection_name("flowmesh-filter".into());
-        let connection = Connection::connect(&config.url, properties).await?;
+        let connection = Connection::connect(node.url(), properties).await?;
         let (failed_tx, failed) = mpsc::unbounded_channel();
         let mut events = connection.events_listener();
         tokio::spawn(async move {
@@ -333,12 +337,13 @@ async fn connect(config: BrokerConfig) -> Result<Link, String> {
             connection,
             channel,
             failed,
+            node: node.clone(),
         })
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(link)) => Ok(link),
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!("timed out after {CONNECT_TIMEOUT:?}")),
+        Ok(Err(err)) => Err((node, err.to_string())),
+        Err(_) => Err((node, format!("timed out after {CONNECT_TIMEOUT:?}"))),
     }
 }
 

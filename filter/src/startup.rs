@@ -58,7 +58,7 @@ impl Application {
         let breaker_settings = config.breaker.settings();
         let (broker, broker_task) = BrokerSink::start(
             BrokerConfig {
-                url: config.broker.url.expose().to_owned(),
+                nodes: config.broker.nodes()?,
                 topology: config.broker.topology(),
                 max_unconfirmed: config.max_unconfirmed,
                 pack: config.publish_pack,

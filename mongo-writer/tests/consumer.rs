@@ -285,11 +285,12 @@ struct Consuming {
     shutdown: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
     breaker: flowmesh_common::breaker::Breaker,
+    link: flowmesh_common::link::LinkStatus,
 }
 
 impl Consuming {
-    /// Consumes `topology`'s mongo-writer queue through `url`, `batch_max` records a batch at
-    /// most, waiting `linger` for more.
+    /// Consumes `topology`'s mongo-writer queue through `url` (one node or several, tried in
+    /// order), `batch_max` records a batch at most, waiting `linger` for more.
     fn start<S: flowmesh_common::writers::consumer::RecordStore>(
         url: String,
         topology: &Topology,
@@ -300,7 +301,7 @@ impl Consuming {
         use flowmesh_common::breaker::{Breaker, BreakerSettings};
         use flowmesh_common::writers::consumer::{self, ConsumerProgress, ConsumerSettings};
         let settings = ConsumerSettings {
-            url,
+            nodes: flowmesh_common::nodes::Nodes::in_order(&url).expect("AMQP URL"),
             topology: topology.clone(),
             writer: "mongo-writer",
             prefetch: 500,
@@ -310,11 +311,12 @@ impl Consuming {
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         let breaker = Breaker::new("mongodb", BreakerSettings::default());
+        let link = flowmesh_common::link::LinkStatus::new("amqp");
         let task = tokio::spawn(consumer::run(
             settings,
             store,
             breaker.clone(),
-            flowmesh_common::link::LinkStatus::new("amqp"),
+            link.clone(),
             std::sync::Arc::new(|| true),
             std::sync::Arc::new(ConsumerProgress::default()),
             shutdown.clone(),
@@ -323,6 +325,7 @@ impl Consuming {
             shutdown,
             task,
             breaker,
+            link,
         }
     }
 
@@ -662,4 +665,59 @@ async fn a_message_that_keeps_ending_sessions_reaches_the_delivery_limit_alone()
         assert_eq!(call.as_slice(), [poison], "taken alone: {calls:?}");
     }
     flowmesh_common::testkit::delete_topology(&topology).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_loses_its_node_moves_to_the_next_of_its_list_and_stores_everything() {
+    let prefix = unique_prefix("mongo-nodes");
+    let topology = Topology::new(&prefix, 5);
+    let memory = MemoryStore::new();
+    // Two "nodes": two ways to the one RabbitMQ here, each of which can be cut on its own.
+    let (first, first_url) =
+        flowmesh_common::testkit::proxy_url(&flowmesh_common::testkit::amqp_url()).await;
+    let (second, second_url) =
+        flowmesh_common::testkit::proxy_url(&flowmesh_common::testkit::amqp_url()).await;
+    let records: Vec<Record> = (1..=200).map(|seq| record(seq, seq % 2 == 0)).collect();
+    publish_records(&topology, &records[..100]).await;
+    let store = Hooked::new(&memory, Duration::ZERO, |_: &[Record]| Ok(()));
+    let list = format!("{first_url},{second_url}");
+    let consuming = Consuming::start(list, &topology, store, 50, Duration::ZERO);
+    eventually("the first half stored", Duration::from_secs(30), || {
+        stored(&memory) == 100
+    })
+    .await;
+    assert_eq!(consuming.link.node(), Some(first.addr().to_string()));
+    // The first node goes away for good; the writer moves to the second.
+    first.cut();
+    eventually(
+        "the writer on the second node",
+        Duration::from_secs(30),
+        || {
+            consuming.link.is_connected()
+                && consuming.link.node() == Some(second.addr().to_string())
+        },
+    )
+    .await;
+    publish_records(&topology, &records[100..]).await;
+    eventually("everything stored", Duration::from_secs(30), || {
+        stored(&memory) == 200
+    })
+    .await;
+    consuming.stop().await;
+    assert_eq!(
+        shape(&memory).iter().map(|(_, s)| s.len()).sum::<usize>(),
+        200
+    );
+    assert_eq!(stored_seqs_sorted(&memory), (1..=200).collect::<Vec<u64>>());
+    flowmesh_common::testkit::delete_topology(&topology).await;
+}
+
+fn stored_seqs_sorted(memory: &MemoryStore) -> Vec<u64> {
+    let mut seqs: Vec<u64> = memory
+        .groups()
+        .iter()
+        .flat_map(|g| g.records.iter().map(|r| r.seq))
+        .collect();
+    seqs.sort_unstable();
+    seqs
 }

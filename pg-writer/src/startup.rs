@@ -66,7 +66,7 @@ pub async fn build(config: PgWriterConfig) -> anyhow::Result<Application> {
         config.pool_size,
         deadline,
     )?;
-    let settings = config.writer.settings::<Postgres>();
+    let settings = config.writer.settings::<Postgres>()?;
     // The insert gives up a little before the consumer's own bound, closing its connection.
     let database = Postgres {
         pool,

@@ -34,9 +34,9 @@ use tokio_util::sync::CancellationToken;
 use crate::breaker::Breaker;
 use crate::link::LinkStatus;
 use crate::metrics as m;
+use crate::nodes::{Node, Nodes};
 use crate::record::{Record, parse_timestamp};
 use crate::retry;
-use crate::telemetry::redact_url;
 use crate::topology::{HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology};
 
 mod window;
@@ -212,8 +212,8 @@ impl ConsumerProgress {
 /// How the consumer reads its queue.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    /// AMQP URL.
-    pub url: String,
+    /// The RabbitMQ nodes (one connection at a time, to the next node after a loss).
+    pub nodes: Nodes,
     /// The topology (declared at each connect).
     pub topology: Topology,
     /// Which writer this is (`pg-writer`, `mongo-writer`): picks the queue and labels metrics.
@@ -253,15 +253,16 @@ pub async fn run<S: RecordStore>(
             link.count_reconnect();
         }
         attempts += 1;
+        let node = settings.nodes.next();
         let connected = tokio::select! {
             _ = shutdown.cancelled() => break,
-            connected = connect(&settings) => connected,
+            connected = connect(&settings, &node) => connected,
         };
         let (connection, channel) = match connected {
             Ok(parts) => parts,
             Err(err) => {
                 let wait = backoff.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(url = %redact_url(&settings.url), error = %err, retry_in_ms = wait.as_millis() as u64, "cannot consume from RabbitMQ");
+                tracing::warn!(node = node.name(), error = %err, retry_in_ms = wait.as_millis() as u64, "cannot consume from RabbitMQ");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(wait) => continue,
@@ -269,6 +270,8 @@ pub async fn run<S: RecordStore>(
             }
         };
         backoff = retry::reconnect().build();
+        tracing::info!(node = node.name(), "consuming from RabbitMQ");
+        link.set_node(node.name());
         link.set_connected(true);
         progress.set_channel(Some(channel.clone()));
         window.careful();
@@ -299,14 +302,17 @@ pub async fn run<S: RecordStore>(
     tracing::info!("consumer stopped");
 }
 
-async fn connect(settings: &ConsumerSettings) -> Result<(Connection, lapin::Channel), String> {
+async fn connect(
+    settings: &ConsumerSettings,
+    node: &Node,
+) -> Result<(Connection, lapin::Channel), String> {
     let attempt = async {
         // Named after the queue, so an operator (or `rabbitmqctl close_connection`) can tell the
         // writers of several meshes on one broker apart.
         let properties = ConnectionProperties::default().with_connection_name(
             format!("{}-{}", settings.topology.prefix, settings.writer).into(),
         );
-        let connection = Connection::connect(&settings.url, properties).await?;
+        let connection = Connection::connect(node.url(), properties).await?;
         let channel = connection.create_channel().await?;
         settings.topology.declare(&channel).await?;
         // Confirms for what this channel publishes: messages dead-lettered with their reason.
