@@ -281,3 +281,61 @@ async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_
     let _ = connection.close(200, "ok".into()).await;
     filter.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_loses_its_node_moves_to_the_next_of_its_list_and_acks_again() {
+    // Two "nodes": two ways to the one RabbitMQ here, each of which can be cut on its own.
+    let (a, a_url) = proxy_url(&amqp_url()).await;
+    let (b, b_url) = proxy_url(&amqp_url()).await;
+    let list = format!("{a_url},{b_url}");
+    let filter = TestFilter::start("nodes", |c| c.broker.url = list.as_str().into()).await;
+    filter.wait_connected().await;
+    let link = filter.broker.clone();
+    // The list is shuffled: whichever node the filter took first is the one to lose.
+    let (lost, other) = if link.node() == Some(a.addr().to_string()) {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert_eq!(link.node(), Some(lost.addr().to_string()));
+    let mut client = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("connect");
+    client.send_text(record("nodes", 1, 99).to_json()).await;
+    client.expect_acks(&[1]).await;
+
+    lost.cut();
+    eventually(
+        "the filter on the other node",
+        Duration::from_secs(30),
+        || link.is_connected() && link.node() == Some(other.addr().to_string()),
+    )
+    .await;
+    // A broker-bound record is acked again (sent until it is: the breaker may be waiting out
+    // a failure seen while the node went away).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        client.send_text(record("nodes", 2, 99).to_json()).await;
+        match client.next().await {
+            Ok(ServerMessage::Ack { seqs }) if seqs == [2] => break,
+            Ok(ServerMessage::Nack { .. }) => {
+                assert!(tokio::time::Instant::now() < deadline, "never acked again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (_connection, channel) = amqp_channel().await;
+    let queue = filter.topology.writer_queues[0].name.clone();
+    let seqs: Vec<u64> = drain_queue(&channel, &queue, 2, Duration::from_secs(10))
+        .await
+        .iter()
+        .map(|d| {
+            Record::from_json(std::str::from_utf8(&d.data).expect("UTF-8"))
+                .expect("a record")
+                .seq
+        })
+        .collect();
+    assert_eq!(seqs, [1, 2]);
+    filter.finish().await;
+}
