@@ -43,6 +43,8 @@ pub struct BrokerConfig {
     pub topology: Topology,
     /// Published records awaiting a confirm at most.
     pub max_unconfirmed: usize,
+    /// Longest wait for a publish and its confirm; past it the message counts as nacked.
+    pub confirm_timeout: Duration,
     /// Records per message at most (1: every record its own message).
     pub pack: usize,
 }
@@ -225,7 +227,7 @@ impl Publisher {
             self.refuse(job, "RabbitMQ unavailable".into());
             return Published::Refused;
         };
-        match publish(current, &self.config.topology, self.config.pack, job).await {
+        match publish(current, &self.config, job).await {
             Ok(confirming) => Published::Pending(confirming),
             Err((job, err)) => {
                 self.refuse(job, format!("publish failed: {err}"));
@@ -351,33 +353,38 @@ async fn connect(config: BrokerConfig, node: Node) -> Result<Link, (Node, String
 /// when all are confirmed.
 async fn publish(
     link: &Link,
-    topology: &Topology,
-    pack: usize,
+    config: &BrokerConfig,
     job: BrokerJob,
 ) -> Result<BoxFuture<'static, Confirmed>, (BrokerJob, String)> {
     let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + config.confirm_timeout;
+    let late = || format!("no confirm within {:?}", config.confirm_timeout);
     let mut confirms = Vec::new();
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
     };
-    let runs: Vec<usize> = packs(&job.records, pack).map(<[Record]>::len).collect();
+    let runs: Vec<usize> = packs(&job.records, config.pack)
+        .map(<[Record]>::len)
+        .collect();
     let sizes = metrics::histogram!(m::FILTER_PUBLISH_MESSAGE_RECORDS);
     let mut start = 0;
     for len in runs {
         let run = &job.records[start..start + len];
         start += len;
         let (body, properties) = message::encode(run);
-        let published = link
-            .channel
-            .basic_publish(
-                topology.exchange.as_str().into(),
+        let published = tokio::time::timeout_at(
+            deadline,
+            link.channel.basic_publish(
+                config.topology.exchange.as_str().into(),
                 "".into(),
                 options,
                 &body,
                 properties,
-            )
-            .await;
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::other(late()))));
         match published {
             Ok(confirm) => {
                 sizes.record(len as f64);
@@ -390,13 +397,17 @@ async fn publish(
     }
     let seqs: Vec<u64> = job.records.iter().map(|r| r.seq).collect();
     let replier = job.replier;
+    let late = late();
     Ok(Box::pin(async move {
         let (counts, confirms): (Vec<usize>, Vec<_>) = confirms.into_iter().unzip();
-        let results = counts
-            .into_iter()
-            .zip(join_all(confirms).await)
-            .map(|(count, r)| (count, r.map_err(|e| e.to_string())))
-            .collect();
+        // Each confirm waits until the deadline at most: a late one counts as a nack.
+        let bounded = confirms.into_iter().map(|confirm| async {
+            match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err(late.clone()),
+            }
+        });
+        let results = counts.into_iter().zip(join_all(bounded).await).collect();
         (seqs, replier, started, results)
     }))
 }

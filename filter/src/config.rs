@@ -112,6 +112,13 @@ pub struct FilterConfig {
     #[arg(long, env = "FILTER_MAX_UNCONFIRMED", default_value_t = 20_000)]
     pub max_unconfirmed: usize,
 
+    /// Longest wait for RabbitMQ's confirm of a published message (and for the publish itself).
+    /// Past it the records count as nacked: the generator sends them again, and the filter's
+    /// de-duplication and the writers' idempotence absorb a copy RabbitMQ did keep. Bounds the
+    /// wait through a cluster's leader election or a node that stopped answering.
+    #[arg(long, env = "FILTER_CONFIRM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub confirm_timeout: std::time::Duration,
+
     /// Records per RabbitMQ message at most. 1 (the default): every record is its own
     /// message. Above 1, a frame's consecutive broker-bound records travel packed, one JSON line
     /// each (docs/contracts.md §4), which divides RabbitMQ's per-message cost; both writers read
@@ -194,6 +201,9 @@ impl Validate for FilterConfig {
         }
         if self.max_in_flight == 0 {
             return Err("--max-in-flight (FILTER_MAX_IN_FLIGHT): must be at least 1".into());
+        }
+        if self.confirm_timeout.is_zero() {
+            return Err("--confirm-timeout (FILTER_CONFIRM_TIMEOUT): must be above zero".into());
         }
         if self.max_unconfirmed == 0 {
             return Err("--max-unconfirmed (FILTER_MAX_UNCONFIRMED): must be at least 1".into());

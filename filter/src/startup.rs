@@ -61,6 +61,7 @@ impl Application {
                 nodes: config.broker.nodes()?,
                 topology: config.broker.topology(),
                 max_unconfirmed: config.max_unconfirmed,
+                confirm_timeout: config.confirm_timeout,
                 pack: config.publish_pack,
             },
             Breaker::new(BREAKER_BROKER, breaker_settings.clone()),

@@ -339,3 +339,47 @@ async fn a_filter_that_loses_its_node_moves_to_the_next_of_its_list_and_acks_aga
     assert_eq!(seqs, [1, 2]);
     filter.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirm_that_does_not_come_in_time_is_a_nack_and_the_record_is_acked_when_sent_again() {
+    let (proxy, proxied) = proxy_url(&amqp_url()).await;
+    let filter = TestFilter::start("confirm-deadline", |c| {
+        c.broker.url = proxied.as_str().into();
+        c.confirm_timeout = Duration::from_secs(1);
+    })
+    .await;
+    filter.wait_connected().await;
+    let mut client = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("connect");
+    // RabbitMQ stops answering (a node frozen, a leader election): no confirm comes back.
+    proxy.freeze();
+    let sent = tokio::time::Instant::now();
+    client.send_text(record("deadline", 1, 99).to_json()).await;
+    match client.next().await {
+        Ok(ServerMessage::Nack { seqs, reason, .. }) => {
+            assert_eq!(seqs, vec![1]);
+            assert!(reason.contains("no confirm within"), "{reason}");
+        }
+        other => panic!("expected a nack past the deadline, got {other:?}"),
+    }
+    assert!(
+        sent.elapsed() >= Duration::from_secs(1),
+        "not before the deadline"
+    );
+    proxy.thaw();
+    // Sent again, as the generator would, it is acked (after the breaker's wait, if it opened).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        client.send_text(record("deadline", 1, 99).to_json()).await;
+        match client.next().await {
+            Ok(ServerMessage::Ack { seqs }) if seqs == [1] => break,
+            Ok(ServerMessage::Nack { .. }) => {
+                assert!(tokio::time::Instant::now() < deadline, "never acked");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    filter.finish().await;
+}
