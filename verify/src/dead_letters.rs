@@ -104,11 +104,29 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects and declares the topology (idempotent).
+    /// Connects to the first node of `url` (one URL or a cluster's, separated by commas) that
+    /// answers, and declares the topology (idempotent).
     pub async fn connect(url: &str, topology: Topology) -> anyhow::Result<Self> {
-        let connection = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .context("connecting to RabbitMQ")?;
+        let nodes = flowmesh_common::nodes::Nodes::in_order(url)
+            .map_err(|e| anyhow::anyhow!("AMQP_URL: {e}"))?;
+        let mut failures = Vec::new();
+        let mut connection = None;
+        for _ in 0..nodes.names().len() {
+            let node = nodes.next();
+            match Connection::connect(node.url(), ConnectionProperties::default()).await {
+                Ok(connected) => {
+                    connection = Some(connected);
+                    break;
+                }
+                Err(err) => failures.push(format!("{}: {err}", node.name())),
+            }
+        }
+        let connection = connection.with_context(|| {
+            format!(
+                "connecting to RabbitMQ: no node answered ({})",
+                failures.join("; ")
+            )
+        })?;
         let channel = connection.create_channel().await?;
         topology.declare(&channel).await?;
         Ok(Self {

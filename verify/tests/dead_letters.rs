@@ -279,3 +279,31 @@ fn replay_and_purge_act_on_everything_only_when_told_to() {
         assert_eq!(status.code(), Some(2), "{args:?} must be refused");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_s_list_is_tried_node_by_node_until_one_answers() {
+    let topology = Topology::new(&unique_prefix("dl-nodes"), 5);
+    // A node that is not there: a port reserved, then freed.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let list = format!("amqp://guest:guest@{gone}/%2f,{}", amqp_url());
+    let broker = Broker::connect(&list, topology.clone()).await;
+    assert!(
+        broker.is_ok(),
+        "the second node answers: {:?}",
+        broker.err()
+    );
+    let only_gone = format!("amqp://guest:secret@{gone}/%2f");
+    let err = Broker::connect(&only_gone, topology.clone())
+        .await
+        .err()
+        .expect("no node answers");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(&gone.to_string()) && !text.contains("secret"),
+        "{text}"
+    );
+    delete_topology(&topology).await;
+}
