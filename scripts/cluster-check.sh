@@ -5,8 +5,8 @@
 # each fault is injected and healed; then the generators stop and `verify` must find every
 # record exactly once (file, PostgreSQL, MongoDB) and nothing dead-lettered.
 #
-# Faults so far (each prints one line: sent, lost, duplicated, dead-lettered, how long the
-# filter's publishing stopped and how long the stores took to catch up):
+# Faults so far (each prints one line: sent, lost, duplicated, dead-lettered, when the
+# generators' last acks came, counted from the fault, and how long the stores took to catch up):
 #   kill-leader   docker kill of the node holding the writer queues' leaders, started after 30 s
 #   pause-node    docker pause of one node for 30 s
 #
@@ -15,9 +15,9 @@
 # per source, default 200), CLUSTER_SECONDS (how long each fault's run sends, default 60).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LOG_TAG=cluster
 source scripts/lib.sh
 source scripts/faults.sh
-LOG_TAG=cluster
 
 if ! docker info >/dev/null 2>&1; then
   log "SKIPPED: no Docker engine answers (docker info failed)"
@@ -26,6 +26,10 @@ fi
 if docker compose version >/dev/null 2>&1; then COMPOSE_BIN=(docker compose)
 elif command -v docker-compose >/dev/null 2>&1; then COMPOSE_BIN=(docker-compose)
 else log "SKIPPED: neither 'docker compose' nor 'docker-compose' is installed"; exit 0; fi
+
+# PostgreSQL and the MongoDB server on this machine: the stores.
+source scripts/deps.sh
+LOG_TAG=cluster
 
 export COMPOSE_PROJECT_NAME=${CLUSTER_PROJECT:-flowmesh-cluster}
 # Node 1's published ports, away from a native RabbitMQ on this machine.
