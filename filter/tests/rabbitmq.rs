@@ -197,11 +197,7 @@ async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_
     let (proxy, proxied) = proxy_url(&amqp_url()).await;
     let filter = TestFilter::start("outage", |c| c.broker.url = proxied.as_str().into()).await;
     filter.wait_connected().await;
-    let mut client = RawClient::connect(&filter.url(), None)
-        .await
-        .expect("connect");
-    client.send_text(record("outage", 1, 99).to_json()).await;
-    client.expect_acks(&[1]).await;
+    let mut client = connected_and_one_acked(&filter, "outage").await;
 
     proxy.cut();
     let broker = filter.broker.clone();
@@ -244,33 +240,16 @@ async fn a_broker_that_goes_away_opens_the_breaker_nacks_records_and_everything_
     .await;
     // The nacked records, sent again, are now acked (the client's job is to re-send).
     let resend: Vec<Record> = (2..=nacked).map(|s| record("outage", s, 95)).collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        client
-            .send_text(serde_json::to_string(&resend).expect("json"))
-            .await;
-        match client.next().await {
-            Ok(ServerMessage::Ack { seqs }) if seqs.len() == resend.len() => break,
-            Ok(ServerMessage::Ack { seqs }) => panic!("partial ack {seqs:?}"),
-            Ok(ServerMessage::Nack { .. }) => {
-                // The breaker may still be waiting out its open period.
-                assert!(tokio::time::Instant::now() < deadline, "never recovered");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    send_until_acked(
+        &mut client,
+        serde_json::to_string(&resend).expect("json"),
+        resend.len(),
+    )
+    .await;
     let (connection, channel) = amqp_channel().await;
     let queue = &filter.topology.writer_queues[0].name;
     let got = drain_queue(&channel, queue, resend.len() + 1, Duration::from_secs(10)).await;
-    let mut seqs: Vec<u64> = got
-        .iter()
-        .map(|d| {
-            serde_json::from_slice::<Record>(&d.data)
-                .expect("record")
-                .seq
-        })
-        .collect();
+    let mut seqs = seqs_of(&got);
     seqs.sort_unstable();
     seqs.dedup();
     assert_eq!(
@@ -298,11 +277,7 @@ async fn a_filter_that_loses_its_node_moves_to_the_next_of_its_list_and_acks_aga
         (&b, &a)
     };
     assert_eq!(link.node(), Some(lost.addr().to_string()));
-    let mut client = RawClient::connect(&filter.url(), None)
-        .await
-        .expect("connect");
-    client.send_text(record("nodes", 1, 99).to_json()).await;
-    client.expect_acks(&[1]).await;
+    let mut client = connected_and_one_acked(&filter, "nodes").await;
 
     lost.cut();
     eventually(
@@ -313,30 +288,11 @@ async fn a_filter_that_loses_its_node_moves_to_the_next_of_its_list_and_acks_aga
     .await;
     // A broker-bound record is acked again (sent until it is: the breaker may be waiting out
     // a failure seen while the node went away).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        client.send_text(record("nodes", 2, 99).to_json()).await;
-        match client.next().await {
-            Ok(ServerMessage::Ack { seqs }) if seqs == [2] => break,
-            Ok(ServerMessage::Nack { .. }) => {
-                assert!(tokio::time::Instant::now() < deadline, "never acked again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    send_until_acked(&mut client, record("nodes", 2, 99).to_json(), 1).await;
     let (_connection, channel) = amqp_channel().await;
     let queue = filter.topology.writer_queues[0].name.clone();
-    let seqs: Vec<u64> = drain_queue(&channel, &queue, 2, Duration::from_secs(10))
-        .await
-        .iter()
-        .map(|d| {
-            Record::from_json(std::str::from_utf8(&d.data).expect("UTF-8"))
-                .expect("a record")
-                .seq
-        })
-        .collect();
-    assert_eq!(seqs, [1, 2]);
+    let got = drain_queue(&channel, &queue, 2, Duration::from_secs(10)).await;
+    assert_eq!(seqs_of(&got), [1, 2]);
     filter.finish().await;
 }
 
@@ -369,11 +325,19 @@ async fn a_confirm_that_does_not_come_in_time_is_a_nack_and_the_record_is_acked_
     );
     proxy.thaw();
     // Sent again, as the generator would, it is acked (after the breaker's wait, if it opened).
+    send_until_acked(&mut client, record("deadline", 1, 99).to_json(), 1).await;
+    filter.finish().await;
+}
+
+/// Sends `frame` (of `count` records) until the filter acks all of them: it nacks while the
+/// breaker waits out its open period; anything else fails the test. Gives up after 30 s.
+async fn send_until_acked(client: &mut RawClient, frame: String, count: usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        client.send_text(record("deadline", 1, 99).to_json()).await;
+        client.send_text(frame.clone()).await;
         match client.next().await {
-            Ok(ServerMessage::Ack { seqs }) if seqs == [1] => break,
+            Ok(ServerMessage::Ack { seqs }) if seqs.len() == count => return,
+            Ok(ServerMessage::Ack { seqs }) => panic!("partial ack {seqs:?}"),
             Ok(ServerMessage::Nack { .. }) => {
                 assert!(tokio::time::Instant::now() < deadline, "never acked");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -381,5 +345,27 @@ async fn a_confirm_that_does_not_come_in_time_is_a_nack_and_the_record_is_acked_
             other => panic!("unexpected {other:?}"),
         }
     }
-    filter.finish().await;
+}
+
+/// The seqs of the records in `deliveries` (one record a message), in order.
+fn seqs_of(deliveries: &[lapin::message::Delivery]) -> Vec<u64> {
+    deliveries
+        .iter()
+        .map(|d| {
+            serde_json::from_slice::<Record>(&d.data)
+                .expect("a record")
+                .seq
+        })
+        .collect()
+}
+
+/// A client of `filter` whose first broker-bound record (`source`, seq 1) was acked: the
+/// broker path works before the test's fault.
+async fn connected_and_one_acked(filter: &TestFilter, source: &str) -> RawClient {
+    let mut client = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("connect");
+    client.send_text(record(source, 1, 99).to_json()).await;
+    client.expect_acks(&[1]).await;
+    client
 }

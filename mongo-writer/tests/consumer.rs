@@ -512,12 +512,7 @@ async fn a_record_refused_for_good_is_dead_lettered_alone_and_the_rest_of_its_ba
         BreakerState::Closed,
         "the database never failed"
     );
-    let mut kept: Vec<u64> = memory
-        .groups()
-        .iter()
-        .flat_map(|g| g.records.iter().map(|r| r.seq))
-        .collect();
-    kept.sort_unstable();
+    let kept = stored_seqs_sorted(&memory);
     let all_but_refused: Vec<u64> = (1..=40).filter(|s| !refused.contains(s)).collect();
     assert_eq!(kept, all_but_refused);
     assert_eq!(queue_depth(&queue).await, 0, "every message settled");
