@@ -39,7 +39,8 @@ pub struct QueueDef {
     pub name: String,
     /// The consumer it feeds (`pg-writer`, `mongo-writer`), or none for the dead-letter queue.
     pub consumer: Option<&'static str>,
-    /// Quorum queue with delivery limit and dead-lettering (the writer queues).
+    /// A quorum queue (replicated on every node of a cluster). A queue with a consumer also
+    /// has a delivery limit and dead-letters past it.
     pub quorum: bool,
     /// Only one consumer at a time (order matters for nesting).
     pub single_active_consumer: bool,
@@ -52,7 +53,8 @@ pub struct Topology {
     pub exchange: String,
     /// Fanout dead-letter exchange.
     pub dead_letter_exchange: String,
-    /// Durable queue bound to the dead-letter exchange.
+    /// Quorum queue bound to the dead-letter exchange (it keeps what it holds while a node of
+    /// a cluster is away; it dead-letters nothing itself).
     pub dead_letter_queue: QueueDef,
     /// One quorum queue per writer, bound to the records exchange.
     pub writer_queues: Vec<QueueDef>,
@@ -84,7 +86,7 @@ impl Topology {
             dead_letter_queue: QueueDef {
                 name: format!("{prefix}.dead-letter"),
                 consumer: None,
-                quorum: false,
+                quorum: true,
                 single_active_consumer: false,
             },
             writer_queues,
@@ -108,6 +110,8 @@ impl Topology {
                 "x-queue-type".into(),
                 AMQPValue::LongString("quorum".into()),
             );
+        }
+        if queue.quorum && queue.consumer.is_some() {
             args.insert(
                 "x-delivery-limit".into(),
                 AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
@@ -264,6 +268,18 @@ mod tests {
         assert_eq!(
             get("x-single-active-consumer"),
             Some(AMQPValue::Boolean(true))
+        );
+    }
+
+    #[test]
+    fn the_dead_letter_queue_is_replicated_and_dead_letters_nothing_itself() {
+        let topology = Topology::new(DEFAULT_PREFIX, DEFAULT_DELIVERY_LIMIT);
+        let args = topology.queue_arguments(&topology.dead_letter_queue);
+        let keys: Vec<_> = args.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys, ["x-queue-type"]);
+        assert_eq!(
+            args.inner().get("x-queue-type"),
+            Some(&AMQPValue::LongString("quorum".into()))
         );
     }
 }

@@ -61,8 +61,11 @@ impl Handle {
 
     /// `collection` of `database`, its writes acknowledged once in the journal (an ack to
     /// RabbitMQ follows a durable write), waiting for that at most `deadline` (`wtimeout`).
+    /// The URL's `w` is kept: `w=majority` on a replica set waits for a majority's journals.
     fn on(database: mongodb::Database, collection: &str, deadline: Option<Duration>) -> Self {
+        let w = database.write_concern().and_then(|c| c.w.clone());
         let concern = WriteConcern::builder()
+            .w(w)
             .journal(true)
             .w_timeout(deadline)
             .build();
@@ -576,5 +579,21 @@ mod tests {
             (Some(true), Some(Duration::from_secs(8)))
         );
         assert_eq!(bounded.read_deadline, Some(Duration::from_secs(8)));
+    }
+
+    #[tokio::test]
+    async fn the_url_s_w_is_kept_beside_the_journal_so_a_replica_set_can_ask_for_a_majority() {
+        let client = client("mongodb://127.0.0.1:1/?w=majority")
+            .await
+            .expect("client");
+        let store = MongoStore::new(&client, "flowmesh", "records");
+        let bounded = store.clone().with_deadline(Duration::from_secs(8));
+        for concern in [store.write_concern(), bounded.write_concern()] {
+            let concern = concern.await.expect("handle").expect("set");
+            assert_eq!(
+                (concern.w, concern.journal),
+                (Some(mongodb::options::Acknowledgment::Majority), Some(true))
+            );
+        }
     }
 }
