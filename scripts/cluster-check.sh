@@ -3,16 +3,29 @@
 # docker-compose.cluster.yml in containers (quorum queues with a replica on each), the mesh's own
 # binaries on this machine with AMQP_URL listing the three nodes, three sources sending while
 # each fault is injected and healed; then the generators stop and `verify` must find every
-# record exactly once (file, PostgreSQL, MongoDB) and nothing dead-lettered.
+# record exactly once (file, PostgreSQL, MongoDB, MongoDB's nesting per source) and nothing
+# dead-lettered. After each RabbitMQ fault the three nodes must run as one cluster again, with
+# no partition recorded, without anyone's help.
 #
-# Faults so far (each prints one line: sent, lost, duplicated, dead-lettered, when the
-# generators' last acks came, counted from the fault, and how long the stores took to catch up):
-#   kill-leader   docker kill of the node holding the writer queues' leaders, started after 30 s
-#   pause-node    docker pause of one node for 30 s
+#   node-kill        docker kill of the node holding the writer queues' leaders, started after 30 s
+#   partition        that node cut from the other two for 30 s (iptables in its network
+#                    namespace; its clients stay attached); pause_minority pauses it
+#   node-pause       docker pause of one node for 30 s
+#   rolling-restart  each node restarted in turn, once check_if_node_is_quorum_critical allows it
+#   two-nodes-down   two nodes killed for 30 s: no quorum, publishes stall, windows hold
+#   postgres-frozen  every PostgreSQL process stopped for 30 s (what docker pause does)
+#
+# Each prints one line: records sent, lost, duplicated, dead-lettered, how long the flow stopped
+# (the longest time in which no generator got an ack), when the last ack came, counted from the
+# fault, how long the stores took to catch up, and the highest RSS of any service (over
+# CLUSTER_RSS_MIB, default 256, fails the fault).
 #
 # Skips (exit 0, saying so) when no Docker engine answers. Tears the cluster down (down -v) and
-# keeps every node's log under var/cluster-check/. Environment: CLUSTER_RATE (records per second
-# per source, default 200), CLUSTER_SECONDS (how long each fault's run sends, default 60).
+# keeps every node's and service's log under var/cluster-check/. Environment: CLUSTER_RATE
+# (records per second per source, default 200), CLUSTER_SECONDS (how long each fault's run
+# sends, default 60), CLUSTER_FAULTS (some of the faults, by name; by default all but
+# partition, which does not pass yet: on RabbitMQ 3.10 the cut-off node's restart after the heal
+# hangs in Erlang's `global`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG_TAG=cluster
@@ -27,9 +40,9 @@ if docker compose version >/dev/null 2>&1; then COMPOSE_BIN=(docker compose)
 elif command -v docker-compose >/dev/null 2>&1; then COMPOSE_BIN=(docker-compose)
 else log "SKIPPED: neither 'docker compose' nor 'docker-compose' is installed"; exit 0; fi
 
-# PostgreSQL and the MongoDB server on this machine: the stores.
+# PostgreSQL and the MongoDB server on this machine: the stores. (deps.sh has its own `log`.)
 source scripts/deps.sh
-LOG_TAG=cluster
+source scripts/lib.sh
 
 export COMPOSE_PROJECT_NAME=${CLUSTER_PROJECT:-flowmesh-cluster}
 # Node 1's published ports, away from a native RabbitMQ on this machine.
@@ -41,12 +54,16 @@ SECONDS_PER_RUN=${CLUSTER_SECONDS:-60}
 compose() { "${COMPOSE_BIN[@]}" -f docker-compose.cluster.yml "$@"; }
 container() { compose ps -q "$1"; }
 ip_of() { docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$(container "$1")"; }
-node_of_ip() { local n; for n in "${NODES[@]}"; do [ "$(ip_of "$n")" = "$1" ] && echo "$n"; done; }
 
 teardown() {
   mkdir -p "$LOGS"
+  heal_all
   for n in "${NODES[@]}"; do compose logs --no-color "$n" >"$LOGS/$n.log" 2>&1 || true; done
   mesh_teardown
+  if [ -n "${RUN_DIR:-}" ]; then
+    cp "$RUN_DIR"/*.log "$RUN_DIR"/*.flow.json "$LOGS/" 2>/dev/null || true
+    rm -rf "$RUN_DIR"
+  fi
   compose down -v >/dev/null 2>&1 || true
 }
 trap teardown EXIT
@@ -71,58 +88,177 @@ start filter
 start_writers
 wait_ready filter "$FILTER_HTTP_ADDR"
 
-rabbitmqctl_on() { compose exec -T "$1" rabbitmqctl -q "${@:2}"; }
+# A command on a node, bounded: a node stuck in its boot must not stop the check.
+on_node() { timeout 30 "${COMPOSE_BIN[@]}" -f docker-compose.cluster.yml exec -T "$@"; }
+rabbitmqctl_on() { on_node "$1" rabbitmqctl -q "${@:2}"; }
+running_node() { # the first node that answers
+  local n
+  for n in "${NODES[@]}"; do
+    on_node "$n" rabbitmq-diagnostics -q check_running >/dev/null 2>&1 && { echo "$n"; return 0; }
+  done
+  return 1
+}
 # The node that holds the leader of the writer queues (the first one listed).
 leader_node() {
-  local any
-  for any in "${NODES[@]}"; do
-    rabbitmqctl_on "$any" list_queues name leader 2>/dev/null |
-      awk -v p="$AMQP_PREFIX.records." 'index($1, p) == 1 { sub(/^rabbit@/, "", $2); print $2; exit }' && return 0
+  rabbitmqctl_on "$(running_node)" list_queues name leader 2>/dev/null |
+    awk -v p="$AMQP_PREFIX.records." 'index($1, p) == 1 { sub(/^rabbit@/, "", $2); print $2; exit }'
+}
+dead_lettered() {
+  rabbitmqctl_on "$(running_node)" list_queues name messages 2>/dev/null |
+    awk -v q="$AMQP_PREFIX.dead-letter" '$1 == q { print $2 }' | head -1
+}
+# Waits (up to 180 s) until the three nodes run as one cluster and no partition is recorded:
+# after every fault, with no operator's help. Fails the check otherwise.
+cluster_whole() {
+  local n status
+  for _ in $(seq 90); do
+    for n in "${NODES[@]}"; do
+      status=$(rabbitmqctl_on "$n" cluster_status --formatter json 2>/dev/null) || continue
+      python3 -c 'import json, sys
+s = json.loads(sys.argv[1])
+sys.exit(0 if len(s.get("running_nodes", [])) == 3 and not s.get("partitions") else 1)' "$status" && return 0
+      break
+    done
+    sleep 2
   done
+  log "the cluster is not whole 180 s after the fault: ${status:-no node answers}"
+  FAULT_FAILED="the cluster did not heal by itself"
+}
+
+# The faults: each injects, waits, heals and returns once the cluster is whole again.
+VICTIM=""
+node_kill() { # the node holding the writer queues' leaders, started again after 30 s
+  VICTIM=$(leader_node)
+  log "docker kill $VICTIM (leader of the writer queues)"
+  docker kill "$(container "$VICTIM")" >/dev/null
+  sleep 30
+  docker start "$(container "$VICTIM")" >/dev/null
+  cluster_whole
+}
+# NODE -I|-D: drops (or stops dropping) NODE's traffic to and from the two other nodes, inside
+# NODE's network namespace: its clients on this machine stay attached.
+cut_off() {
+  local pid peer ip
+  pid=$(docker inspect -f '{{.State.Pid}}' "$(container "$1")")
+  for peer in "${NODES[@]}"; do
+    [ "$peer" != "$1" ] || continue
+    ip=$(ip_of "$peer")
+    nsenter -t "$pid" -n iptables "$2" INPUT -s "$ip" -j DROP
+    nsenter -t "$pid" -n iptables "$2" OUTPUT -d "$ip" -j DROP
+  done
+}
+partition() { # the leaders' node cut from the other two for 30 s; the minority pauses
+  VICTIM=$(leader_node)
+  log "$VICTIM cut from the other nodes"
+  cut_off "$VICTIM" -I
+  sleep 30
+  cut_off "$VICTIM" -D
+  cluster_whole
+}
+node_pause() {
+  VICTIM=rabbitmq-2
+  log "docker pause $VICTIM"
+  docker pause "$(container "$VICTIM")" >/dev/null
+  sleep 30
+  docker unpause "$(container "$VICTIM")" >/dev/null
+  cluster_whole
+}
+rolling_restart() { # each node in turn, once it is not critical to any quorum queue's quorum
+  local n waited
+  for n in "${NODES[@]}"; do
+    waited=0
+    until on_node "$n" rabbitmq-diagnostics -q check_if_node_is_quorum_critical >/dev/null 2>&1; do
+      waited=$((waited + 1))
+      [ "$waited" -lt 120 ] || { FAULT_FAILED="$n stayed quorum-critical for 120 s"; return 0; }
+      sleep 1
+    done
+    log "restarting $n (waited ${waited} s for it to be safe to stop)"
+    docker restart -t 60 "$(container "$n")" >/dev/null
+    for _ in $(seq 60); do
+      on_node "$n" rabbitmq-diagnostics -q check_running >/dev/null 2>&1 && break
+      sleep 2
+    done
+  done
+  cluster_whole
+}
+two_nodes_down() { # no quorum for 30 s: publishes stall, the generators' windows hold
+  log "docker kill rabbitmq-1 and rabbitmq-3"
+  docker kill "$(container rabbitmq-1)" "$(container rabbitmq-3)" >/dev/null
+  sleep 30
+  docker start "$(container rabbitmq-1)" "$(container rabbitmq-3)" >/dev/null
+  cluster_whole
+}
+postgres_frozen() { # every PostgreSQL process stopped for 30 s (docker pause does the same)
+  injected postgres-frozen
+  pg_freeze || { FAULT_FAILED="no PostgreSQL process found to freeze"; healed postgres-frozen; return 0; }
+  log "PostgreSQL frozen"
+  sleep 30
+  pg_thaw
+  healed postgres-frozen
 }
 
 RESULTS=()
 FAILED=0
-run_fault() { # NAME INJECT HEAL: three sources for SECONDS_PER_RUN, INJECT after a quarter
-  local name=$1 inject=$2 heal=$3 i started
+RSS_LIMIT=${CLUSTER_RSS_MIB:-256}
+run_fault() { # NAME FUNCTION: three sources for SECONDS_PER_RUN, FUNCTION after a quarter of it
+  local name=$1 fault=$2 i fault_at sent_done watch
   SOURCES=("$name-a" "$name-b" "$name-c")
   COUNT=$((RATE * SECONDS_PER_RUN))
+  FAULT_FAILED=""
+  local generators=() pids=()
   for i in 0 1 2; do
     start "generator$i" GENERATOR_SOURCE="${SOURCES[$i]}" GENERATOR_RATE="$RATE" \
       GENERATOR_COUNT="$COUNT" GENERATOR_HTTP_ADDR="127.0.0.1:$((NEXT_PORT + i))"
+    generators+=("127.0.0.1:$((NEXT_PORT + i))")
   done
+  for i in "${!PID[@]}"; do [ -z "${PID[$i]}" ] || pids+=("$i=${PID[$i]}"); done
+  python3 scripts/flow-watch.py "$RUN_DIR/$name.flow.json" --generator "${generators[@]}" --pid "${pids[@]}" &
+  watch=$!
   sleep $((SECONDS_PER_RUN / 4))
-  started=$SECONDS
-  "$inject"
-  sleep 30
-  "$heal"
-  for i in 0 1 2; do wait_generator "generator$i"; done
-  local sent_by=$((SECONDS - started))
-  started=$SECONDS
+  fault_at=$(date +%s)
+  "$fault"
+  local generators_ok=1
+  for i in 0 1 2; do wait_generator "generator$i"; [ "$GEN_STATUS" = 0 ] || generators_ok=0; done
+  kill -TERM "$watch"; wait "$watch" || true
+  sent_done=$(date +%s)
   wait_reconciled
   local line
-  line=$(REPORT=$REPORT python3 - "$name" "$COUNT" "$sent_by" "$((SECONDS - started))" "$OK" <<'PY'
+  line=$(REPORT=$REPORT python3 - "$name" "$((COUNT * 3))" "$fault_at" "$(( $(date +%s) - sent_done ))" \
+    "$(dead_lettered)" "$RUN_DIR/$name.flow.json" "$RSS_LIMIT" "$generators_ok" "$OK" "$FAULT_FAILED" <<'PY'
 import json, os, sys
-name, count, sent_by, caught_up, ok = sys.argv[1:]
-r = json.loads(os.environ["REPORT"])
-dup = r["file"]["duplicated"] + sum((s or {}).get("duplicated", 0) for k, s in r.items() if k in ("postgresql", "mongodb"))
-print(f"{name:<14} sent {int(count) * 3:>6}  lost {r['lost']}  duplicated {dup}  ok {ok}  "
-      f"sending ended {sent_by} s after the fault  stores caught up {caught_up} s later")
+name, sent, fault_at, caught_up, dead, flow, limit, generators_ok, ok, fault_failed = sys.argv[1:]
+r = json.loads(os.environ["REPORT"] or "{}")
+w = json.load(open(flow))
+stores = [s or {} for k, s in r.items() if k in ("postgresql", "mongodb")]
+lost = r.get("lost", "?") if r else "?"
+dup = (r["file"]["duplicated"] + sum(s.get("duplicated", 0) for s in stores)) if r else "?"
+dead = int(dead or 0)
+peak = w["peak_rss_mib"]
+heavy = {k: v for k, v in peak.items() if v > float(limit)}
+last = round(w["last_ack_at"] - float(fault_at)) if w["last_ack_at"] else "-"
+passed = ok == "True" and dead == 0 and not heavy and generators_ok == "1" and not fault_failed
+print(f"{name:<16} sent {sent:>6}  lost {lost}  duplicated {dup}  dead-lettered {dead}  "
+      f"flow stopped {w['longest_stall_s']} s  last ack {last} s after the fault  "
+      f"stores caught up {caught_up} s later  peak RSS {max(peak.values()):.0f} MiB  "
+      f"{'ok' if passed else 'FAILED'}"
+      + (f" ({fault_failed})" if fault_failed else "")
+      + (f" (over {limit} MiB: {heavy})" if heavy else "")
+      + ("" if generators_ok == "1" else " (a generator did not end)"))
 PY
 )
   RESULTS+=("$line")
   log "$line"
-  [ "$OK" = True ] || FAILED=1
+  [[ $line == *" ok" ]] || FAILED=1
 }
 
-VICTIM=""
-kill_leader() { VICTIM=$(leader_node); log "docker kill $VICTIM (leader of the writer queues)"; docker kill "$(container "$VICTIM")" >/dev/null; }
-start_victim() { docker start "$(container "$VICTIM")" >/dev/null; compose up -d rabbitmq-cluster >/dev/null; }
-pause_one() { VICTIM=rabbitmq-2; log "docker pause $VICTIM"; docker pause "$(container "$VICTIM")" >/dev/null; }
-unpause_one() { docker unpause "$(container "$VICTIM")" >/dev/null; }
-
-run_fault kill-leader kill_leader start_victim
-run_fault pause-node pause_one unpause_one
+# CLUSTER_FAULTS picks some (by name); all but partition by default.
+ALL_FAULTS=(node-kill:node_kill partition:partition node-pause:node_pause
+  rolling-restart:rolling_restart two-nodes-down:two_nodes_down postgres-frozen:postgres_frozen)
+for entry in "${ALL_FAULTS[@]}"; do
+  name=${entry%%:*}
+  [[ " ${CLUSTER_FAULTS:-node-kill node-pause rolling-restart two-nodes-down postgres-frozen} " == *" $name "* ]] || continue
+  run_fault "$name" "${entry#*:}"
+done
 
 printf '\n' >&2
 for line in "${RESULTS[@]}"; do printf '%s\n' "$line" >&2; done
