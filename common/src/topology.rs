@@ -14,6 +14,12 @@ use crate::record::Record;
 pub const DEFAULT_PREFIX: &str = "flowmesh";
 /// Default `x-delivery-limit` of the writer queues.
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
+/// `x-delivery-limit` of the dead-letter queue: one that no listing will ever reach. The queue
+/// cannot go without one: RabbitMQ 4 gives every quorum queue a limit of 20 by default, and the
+/// dead-letter queue (no dead-letter exchange of its own) would drop a message returned that
+/// often, as 21 listings by `dead-letters` do. `-1`, RabbitMQ 4's "no limit", means a limit of 0
+/// to RabbitMQ 3, so the one value both read alike is the largest.
+pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = i32::MAX as i64;
 
 /// AMQP header carrying the record's `source`.
 pub const HEADER_SOURCE: &str = "source";
@@ -119,6 +125,11 @@ impl Topology {
             args.insert(
                 "x-dead-letter-exchange".into(),
                 AMQPValue::LongString(self.dead_letter_exchange.as_str().into()),
+            );
+        } else if queue.quorum {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT),
             );
         }
         if queue.single_active_consumer {
@@ -276,10 +287,15 @@ mod tests {
         let topology = Topology::new(DEFAULT_PREFIX, DEFAULT_DELIVERY_LIMIT);
         let args = topology.queue_arguments(&topology.dead_letter_queue);
         let keys: Vec<_> = args.inner().keys().map(|k| k.as_str()).collect();
-        assert_eq!(keys, ["x-queue-type"]);
+        assert_eq!(keys, ["x-delivery-limit", "x-queue-type"]);
         assert_eq!(
             args.inner().get("x-queue-type"),
             Some(&AMQPValue::LongString("quorum".into()))
+        );
+        // Not RabbitMQ 4's default of 20, and not -1 (a limit of 0 to RabbitMQ 3).
+        assert_eq!(
+            args.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongLongInt(i64::from(i32::MAX)))
         );
     }
 }

@@ -128,6 +128,29 @@ async fn dead_letters_are_listed_replayed_after_a_fix_and_purged() {
     delete_topology(&topology).await;
 }
 
+/// Each listing returns every dead letter to the queue unacked, which raises its delivery count:
+/// on a queue with RabbitMQ 4's default limit (20) the 21st listing would drop it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_the_dead_letters_more_often_than_any_default_delivery_limit_keeps_them() {
+    let prefix = unique_prefix("dlq-list");
+    let topology = Topology::new(&prefix, 5);
+    dead_letter(
+        &topology,
+        b"kept",
+        BasicProperties::default().with_message_id("kept".into()),
+    )
+    .await;
+    for listing in 1..=25 {
+        let listed = broker(&topology).await.list().await.expect("list");
+        assert_eq!(
+            listed.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(),
+            ["kept"],
+            "listing {listing}"
+        );
+    }
+    delete_topology(&topology).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_packed_dead_letter_is_replayed_packed_and_of_one_with_bad_lines_only_the_records() {
     let prefix = unique_prefix("dlq-packed");
