@@ -54,7 +54,7 @@ SUMMARY=()
 FAILED=0
 
 compose() { "${COMPOSE_BIN[@]}" "${FILES[@]}" "$@"; }
-cid() { compose ps -q "$1"; }
+source scripts/compose-lib.sh
 
 step() { # name command…: runs one step, records its line, stops the check at the first failure
   local name=$1 started=$SECONDS
@@ -106,28 +106,9 @@ images() {
   compose build
 }
 
-healthy() { # every service with a healthcheck reports healthy; the others run
-  local deadline=$((SECONDS + ${1:-300})) pending
-  while :; do
-    pending=()
-    for service in "${SERVICES[@]}"; do
-      local id status
-      id=$(cid "$service")
-      status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id" 2>/dev/null || echo missing)
-      case $status in healthy | running) ;; *) pending+=("$service:$status") ;; esac
-    done
-    [ ${#pending[@]} -eq 0 ] && return 0
-    if [ "$SECONDS" -ge "$deadline" ]; then log "not healthy: ${pending[*]}"; return 1; fi
-    sleep 3
-  done
-}
+up() { compose up -d && healthy 300 "${SERVICES[@]}"; }
 
-up() { compose up -d && healthy 300; }
-
-acked() { # records the running generator has had acked (its own counter, 0 while unreachable)
-  curl -fsS "http://127.0.0.1:$FLOWMESH_GENERATOR_PORT/metrics" 2>/dev/null \
-    | awk '$1 == "flowmesh_generator_records_acked_total" { v = $2 } END { printf "%d\n", v }'
-}
+acked() { generator_acked "127.0.0.1:$FLOWMESH_GENERATOR_PORT"; }
 
 flowing() { # COUNT more of the generator's records get acked (within 120 s)
   local want=$(($(acked) + $1)) deadline=$((SECONDS + 120))
@@ -137,85 +118,12 @@ flowing() { # COUNT more of the generator's records get acked (within 120 s)
   done
 }
 
-expected() { # the highest seq the generator made: last spool recovery + what its last run made
-  docker logs "$(cid generator)" 2>&1 | python3 -c '
-import json, sys
-last, made, unacked = 0, None, None
-for line in sys.stdin:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        continue
-    fields = event.get("fields", event)
-    message = fields.get("message", "")
-    if message.startswith("spool recovered"):
-        last, made = int(fields.get("last_seq", 0)), None
-    elif message == "generator stopped":
-        made, unacked = int(fields["generated"]), int(fields["unacked"])
-if made is None:
-    sys.exit("the generator logged no \"generator stopped\" line")
-if unacked:
-    sys.exit(f"the generator stopped with {unacked} records unacked")
-print(last + made)'
-}
-
 reconciled() { # stop the generator (it drains), then verify until the writers caught up
   compose stop generator >/dev/null || return 1
   local n
-  n=$(expected) || return 1
+  n=$(generated generator) || return 1
   log "the generator made seqs 1..$n; verifying"
-  local deadline=$((SECONDS + 120)) out
-  while :; do
-    if out=$(compose run --rm --no-deps -T filter verify --source "$SOURCE" --expected "$n" 2>&1); then
-      printf '%s\n' "$out" | sed 's/^/[compose:verify] /' >&2
-      grep -q '^mongodb .*skipped' <<<"$out" && { log "verify skipped MongoDB"; return 1; }
-      return 0
-    fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      printf '%s\n' "$out" | sed 's/^/[compose:verify] /' >&2
-      return 1
-    fi
-    sleep 5
-  done
-}
-
-targets_up() { # Prometheus scrapes every target of its configuration, and each answers
-  local deadline=$((SECONDS + 90))
-  while :; do
-    if curl -fsS "http://127.0.0.1:$FLOWMESH_PROMETHEUS_PORT/api/v1/targets" 2>/dev/null | python3 -c '
-import json, sys
-targets = json.load(sys.stdin)["data"]["activeTargets"]
-down = [t["labels"]["job"] + "=" + t["health"] for t in targets if t["health"] != "up"]
-print(f"{len(targets)} targets, down: {down}", file=sys.stderr)
-sys.exit(1 if down or len(targets) < 5 else 0)'; then
-      return 0
-    fi
-    [ "$SECONDS" -ge "$deadline" ] && return 1
-    sleep 5
-  done
-}
-
-json_logs() { # every line each flowmesh service wrote is a JSON object naming the service
-  local service bad=0
-  for service in "${MESH[@]}"; do
-    docker logs "$(cid "$service")" 2>&1 | python3 -c '
-import json, sys
-service, lines, bad = sys.argv[1], 0, []
-for line in sys.stdin:
-    lines += 1
-    try:
-        event = json.loads(line)
-        ok = isinstance(event, dict) and event.get("service") == service
-    except ValueError:
-        ok = False
-    if not ok:
-        bad.append(line.rstrip()[:200])
-print(f"{service}: {lines} lines, {len(bad)} not JSON with service={service}", file=sys.stderr)
-for line in bad[:5]:
-    print(f"  {line}", file=sys.stderr)
-sys.exit(1 if bad or lines == 0 else 0)' "$service" || bad=1
-  done
-  return "$bad"
+  verify_in_container "$SOURCE" "$n"
 }
 
 faults() { # records flow again; kill -9 the filter, restart RabbitMQ; the mesh heals itself
@@ -226,19 +134,19 @@ faults() { # records flow again; kill -9 the filter, restart RabbitMQ; the mesh 
   # Docker counts `docker kill` as a manual stop, which `restart: unless-stopped` leaves alone
   # (a crash would be restarted): start it again as an operator would.
   compose start filter >/dev/null || return 1
-  healthy 180 || return 1
+  healthy 180 "${SERVICES[@]}" || return 1
   flowing 2000 || return 1
   log "restart of the rabbitmq container"
   compose restart rabbitmq >/dev/null || return 1
-  healthy 300 || return 1
+  healthy 300 "${SERVICES[@]}" || return 1
   flowing 3000
 }
 
 step "images (pulled, or local stand-ins)" images
 step "every service healthy" up
 step "records flow" flowing 4000
-step "Prometheus: every target up" targets_up
+step "Prometheus: every target up" targets_up 5
 step "verify: file, PostgreSQL and MongoDB reconcile" reconciled
-step "logs are JSON lines" json_logs
+step "logs are JSON lines" json_logs "${MESH[@]}"
 step "faults: docker kill filter, restart rabbitmq" faults
 step "verify after the faults" reconciled

@@ -455,3 +455,67 @@ fn prometheus_and_compose_know_every_service_of_the_list() {
         );
     }
 }
+
+#[test]
+fn the_cluster_file_s_prometheus_scrapes_every_instance_it_runs() {
+    use flowmesh_common::services::SERVICES;
+    let root = workspace();
+    let prometheus = std::fs::read_to_string(root.join("prometheus/prometheus.cluster.yml"))
+        .expect("prometheus.cluster.yml");
+    let compose = std::fs::read_to_string(root.join("docker-compose.cluster.yml"))
+        .expect("docker-compose.cluster.yml");
+    let jobs: Vec<String> = prometheus
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- job_name: flowmesh-"))
+        .map(str::to_owned)
+        .collect();
+    let listed: Vec<String> = SERVICES.iter().map(|s| s.name.to_owned()).collect();
+    assert_eq!(jobs, listed, "one flowmesh-<name> job a service");
+    // The compose services that run each one (`command: ["<name>"]`), and the targets scraped.
+    let services = compose
+        .split("\nservices:\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\nvolumes:\n").next())
+        .expect("a services: section");
+    let mut runs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for service in SERVICES {
+        let anchor = format!("command: [\"{}\"]", service.name);
+        assert!(
+            compose.contains(&anchor),
+            "docker-compose.cluster.yml runs no {}",
+            service.name
+        );
+        let defined: Vec<String> = services
+            .lines()
+            .filter_map(|l| l.strip_prefix("  ").and_then(|l| l.strip_suffix(':')))
+            .filter(|n| {
+                !n.starts_with(' ')
+                    && (*n == service.name || n.starts_with(&format!("{}-", service.name)))
+            })
+            .map(str::to_owned)
+            .collect();
+        runs.insert(service.name.to_owned(), defined.clone());
+        assert!(
+            !defined.is_empty(),
+            "no compose service for {}",
+            service.name
+        );
+        for instance in defined {
+            let target = format!("\"{instance}:{}\"", service.probe_port);
+            assert!(
+                prometheus.contains(&target),
+                "prometheus.cluster.yml does not scrape {target}"
+            );
+        }
+    }
+    assert_eq!(
+        runs["generator"],
+        ["generator-a", "generator-b", "generator-c"]
+    );
+    for node in ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"] {
+        assert!(
+            prometheus.contains(&format!("\"{node}:15692\"")),
+            "{node} not scraped"
+        );
+    }
+}

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds the local Debian base image that stands in for `debian:bookworm-slim` on a machine whose
-# Docker engine can reach no registry: a minimal bookworm root made with debootstrap from the
-# Debian mirror apt already uses, imported under the official name. Not used where a registry
-# answers (the official image is pulled instead). Needs root and debootstrap.
+# Builds the local Debian base image that stands in for `debian:<suite>-slim` on a machine whose
+# Docker engine can reach no registry: a minimal root of that Debian release made with
+# debootstrap from the Debian mirror apt already uses, imported under the official name. Not
+# used where a registry answers (the official image is pulled instead). Needs root and
+# debootstrap. Usage: base.sh [TAG [SUITE]] (default debian:bookworm-slim, bookworm).
 set -euo pipefail
 tag=${1:-debian:bookworm-slim}
+suite=${2:-bookworm}
 # The mirror apt uses on this machine (DEBIAN_MIRROR overrides it).
 mirror=${DEBIAN_MIRROR:-$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
   | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -1 | tr -d ' ' || true)}
@@ -16,12 +18,12 @@ if ! command -v debootstrap >/dev/null 2>&1; then
 fi
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
-debootstrap --variant=minbase bookworm "$root" "$mirror" >/dev/null
+debootstrap --variant=minbase "$suite" "$root" "$mirror" >/dev/null
 security=${mirror%/debian*}/debian-security
 cat >"$root/etc/apt/sources.list" <<SOURCES
-deb $mirror bookworm main
-deb $mirror bookworm-updates main
-deb $security bookworm-security main
+deb $mirror $suite main
+deb $mirror $suite-updates main
+deb $security $suite-security main
 SOURCES
 : >"$root/etc/resolv.conf"
 chroot "$root" apt-get clean

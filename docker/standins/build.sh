@@ -42,8 +42,13 @@ if ! have debian:bookworm-slim; then
   log "building debian:bookworm-slim from debootstrap (stand-in, once per machine)"
   bash "$here/base.sh" debian:bookworm-slim
 fi
+if ! have debian:trixie-slim; then
+  log "building debian:trixie-slim from debootstrap (stand-in, once per machine)"
+  bash "$here/base.sh" debian:trixie-slim trixie
+fi
 build rust:1.95-slim-bookworm rust
 build rabbitmq:3.13-management rabbitmq
+build rabbitmq:4.0-management rabbitmq-4.0
 build postgres:16 postgres
 build mongo:7 mongo
 build prom/prometheus:v2.53.0 prometheus
