@@ -416,6 +416,20 @@ fn every_link_in_the_readme_and_the_docs_resolves() {
     );
 }
 
+/// A Prometheus configuration's `flowmesh-<name>` jobs are exactly the services of the list.
+fn assert_one_job_a_service(prometheus: &str, file: &str) {
+    let jobs: Vec<String> = prometheus
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- job_name: flowmesh-"))
+        .map(str::to_owned)
+        .collect();
+    let listed: Vec<String> = flowmesh_common::services::SERVICES
+        .iter()
+        .map(|s| s.name.to_owned())
+        .collect();
+    assert_eq!(jobs, listed, "{file}: one flowmesh-<name> job a service");
+}
+
 #[test]
 fn prometheus_and_compose_know_every_service_of_the_list() {
     use flowmesh_common::services::SERVICES;
@@ -425,16 +439,7 @@ fn prometheus_and_compose_know_every_service_of_the_list() {
     let compose =
         std::fs::read_to_string(root.join("docker-compose.yml")).expect("docker-compose.yml");
     // The flowmesh jobs Prometheus scrapes, and their targets, are exactly the list's.
-    let jobs: Vec<String> = prometheus
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- job_name: flowmesh-"))
-        .map(str::to_owned)
-        .collect();
-    let listed: Vec<String> = SERVICES.iter().map(|s| s.name.to_owned()).collect();
-    assert_eq!(
-        jobs, listed,
-        "prometheus/prometheus.yml: one flowmesh-<name> job a service"
-    );
+    assert_one_job_a_service(&prometheus, "prometheus/prometheus.yml");
     for service in SERVICES {
         let target = format!("\"{}:{}\"", service.name, service.probe_port);
         assert!(
@@ -464,13 +469,7 @@ fn the_cluster_file_s_prometheus_scrapes_every_instance_it_runs() {
         .expect("prometheus.cluster.yml");
     let compose = std::fs::read_to_string(root.join("docker-compose.cluster.yml"))
         .expect("docker-compose.cluster.yml");
-    let jobs: Vec<String> = prometheus
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- job_name: flowmesh-"))
-        .map(str::to_owned)
-        .collect();
-    let listed: Vec<String> = SERVICES.iter().map(|s| s.name.to_owned()).collect();
-    assert_eq!(jobs, listed, "one flowmesh-<name> job a service");
+    assert_one_job_a_service(&prometheus, "prometheus/prometheus.cluster.yml");
     // The compose services that run each one (`command: ["<name>"]`), and the targets scraped.
     let services = compose
         .split("\nservices:\n")

@@ -15,7 +15,7 @@ ca_files() {
   cp /usr/local/share/ca-certificates/*.crt "$1/ca/" 2>/dev/null || true
 }
 
-build() { # tag dir: the stand-in in docker/standins/dir, unless tag exists already
+build() { # tag dir [docker build options]: the stand-in in docker/standins/dir, unless tag exists
   local tag=$1 dir=$2 ctx
   if have "$tag"; then return 0; fi
   ctx=$(mktemp -d)
@@ -31,7 +31,7 @@ build() { # tag dir: the stand-in in docker/standins/dir, unless tag exists alre
   fi
   log "building $tag (stand-in, once per machine)"
   local started=$SECONDS
-  if ! docker build -q -t "$tag" "$ctx" >/dev/null; then
+  if ! docker build -q -t "$tag" "${@:3}" "$ctx" >/dev/null; then
     rm -rf "$ctx"; log "building $tag failed"; return 1
   fi
   rm -rf "$ctx"
@@ -48,7 +48,7 @@ if ! have debian:trixie-slim; then
 fi
 build rust:1.95-slim-bookworm rust
 build rabbitmq:3.13-management rabbitmq
-build rabbitmq:4.0-management rabbitmq-4.0
+build rabbitmq:4.0-management rabbitmq --build-arg DEBIAN=trixie
 build postgres:16 postgres
 build mongo:7 mongo
 build prom/prometheus:v2.53.0 prometheus
