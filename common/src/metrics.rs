@@ -166,6 +166,8 @@ catalogue! {
         "1 while the writer has a consumer open on its queue (only while its store can write).";
     WRITER_STORE_FAILURES = "flowmesh_writer_store_failures_total", Counter, Writer, ["writer"],
         "Failed attempts to store a batch (each is retried).";
+    WRITER_STORE_CONFLICTS = "flowmesh_writer_store_conflicts_total", Counter, Writer, ["writer"],
+        "Store attempts the database aborted to settle a conflict with another writer (deadlock, serialization failure); each is retried at once and none counts as a failure of the database.";
     WRITER_END_TO_END_SECONDS = "flowmesh_writer_end_to_end_latency_seconds", Histogram, Writer, ["writer"],
         "From a record's timestamp to its commit in the writer's database.";
 }

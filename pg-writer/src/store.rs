@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use flowmesh_common::record::Provenance;
 use flowmesh_common::record::{Record, format_timestamp, parse_timestamp};
-use flowmesh_common::writers::consumer::{Misconfigured, Permanent, RecordStore, StoreReport};
+use flowmesh_common::writers::consumer::{
+    Contended, Misconfigured, Permanent, RecordStore, StoreReport,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
@@ -15,13 +17,22 @@ use sqlx::{PgPool, Row};
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// One statement for the whole batch: arrays in, `on conflict do nothing` for redeliveries.
+/// `unnest` yields the arrays in order, so the rows are inserted (and their index entries
+/// locked) in the order [`Columns::of`] gives them: by id.
 const INSERT: &str = "
     insert into records (id, source, seq, ts, value, hash, route, routes_version)
     select * from unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[], $5::int2[], $6::text[], $7::text[], $8::text[])
     on conflict (id) do nothing";
 
-/// A batch as the INSERT's eight arrays, one per column, in the batch's order: the statement
-/// takes the whole batch in one round trip.
+/// A batch as the INSERT's eight arrays, one per column, sorted by id: the statement takes the
+/// whole batch in one round trip.
+///
+/// **One lock order for every writer.** An insert locks each row's key as it goes, and a row
+/// another open transaction inserted makes it wait for that one. Two pg-writers consuming one
+/// queue get overlapping batches (a redelivery of what the other holds, a record the generator
+/// sent twice); were each batch inserted in arrival order, one could hold `a` and wait for `b`
+/// while the other holds `b` and waits for `a`, and PostgreSQL would abort one of them. Sorted
+/// by id, every batch takes its locks in the same order, so waits never form a cycle.
 pub struct Columns<'a> {
     ids: Vec<uuid::Uuid>,
     sources: Vec<&'a str>,
@@ -47,10 +58,18 @@ impl<'a> Columns<'a> {
             routes: Vec::with_capacity(records.len()),
             versions: Vec::with_capacity(records.len()),
         };
-        for record in records {
-            columns
-                .ids
-                .push(uuid::Uuid::parse_str(&record.id).context("record id")?);
+        let mut sorted = records
+            .iter()
+            .map(|record| {
+                Ok((
+                    uuid::Uuid::parse_str(&record.id).context("record id")?,
+                    record,
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        sorted.sort_unstable_by_key(|(id, _)| *id);
+        for (id, record) in sorted {
+            columns.ids.push(id);
             columns.sources.push(&record.source);
             columns
                 .seqs
@@ -143,7 +162,12 @@ pub fn pool(url: &str, size: u32, deadline: Duration) -> anyhow::Result<PgPool> 
 /// invalid_catalog_name (no such database), invalid_password, invalid_authorization_specification.
 const MISCONFIGURED_STATES: &[&str] = &["42501", "3D000", "28P01", "28000"];
 
-/// A configuration PostgreSQL refuses is [`Misconfigured`] (retried, nothing dead-lettered, one
+/// SQLSTATEs by which PostgreSQL aborts a transaction to settle a conflict with another one:
+/// serialization_failure and deadlock_detected.
+const CONTENDED_STATES: &[&str] = &["40001", "40P01"];
+
+/// A transaction aborted to settle a conflict with another writer is [`Contended`] (retried at
+/// once, not a failure of the database); a configuration PostgreSQL refuses is [`Misconfigured`] (retried, nothing dead-lettered, one
 /// error line); data PostgreSQL refuses for good (SQLSTATE class 22, data exception, or 23,
 /// integrity constraint violation, such as a check constraint someone added) is [`Permanent`]:
 /// the consumer splits the batch and dead-letters only the rows at fault. Anything else stays an
@@ -154,6 +178,9 @@ fn classify(err: sqlx::Error, what: &str) -> anyhow::Error {
         _ => None,
     };
     match state {
+        Some(state) if CONTENDED_STATES.contains(&state.as_str()) => anyhow::Error::new(Contended(
+            format!("{what}: PostgreSQL error {state}: {err}"),
+        )),
         Some(state) if MISCONFIGURED_STATES.contains(&state.as_str()) => anyhow::Error::new(
             Misconfigured(format!("{what}: PostgreSQL error {state}: {err}")),
         ),

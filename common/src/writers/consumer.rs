@@ -99,6 +99,19 @@ pub struct Permanent(pub String);
 #[error("{0}")]
 pub struct Misconfigured(pub String);
 
+/// A store error that says the database aborted the call to settle a conflict with another
+/// writer's transaction (PostgreSQL's deadlock_detected, 40P01, or serialization_failure,
+/// 40001): nothing is wrong with the database or the records, the same call succeeds when
+/// tried again. The consumer retries the batch after a short jittered pause without counting
+/// a failure of the database (its breaker records the answer as a success), at most
+/// [`CONTENTION_RETRIES`] times in a row; past that it is an ordinary failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Contended(pub String);
+
+/// How many [`Contended`] failures of one batch in a row are retried as such.
+pub const CONTENTION_RETRIES: u32 = 20;
+
 /// How storing a batch ended.
 enum Stored {
     Done(StoreReport),
@@ -823,6 +836,44 @@ impl<S: RecordStore> Session<'_, S> {
         Some(split)
     }
 
+    /// Counts a store call the database aborted to settle a conflict with another writer
+    /// (the `attempt`th in a row for this batch) and says how long to wait before the next:
+    /// the database answered and will take the batch when asked again, once the other has
+    /// committed (jittered, so that two losers do not meet again).
+    fn lost_conflict(&mut self, err: &anyhow::Error, attempt: u32) -> Duration {
+        let writer = self.settings.writer;
+        self.breaker.record(true);
+        metrics::counter!(m::WRITER_STORE_CONFLICTS, "writer" => writer).increment(1);
+        let wait = Duration::from_millis(5 * u64::from(attempt) + fastrand::u64(0..20));
+        tracing::debug!(writer, error = %format!("{err:#}"), attempt, retry_in_ms = wait.as_millis() as u64, "store lost a conflict with another writer; retried");
+        wait
+    }
+
+    /// Counts a failed store call of `records` records (retried after `wait`) against the
+    /// database, and says so: once per new cause when the database refuses the configuration,
+    /// at every retry otherwise.
+    fn failed(&mut self, err: &anyhow::Error, records: usize, wait: Duration) {
+        let writer = self.settings.writer;
+        self.breaker.record(false);
+        self.progress.set_failing(true);
+        let error = format!("{err:#}");
+        if err.downcast_ref::<Misconfigured>().is_some() {
+            if self.misconfigured.as_deref() != Some(error.as_str()) {
+                tracing::error!(writer, error = %error, "the database refuses this writer's configuration: {writer} is not ready and dead-letters nothing until the database or the configuration is fixed");
+                self.misconfigured = Some(error);
+            }
+        } else {
+            tracing::warn!(
+                writer,
+                error,
+                records,
+                retry_in_ms = wait.as_millis() as u64,
+                "store failed; batch kept unacked and retried"
+            );
+        }
+        metrics::counter!(m::WRITER_STORE_FAILURES, "writer" => writer).increment(1);
+    }
+
     /// Stores a batch, retrying with backoff through the breaker until it succeeds or the
     /// store refuses it for good. `None` if shutdown came first. The first failure pauses the
     /// consumer.
@@ -838,6 +889,7 @@ impl<S: RecordStore> Session<'_, S> {
             Duration::from_secs(5),
         )
         .build();
+        let mut contended = 0;
         loop {
             if !self.breaker.permit() {
                 tokio::select! {
@@ -871,28 +923,22 @@ impl<S: RecordStore> Session<'_, S> {
                     self.progress.set_failing(false);
                     return Some(Stored::Refused(format!("{err:#}")));
                 }
-                Err(err) => {
-                    self.breaker.record(false);
-                    self.progress.set_failing(true);
-                    self.pause().await;
-                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    let error = format!("{err:#}");
-                    if err.downcast_ref::<Misconfigured>().is_some() {
-                        // One error line per new cause, not one per retry.
-                        if self.misconfigured.as_deref() != Some(error.as_str()) {
-                            tracing::error!(writer, error = %error, "the database refuses this writer's configuration: {writer} is not ready and dead-letters nothing until the database or the configuration is fixed");
-                            self.misconfigured = Some(error);
-                        }
-                    } else {
-                        tracing::warn!(
-                            writer,
-                            error,
-                            records = records.len(),
-                            retry_in_ms = wait.as_millis() as u64,
-                            "store failed; batch kept unacked and retried"
-                        );
+                Err(err)
+                    if contended < CONTENTION_RETRIES
+                        && err.downcast_ref::<Contended>().is_some() =>
+                {
+                    contended += 1;
+                    let wait = self.lost_conflict(&err, contended);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(wait) => {}
                     }
-                    metrics::counter!(m::WRITER_STORE_FAILURES, "writer" => writer).increment(1);
+                }
+                Err(err) => {
+                    contended = 0;
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    self.failed(&err, records.len(), wait);
+                    self.pause().await;
                     tokio::select! {
                         _ = shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(wait) => {}
