@@ -15,8 +15,9 @@
 # second-worst of 150); BENCH_SUSTAIN_RATES ["10000 20000 40000"],
 # BENCH_SUSTAIN_SECONDS per rate [60] (empty rates skip the sustained run), BENCH_SUSTAIN_PACK the
 # filter's FILTER_PUBLISH_PACK during it [1]; BENCH_PARTS, the parts to run, in this order
-# ["ceilings latency hops drains mesh sustained"], e.g. "mesh" alone (the drains drain what the
-# hops queued, so "drains" runs the hops too).
+# ["ceilings latency hops drains writers mesh sustained"], e.g. "mesh" alone (the drains drain
+# what the hops queued, so "drains" runs the hops too; "writers" drains BENCH_COUNT records with
+# 1, 2 and 3 pg-writers on one queue).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -30,7 +31,7 @@ LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-60}
 SUSTAIN_RATES=${BENCH_SUSTAIN_RATES-10000 20000 40000}
 SUSTAIN_SECONDS=${BENCH_SUSTAIN_SECONDS:-60}
 SUSTAIN_PACK=${BENCH_SUSTAIN_PACK:-1}
-PARTS=" ${BENCH_PARTS:-ceilings latency hops drains mesh sustained} "
+PARTS=" ${BENCH_PARTS:-ceilings latency hops drains writers mesh sustained} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 want drains && PARTS+="hops "
 
@@ -141,15 +142,18 @@ drain_rate() {
 # each batch's transaction time, and a batch starts after the one before committed, so from the
 # first batch's time to the last's the writer stored every batch but the last. Those rows over
 # that time is the rate of the drain, with neither polling's cost nor its granularity.
-# Waits (polling every 200 ms) until TARGET records of sources SOURCES (a SQL list) are stored.
+# Waits (polling every 200 ms, 10 minutes at most) until TARGET records of sources SOURCES (a
+# SQL list) are stored, by any number of pg-writers. With several writers, the last batches of
+# all but one fall inside the window: the rate is over-stated by at most a batch per extra
+# writer (1000 records of BENCH_COUNT).
 pg_drain_rate() {
   local target=$1 sources=$2 n=0
   for _ in $(seq 3000); do
-    n=$(stored "$PG_WRITER_HTTP_ADDR")
+    n=$(psql "$DATABASE_URL" -Atc "select count(*) from records where source in ($sources)" 2>/dev/null || echo 0)
     [ "$n" -ge "$target" ] && break
     sleep 0.2
   done
-  [ "$n" -ge "$target" ] || { log "pg-writer stored $n of $target"; echo 0; return; }
+  [ "$n" -ge "$target" ] || { log "pg-writers stored $n of $target"; echo 0; return; }
   psql "$DATABASE_URL" -Atc "with r as (select received_at from records where source in ($sources))
     select round((count(*) filter (where received_at < (select max(received_at) from r)))
       / greatest(extract(epoch from max(received_at) - min(received_at)), 1e-3)) from r"
@@ -230,6 +234,35 @@ if mongo_up; then
     "insert_many of the same documents (j: true)" "$RAW_MONGO" "server: whatever answers on 27017"
   stop mongo-writer
 fi
+fi
+
+# ---- competing pg-writers: the same backlog drained by 1, 2 and 3 on one queue -------------
+if want writers; then
+log "pg-writers on one queue: $COUNT records drained by 1, 2 and 3"
+stop pg-writer; stop mongo-writer
+# What earlier parts left queued would be drained with (and slow) the first run.
+for queue in pg-writer mongo-writer; do rabbitmqctl -q purge_queue "$AMQP_PREFIX.records.$queue" >/dev/null 2>&1 || true; done
+# mongo-writer (in memory) keeps its own queue empty meanwhile.
+start mongo-writer MONGO_WRITER_STORE=memory
+for k in 1 2 3; do
+  generate "$COUNT" max 91-100 "pg-writers-$k" >/dev/null
+  names=()
+  for i in $(seq "$k"); do
+    names+=("pg-writer$i")
+    start "pg-writer$i" PG_WRITER_HTTP_ADDR="127.0.0.1:$((NEXT_PORT + i))"
+  done
+  rate=$(pg_drain_rate "$COUNT" "'pg-writers-$k'")
+  conflicts=0
+  for i in $(seq "$k"); do
+    conflicts=$((conflicts + $(metric "127.0.0.1:$((NEXT_PORT + i))" flowmesh_writer_store_conflicts_total 'writer="pg-writer"')))
+  done
+  for name in "${names[@]}"; do stop "$name"; done
+  row "pg-writers draining one queue: $k" "$rate" \
+    "consume (prefetch 2000) / insert unnest (batch 1000)" "$RAW_CONSUME / $RAW_INSERT" \
+    "rate from PostgreSQL's received_at; $conflicts conflicts retried"
+done
+drain_rate "$MONGO_WRITER_HTTP_ADDR" $((3 * COUNT)) >/dev/null
+stop mongo-writer
 fi
 
 # ---- the whole mesh --------------------------------------------------------------------------

@@ -70,9 +70,22 @@ impl FromStr for Values {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "generator", version, about, long_about = None)]
 pub struct GeneratorConfig {
-    /// WebSocket URL of the filter's intake.
+    /// WebSocket URL of the filter's intake; several filters' URLs separated by commas. Of
+    /// several, each source prefers one by rendezvous hashing (its home) and fails over to the
+    /// next in its order (see GENERATOR_FAILOVER_AFTER).
     #[arg(long, env = "FILTER_URL", default_value = "ws://127.0.0.1:8080/ingest")]
     pub filter_url: String,
+
+    /// With several filters: how long the generator keeps trying a filter it lost before it
+    /// fails over to the next (a filter restarted within it has its dedupe window back, so
+    /// waiting costs no duplicates).
+    #[arg(long, env = "GENERATOR_FAILOVER_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub failover_after: Duration,
+
+    /// With several filters: while away from its own filter, how often the generator checks
+    /// whether it answers again (and then returns to it).
+    #[arg(long, env = "GENERATOR_HOME_CHECK", default_value = "5s", value_parser = parse_duration)]
+    pub home_check: Duration,
 
     /// PEM file of CA certificates to trust for a `wss://` filter, besides the system's roots.
     #[arg(long, env = "FILTER_CA_FILE")]
@@ -152,9 +165,23 @@ impl GeneratorConfig {
 }
 
 impl GeneratorConfig {
-    /// TLS for a `wss://` filter URL (none for `ws://`).
+    /// The filter URLs of `FILTER_URL`, in the order given (blanks around commas ignored).
+    pub fn filter_urls(&self) -> Vec<String> {
+        self.filter_url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// TLS for `wss://` filter URLs (none when every one is `ws://`).
     pub fn tls(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
-        if self.filter_url.starts_with("wss://") {
+        if self
+            .filter_urls()
+            .iter()
+            .any(|url| url.starts_with("wss://"))
+        {
             Ok(Some(flowmesh_common::tls::client_config(
                 self.ca_file.as_deref(),
             )?))
@@ -166,8 +193,15 @@ impl GeneratorConfig {
 
 impl Validate for GeneratorConfig {
     fn validate(&self) -> Result<(), String> {
-        if !self.filter_url.starts_with("ws://") && !self.filter_url.starts_with("wss://") {
-            return Err("--filter-url (FILTER_URL): must start with ws:// or wss://".into());
+        for url in self.filter_urls() {
+            if !url.starts_with("ws://") && !url.starts_with("wss://") {
+                return Err(format!(
+                    "--filter-url (FILTER_URL): {url:?} must start with ws:// or wss:// (several URLs are separated by commas)"
+                ));
+            }
+        }
+        if self.filter_urls().is_empty() {
+            return Err("--filter-url (FILTER_URL): no URL given".into());
         }
         if let Some(source) = &self.source {
             validate_source(source).map_err(|e| format!("--source (GENERATOR_SOURCE): {e}"))?;

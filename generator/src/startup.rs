@@ -169,9 +169,10 @@ impl Application {
             http_stop.clone(),
         );
         let link_stop = CancellationToken::new();
-        let settings = link_settings(&config)?;
+        let settings = link_settings(&config, &source)?;
         settings.tokens.reload_on_hangup(link_stop.clone());
-        tracing::info!(source = %source, url = %redact_url(&config.filter_url), rate = ?config.rate, count = config.count, "generator started");
+        let order: Vec<String> = settings.urls.iter().map(|url| redact_url(url)).collect();
+        tracing::info!(source = %source, url = %order[0], filters = %order.join(","), rate = ?config.rate, count = config.count, "generator started");
         let supervisor = tokio::spawn(link::supervise(
             settings,
             link,
@@ -214,9 +215,11 @@ impl Application {
 }
 
 /// How the link reaches the filter, from the configuration.
-fn link_settings(config: &GeneratorConfig) -> anyhow::Result<LinkSettings> {
+fn link_settings(config: &GeneratorConfig, source: &str) -> anyhow::Result<LinkSettings> {
     Ok(LinkSettings {
-        url: config.filter_url.clone(),
+        urls: crate::link::preference(source, &config.filter_urls()),
+        failover_after: config.failover_after,
+        home_check: config.home_check,
         tokens: flowmesh_common::token::Tokens::new(
             config.token.clone(),
             std::time::Duration::ZERO,
