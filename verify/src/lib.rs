@@ -6,7 +6,7 @@
 pub mod dead_letters;
 pub mod reconcile;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
@@ -32,9 +32,16 @@ pub struct VerifyConfig {
     #[arg(long, env = "VERIFY_EXPECTED")]
     pub expected: Option<u64>,
 
-    /// The filter's data directory (holding `records*.jsonl`).
-    #[arg(long, env = "FILTER_DATA_DIR", default_value = "var/filter")]
-    pub data_dir: PathBuf,
+    /// The filter's data directory (holding `records*.jsonl`); with several filters, each
+    /// one's, separated by commas. A record in two of them (a generator's failover re-sent it)
+    /// is reported apart, not as a fault; twice in one is a fault.
+    #[arg(
+        long = "data-dir",
+        env = "FILTER_DATA_DIR",
+        default_value = "var/filter",
+        value_delimiter = ','
+    )]
+    pub data_dirs: Vec<PathBuf>,
 
     /// PostgreSQL.
     #[command(flatten)]
@@ -80,10 +87,14 @@ const LOCAL_MONGODB: &str = "mongodb://127.0.0.1:27017";
 /// Reads what every store holds for the source: the file sink, then each writer's store of
 /// the one list (`flowmesh_common::services`).
 pub async fn observe(config: &VerifyConfig) -> anyhow::Result<Observed> {
-    let mut observed = Observed {
-        file: read_file_sink(config)?,
-        ..Observed::default()
-    };
+    let mut observed = Observed::default();
+    for (instance, dir) in config.data_dirs.iter().enumerate() {
+        let records = read_file_sink(config, dir)?;
+        observed
+            .file_instance
+            .extend(std::iter::repeat_n(instance, records.len()));
+        observed.file.extend(records);
+    }
     for (store, held) in &mut observed.stores {
         *held = read_store(config, store).await?;
     }
@@ -112,17 +123,17 @@ async fn read_store(config: &VerifyConfig, store: &str) -> anyhow::Result<Option
     }
 }
 
-fn read_file_sink(config: &VerifyConfig) -> anyhow::Result<Vec<Record>> {
+fn read_file_sink(config: &VerifyConfig, data_dir: &Path) -> anyhow::Result<Vec<Record>> {
     let mut records = Vec::new();
-    let files = match flowmesh_filter::file_sink::sink_files(&config.data_dir, "records") {
+    let files = match flowmesh_filter::file_sink::sink_files(data_dir, "records") {
         Ok(files) => files,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(err) => {
-            return Err(err).with_context(|| format!("listing {}", config.data_dir.display()));
+            return Err(err).with_context(|| format!("listing {}", data_dir.display()));
         }
     };
     for path in files {
-        let version = flowmesh_filter::file_sink::file_version(&config.data_dir, "records", &path)
+        let version = flowmesh_filter::file_sink::file_version(data_dir, "records", &path)
             .with_context(|| format!("reading the routes version of {}", path.display()))?
             .unwrap_or_else(Routes::builtin_version);
         let text = std::fs::read_to_string(&path)
@@ -174,7 +185,10 @@ async fn read_mongo(
 /// Runs a whole verification: observe, reconcile, and the report.
 pub async fn verify(config: &VerifyConfig) -> anyhow::Result<Report> {
     let observed = observe(config).await?;
-    let versions = flowmesh_filter::live_routes::applied_versions(&config.data_dir)?;
+    let mut versions = std::collections::HashMap::new();
+    for dir in &config.data_dirs {
+        versions.extend(flowmesh_filter::live_routes::applied_versions(dir)?);
+    }
     let rules = Rules {
         max_nest: config.max_nest,
         ..Rules::with_routes(versions.into_values())

@@ -96,8 +96,11 @@ impl Held {
 /// What the stores hold for one source.
 #[derive(Debug, Clone)]
 pub struct Observed {
-    /// Records read from the file sink (every rotated file and the active one).
+    /// Records read from the file sink (every rotated file and the active one) of every filter.
     pub file: Vec<Record>,
+    /// The filter instance each record of `file` was read from (an index into the data
+    /// directories given), in the same order; shorter than `file` (empty, say) means one filter.
+    pub file_instance: Vec<usize>,
     /// Each writer's store by its name (`flowmesh_common::services`), in the list's order;
     /// `None` when that store was not checked.
     pub stores: Vec<(&'static str, Option<Held>)>,
@@ -114,6 +117,7 @@ impl Default for Observed {
             .collect();
         Self {
             file: Vec::new(),
+            file_instance: Vec::new(),
             stores,
         }
     }
@@ -188,6 +192,9 @@ pub struct Report {
     pub bad_groups: Vec<(&'static str, String, String)>,
     /// Routes versions recorded for stored records that no filter recorded in `routes.log`.
     pub unknown_versions: BTreeSet<String>,
+    /// Records in the files of more than one filter instance (once in each): what a generator's
+    /// failover re-sends (contracts §2). Reported with their ids, not a fault.
+    pub across_filters: BTreeMap<u64, String>,
 }
 
 impl Report {
@@ -231,6 +238,8 @@ impl Report {
             "file": store(&self.file),
             "bad_groups": self.bad_groups.len(),
             "unknown_routes_versions": self.unknown_versions.iter().collect::<Vec<_>>(),
+            "across_filters": self.across_filters.len(),
+            "across_filters_ids": self.across_filters.values().take(20).collect::<Vec<_>>(),
             "ok": self.is_ok(),
         });
         for (name, findings) in &self.stores {
@@ -324,6 +333,20 @@ impl Report {
         for version in &self.unknown_versions {
             details.push(format!(
                 "  routes version {version} is recorded for stored records but not in routes.log"
+            ));
+        }
+        if !self.across_filters.is_empty() {
+            let shown: Vec<String> = self
+                .across_filters
+                .iter()
+                .take(20)
+                .map(|(seq, id)| format!("{seq} ({id})"))
+                .collect();
+            details.push(format!(
+                "  file across filter instances, not a fault (a failover re-sent them): {} records: {}{}",
+                self.across_filters.len(),
+                shown.join(", "),
+                if self.across_filters.len() > 20 { " …" } else { "" }
             ));
         }
         details
@@ -439,6 +462,7 @@ pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules
     let to_file = bound_for(Destination::File);
 
     let file: Vec<&Record> = observed.file.iter().collect();
+    let (file_duplicated, across_filters) = file_copies(observed);
     let bad_groups = bad_groups(observed, source, rules.max_nest);
     // A copy belongs only where its own version sends it and where the seq belongs as first
     // seen: one record stored in both the file and the broker's stores, each copy under a
@@ -455,18 +479,49 @@ pub fn reconcile(source: &str, expected: Option<u64>, observed: &Observed, rules
         source: source.to_owned(),
         expected,
         lost,
-        file: findings(
-            &file,
-            |r| belongs(r, Destination::File) && to_file.contains(&r.seq),
-            &to_file,
-        ),
+        file: StoreFindings {
+            duplicated: file_duplicated,
+            ..findings(
+                &file,
+                |r| belongs(r, Destination::File) && to_file.contains(&r.seq),
+                &to_file,
+            )
+        },
         stores: stored
             .iter()
             .map(|(name, records)| (*name, records.as_deref().map(in_stores)))
             .collect(),
         bad_groups,
         unknown_versions,
+        across_filters,
     }
+}
+
+/// The file's copies of each seq by filter instance: the seqs some instance holds more than
+/// once (a fault), and those held once each by more than one instance, with their ids.
+fn file_copies(observed: &Observed) -> (BTreeSet<u64>, BTreeMap<u64, String>) {
+    let mut copies: BTreeMap<u64, BTreeMap<usize, usize>> = BTreeMap::new();
+    let mut ids: BTreeMap<u64, &str> = BTreeMap::new();
+    for (i, record) in observed.file.iter().enumerate() {
+        let instance = observed.file_instance.get(i).copied().unwrap_or(0);
+        *copies
+            .entry(record.seq)
+            .or_default()
+            .entry(instance)
+            .or_default() += 1;
+        ids.entry(record.seq).or_insert(&record.id);
+    }
+    let duplicated = copies
+        .iter()
+        .filter(|(_, by)| by.values().any(|n| *n > 1))
+        .map(|(seq, _)| *seq)
+        .collect();
+    let across = copies
+        .iter()
+        .filter(|(_, by)| by.len() > 1 && by.values().all(|n| *n == 1))
+        .map(|(seq, _)| (*seq, ids[seq].to_owned()))
+        .collect();
+    (duplicated, across)
 }
 
 /// Whether the source's groups are exactly what the nesting rule gives over its records in the

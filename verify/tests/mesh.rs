@@ -73,7 +73,7 @@ fn mongo_records(memory: &MemoryStore) -> usize {
 fn verify_config(filter: &TestFilter, db: &TestDb, source: &str, expected: u64) -> VerifyConfig {
     let mut config = VerifyConfig::parse_from(["verify", "--source", source]);
     config.expected = Some(expected);
-    config.data_dir = filter.dir.path().to_path_buf();
+    config.data_dirs = vec![filter.dir.path().to_path_buf()];
     config.postgres.database_url = db.url.as_str().into();
     config.mongodb_url = Some("".into());
     config

@@ -18,6 +18,7 @@ fn pg(report: &Report) -> &StoreFindings {
 fn without_mongodb() -> Observed {
     Observed {
         file: Vec::new(),
+        file_instance: Vec::new(),
         stores: vec![
             ("postgresql", Some(Held::Records(Vec::new()))),
             ("mongodb", None),
@@ -89,6 +90,43 @@ fn duplicates_wrong_places_and_bad_hashes_are_each_found() {
     assert_eq!(report.file.duplicated, BTreeSet::from([1]));
     assert_eq!(report.file.wrong_place, BTreeSet::from([7]));
     assert_eq!(report.file.bad_hash, BTreeSet::from([2]));
+}
+
+/// Two filters: the file-bound records 1..=20 split between them, and some in both (a
+/// failover re-sent them). Those are reported with their ids and are not a fault; a record
+/// twice in one filter's file still is.
+#[test]
+fn records_in_two_filters_files_are_reported_apart_and_twice_in_one_is_a_fault() {
+    let mut observed = clean(20);
+    let file = std::mem::take(&mut observed.file);
+    // First filter: the first half; second filter: from the 6th file record on.
+    let first: Vec<Record> = file[..file.len() / 2].to_vec();
+    let second: Vec<Record> = file[5..].to_vec();
+    let both: BTreeMap<u64, String> = first
+        .iter()
+        .filter(|r| second.iter().any(|s| s.seq == r.seq))
+        .map(|r| (r.seq, r.id.clone()))
+        .collect();
+    assert!(!both.is_empty());
+    observed.file_instance = [vec![0; first.len()], vec![1; second.len()]].concat();
+    observed.file = [first.clone(), second].concat();
+    let report = reconcile("v", Some(20), &observed, Rules::default());
+    assert!(report.is_ok(), "{}", report.render());
+    assert_eq!(report.across_filters, both);
+    let first_id = both.values().next().expect("one");
+    assert!(
+        report.render().contains(first_id.as_str()),
+        "{}",
+        report.render()
+    );
+    assert_eq!(report.to_json()["across_filters"], both.len());
+
+    // The same record twice in the first filter's file is a duplicate, as with one filter.
+    observed.file.push(first[0].clone());
+    observed.file_instance.push(0);
+    let report = reconcile("v", Some(20), &observed, Rules::default());
+    assert!(!report.is_ok());
+    assert_eq!(report.file.duplicated, BTreeSet::from([first[0].seq]));
 }
 
 #[test]
