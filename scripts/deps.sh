@@ -146,6 +146,8 @@ ensure_tools() {
   command -v psql >/dev/null 2>&1 || apt_install postgresql-client
   # openssl makes the test certificates of scripts/make-certs.sh (and its test).
   command -v openssl >/dev/null 2>&1 || apt_install openssl
+  # haproxy runs the shipped haproxy/haproxy.cfg in front of two filters in the tests.
+  command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || apt_install haproxy
 }
 
 ensure_rust

@@ -1,0 +1,173 @@
+//! The shipped HAProxy configuration (`haproxy/haproxy.cfg`, Debian's haproxy) in front of two
+//! filters, with the real RabbitMQ: a client's WebSocket is balanced onto one filter by its
+//! address, and when that filter goes away the client's reconnect lands on the other; nothing
+//! acked is lost and no filter stores a record twice.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use flowmesh_common::testkit::{eventually, read_lines};
+use flowmesh_filter::testkit::TestFilter;
+use flowmesh_generator::config::{Rate, Values};
+use flowmesh_generator::{Application, GeneratorConfig};
+use tokio_util::sync::CancellationToken;
+
+const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../haproxy/haproxy.cfg");
+
+/// How many times each seq of `source` is in the records files of `dir`.
+fn seqs_in(dir: &Path, source: &str) -> BTreeMap<u64, usize> {
+    let mut seqs = BTreeMap::new();
+    for path in flowmesh_filter::file_sink::sink_files(dir, "records").unwrap_or_default() {
+        for line in read_lines(&path) {
+            if line["source"] == source {
+                *seqs.entry(line["seq"].as_u64().expect("seq")).or_default() += 1;
+            }
+        }
+    }
+    seqs
+}
+
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+}
+
+/// HAProxy on `listen` in front of the two filters, stopped when dropped.
+fn haproxy(
+    listen: std::net::SocketAddr,
+    filters: [std::net::SocketAddr; 2],
+) -> tokio::process::Child {
+    tokio::process::Command::new("haproxy")
+        .args(["-db", "-f", CONFIG])
+        .env("FILTERS_LISTEN", listen.to_string())
+        .env("FILTER_1", filters[0].to_string())
+        .env("FILTER_2", filters[1].to_string())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("haproxy runs (Debian's haproxy package; scripts/deps.sh installs it)")
+}
+
+#[test]
+fn the_configuration_is_valid_and_keeps_an_idle_websocket_longer_than_the_peer_timeout() {
+    let check = std::process::Command::new("haproxy")
+        .args(["-c", "-f", CONFIG])
+        .env("FILTERS_LISTEN", "127.0.0.1:8080")
+        .env("FILTER_1", "127.0.0.1:8081")
+        .env("FILTER_2", "127.0.0.1:8082")
+        .output()
+        .expect("haproxy runs (Debian's haproxy package; scripts/deps.sh installs it)");
+    assert!(
+        check.status.success(),
+        "haproxy -c: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let text = std::fs::read_to_string(CONFIG).expect("config");
+    let setting = |name: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|line| line.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no `{name}` in the configuration"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(setting("balance"), "source");
+    assert_eq!(setting("hash-type"), "consistent");
+    // Both ends ping every 10 s and give up after 30 s of silence: the tunnel must outlast it.
+    let tunnel =
+        flowmesh_common::config::parse_duration(&setting("timeout tunnel")).expect("duration");
+    assert!(
+        tunnel > Duration::from_secs(30),
+        "timeout tunnel {tunnel:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_haproxy_reaches_one_filter_and_the_other_when_it_goes_away() {
+    let source = "haproxy";
+    let (port_1, port_2, listen) = (free_port(), free_port(), free_port());
+    let (dir_1, dir_2) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (data_1, data_2) = (dir_1.path().to_path_buf(), dir_2.path().to_path_buf());
+    let filter_1 = {
+        let data = data_1.clone();
+        TestFilter::start("haproxy-1", move |c| {
+            c.listen = port_1;
+            c.data_dir = data;
+        })
+        .await
+    };
+    let filter_2 = {
+        let data = data_2.clone();
+        TestFilter::start("haproxy-2", move |c| {
+            c.listen = port_2;
+            c.data_dir = data;
+        })
+        .await
+    };
+    let _haproxy = haproxy(listen, [port_1, port_2]);
+
+    let mut config = GeneratorConfig::for_tests(&format!("ws://{listen}/ingest"));
+    config.source = Some(source.to_owned());
+    config.rate = Rate::PerSecond(1000.0);
+    config.values = "0-90".parse::<Values>().expect("values");
+    config.service.grace = Duration::from_secs(10);
+    let app = Application::build(config).await.expect("builds");
+    let window = app.window();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(stop.clone()));
+    eventually(
+        "records acked through HAProxy",
+        Duration::from_secs(60),
+        || window.counts().acked > 1000,
+    )
+    .await;
+
+    // One client address, one filter.
+    let (in_1, in_2) = (seqs_in(&data_1, source), seqs_in(&data_2, source));
+    assert!(
+        in_1.is_empty() != in_2.is_empty(),
+        "one filter takes the client: {} and {} records",
+        in_1.len(),
+        in_2.len()
+    );
+    let (chosen, other, other_data) = if in_1.is_empty() {
+        (filter_2, filter_1, data_1.clone())
+    } else {
+        (filter_1, filter_2, data_2.clone())
+    };
+
+    // Its filter goes away: the reconnect reaches the other one through HAProxy.
+    chosen.finish().await;
+    let acked = window.counts().acked;
+    eventually(
+        "records acked by the other filter",
+        Duration::from_secs(60),
+        || !seqs_in(&other_data, source).is_empty() && window.counts().acked > acked + 1000,
+    )
+    .await;
+
+    stop.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the generator stops")
+        .expect("task")
+        .expect("ran");
+    assert_eq!(summary.counts.in_flight, 0, "everything acked");
+    let (in_1, in_2) = (seqs_in(&data_1, source), seqs_in(&data_2, source));
+    for (filter, seqs) in [("filter-1", &in_1), ("filter-2", &in_2)] {
+        let twice: Vec<_> = seqs.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "{filter} stored these twice: {twice:?}");
+    }
+    for seq in 1..=summary.generated {
+        assert!(
+            in_1.contains_key(&seq) || in_2.contains_key(&seq),
+            "seq {seq} was acked but is in neither file"
+        );
+    }
+    other.finish().await;
+}
