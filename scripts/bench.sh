@@ -15,9 +15,10 @@
 # second-worst of 150); BENCH_SUSTAIN_RATES ["10000 20000 40000"],
 # BENCH_SUSTAIN_SECONDS per rate [60] (empty rates skip the sustained run), BENCH_SUSTAIN_PACK the
 # filter's FILTER_PUBLISH_PACK during it [1]; BENCH_PARTS, the parts to run, in this order
-# ["ceilings latency hops drains writers mesh sustained"], e.g. "mesh" alone (the drains drain
-# what the hops queued, so "drains" runs the hops too; "writers" drains BENCH_COUNT records with
-# 1, 2 and 3 pg-writers on one queue).
+# ["ceilings latency hops drains writers mesh filters sustained"], e.g. "mesh" alone (the drains
+# drain what the hops queued, so "drains" runs the hops too; "writers" drains BENCH_COUNT records
+# with 1, 2 and 3 pg-writers on one queue; "filters" runs the whole mesh with four generators
+# into one filter, then into two).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -31,7 +32,7 @@ LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-60}
 SUSTAIN_RATES=${BENCH_SUSTAIN_RATES-10000 20000 40000}
 SUSTAIN_SECONDS=${BENCH_SUSTAIN_SECONDS:-60}
 SUSTAIN_PACK=${BENCH_SUSTAIN_PACK:-1}
-PARTS=" ${BENCH_PARTS:-ceilings latency hops drains writers mesh sustained} "
+PARTS=" ${BENCH_PARTS:-ceilings latency hops drains writers mesh filters sustained} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 want drains && PARTS+="hops "
 
@@ -304,6 +305,65 @@ mesh_run "one record a message"
 stop filter; ensure filter "$FILTER_HTTP_ADDR" FILTER_PUBLISH_PACK="$PACK"
 mesh_run "packed (FILTER_PUBLISH_PACK=$PACK)"
 stop filter; ensure filter "$FILTER_HTTP_ADDR"
+fi
+
+# ---- the whole mesh with one filter, then two ------------------------------------------------
+# Four generators (BENCH_MESH_COUNT records in all) at full speed; with two filters, two of the
+# sources have each filter as their home (rendezvous hashing, contracts §2, computed here with
+# md5sum to pick the sources).
+home_of() { # SOURCE URL… → the URL ranked first for SOURCE
+  local source=$1 url; shift
+  for url in "$@"; do
+    printf '%s %s\n' "$(printf '%s\n%s' "$source" "$url" | md5sum | cut -c1-16)" "$url"
+  done | sort -r | head -1 | cut -d' ' -f2
+}
+acked_all() { # the broker-bound records acked by every filter running
+  local sum=0 addr
+  for addr in "$@"; do sum=$((sum + $(metric "$addr" flowmesh_filter_records_acked_total 'destination="broker"'))); done
+  echo "$sum"
+}
+filters_run() { # LABEL URLS FILTER_HTTP_ADDRS…: four generators until all is stored
+  local label=$1 urls=$2; shift 2
+  local each=$((MESH_COUNT / 4)) t0 t1 b0 pg0 m0 target i
+  b0=$(acked_all "$@"); pg0=$(stored "$PG_WRITER_HTTP_ADDR"); m0=$(stored "$MONGO_WRITER_HTTP_ADDR")
+  t0=$(now)
+  for i in 0 1 2 3; do
+    FILTER_URL=$urls GENERATOR_COUNT=$each GENERATOR_RATE=max GENERATOR_VALUES=0-100 \
+      GENERATOR_SOURCE="${SOURCES[$i]}-${label// /-}" GENERATOR_HTTP_ADDR="127.0.0.1:$((NEXT_PORT + 20 + i))" \
+      GENERATOR_SPOOL_DIR="$WORK/spool-${SOURCES[$i]}-${label// /-}" "$BIN/generator" >>"$WORK/generator.log" 2>&1 &
+    PID[gen$i]=$!
+  done
+  for i in 0 1 2 3; do wait "${PID[gen$i]}"; PID[gen$i]=""; done
+  for _ in $(seq 6000); do
+    target=$(( $(acked_all "$@") - b0 ))
+    [ $(( $(stored "$PG_WRITER_HTTP_ADDR") - pg0 )) -ge "$target" ] && [ $(( $(stored "$MONGO_WRITER_HTTP_ADDR") - m0 )) -ge "$target" ] && break
+    sleep 0.05
+  done
+  t1=$(now)
+  echo "$(calc "round($MESH_COUNT / ($t1 - $t0))") $(calc "round($t1 - $t0, 1)")"
+}
+if want filters; then
+  ensure pg-writer "$PG_WRITER_HTTP_ADDR"
+  ensure mongo-writer "$MONGO_WRITER_HTTP_ADDR" MONGO_WRITER_STORE=memory
+  FILTER2_LISTEN="127.0.0.1:$((NEXT_PORT + 10))" FILTER2_HTTP="127.0.0.1:$((NEXT_PORT + 11))"
+  URL1=$FILTER_URL URL2="ws://$FILTER2_LISTEN/ingest"
+  SOURCES=()
+  for n in $(seq 1 200); do # the first two sources at home on each filter
+    home=$(home_of "bench-$n" "$URL1" "$URL2")
+    mine=0; for s in "${SOURCES[@]}"; do [ "$(home_of "$s" "$URL1" "$URL2")" = "$home" ] && mine=$((mine + 1)); done
+    [ "$mine" -lt 2 ] && SOURCES+=("bench-$n")
+    [ ${#SOURCES[@]} -eq 4 ] && break
+  done
+  log "whole mesh, four generators ($MESH_COUNT records): one filter"
+  read -r ONE_RATE ONE_TOOK < <(filters_run "one filter" "$URL1" "$FILTER_HTTP_ADDR")
+  start filter2 FILTER_LISTEN="$FILTER2_LISTEN" FILTER_HTTP_ADDR="$FILTER2_HTTP" FILTER_DATA_DIR="$RUN_DIR/filter2"
+  wait_ready filter2 "$FILTER2_HTTP"
+  log "whole mesh, four generators ($MESH_COUNT records): two filters"
+  read -r TWO_RATE TWO_TOOK < <(filters_run "two filters" "$URL1,$URL2" "$FILTER_HTTP_ADDR" "$FILTER2_HTTP")
+  stop filter2
+  row "whole mesh, 4 generators, one filter" "$ONE_RATE" "" "" "everything stored after $ONE_TOOK s; mongo-writer in memory"
+  row "whole mesh, 4 generators, two filters" "$TWO_RATE" "the same run into one filter" "$ONE_RATE" \
+    "two sources at home on each; everything stored after $TWO_TOOK s"
 fi
 
 # ---- sustained -------------------------------------------------------------------------------

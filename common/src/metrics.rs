@@ -99,7 +99,7 @@ catalogue! {
         "1 while generation is paused because the in-flight window is full.";
     GEN_WINDOW_FULL_TOTAL = "flowmesh_generator_window_full_total", Counter, Generator, [],
         "Times generation paused on a full in-flight window.";
-    GEN_FILTER_SWITCHES = "flowmesh_generator_filter_switches_total", Counter, Generator, ["reason"],
+    GEN_FILTER_SWITCHES = "flowmesh_generator_filter_switches_total", Counter, Generator, ["reason" = ["failover", "home"]],
         "Moves of the link to another filter: `failover` (its filter stayed away longer than GENERATOR_FAILOVER_AFTER) or `home` (back to the source's own filter).";
     GEN_FILTER_HOME = "flowmesh_generator_filter_home", Gauge, Generator, [],
         "1 while the link is connected to the source's own (rendezvous-hashed) filter, 0 while it is elsewhere or down.";
