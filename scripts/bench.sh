@@ -322,15 +322,15 @@ acked_all() { # the broker-bound records acked by every filter running
   for addr in "$@"; do sum=$((sum + $(metric "$addr" flowmesh_filter_records_acked_total 'destination="broker"'))); done
   echo "$sum"
 }
-filters_run() { # LABEL URLS FILTER_HTTP_ADDRS…: four generators until all is stored
-  local label=$1 urls=$2; shift 2
+filters_run() { # SUFFIX URLS FILTER_HTTP_ADDRS…: four generators (sources SOURCES + SUFFIX) until all is stored
+  local suffix=$1 urls=$2; shift 2
   local each=$((MESH_COUNT / 4)) t0 t1 b0 pg0 m0 target i
   b0=$(acked_all "$@"); pg0=$(stored "$PG_WRITER_HTTP_ADDR"); m0=$(stored "$MONGO_WRITER_HTTP_ADDR")
   t0=$(now)
   for i in 0 1 2 3; do
     FILTER_URL=$urls GENERATOR_COUNT=$each GENERATOR_RATE=max GENERATOR_VALUES=0-100 \
-      GENERATOR_SOURCE="${SOURCES[$i]}-${label// /-}" GENERATOR_HTTP_ADDR="127.0.0.1:$((NEXT_PORT + 20 + i))" \
-      GENERATOR_SPOOL_DIR="$WORK/spool-${SOURCES[$i]}-${label// /-}" "$BIN/generator" >>"$WORK/generator.log" 2>&1 &
+      GENERATOR_SOURCE="${SOURCES[$i]}$suffix" GENERATOR_HTTP_ADDR="127.0.0.1:$((NEXT_PORT + 20 + i))" \
+      GENERATOR_SPOOL_DIR="$WORK/spool-${SOURCES[$i]}$suffix" "$BIN/generator" >>"$WORK/generator.log" 2>&1 &
     PID[gen$i]=$!
   done
   for i in 0 1 2 3; do wait "${PID[gen$i]}"; PID[gen$i]=""; done
@@ -348,18 +348,18 @@ if want filters; then
   FILTER2_LISTEN="127.0.0.1:$((NEXT_PORT + 10))" FILTER2_HTTP="127.0.0.1:$((NEXT_PORT + 11))"
   URL1=$FILTER_URL URL2="ws://$FILTER2_LISTEN/ingest"
   SOURCES=()
-  for n in $(seq 1 200); do # the first two sources at home on each filter
+  for n in $(seq 1 200); do # the first two sources at home on each filter (for the run into two)
     home=$(home_of "bench-$n" "$URL1" "$URL2")
     mine=0; for s in "${SOURCES[@]}"; do [ "$(home_of "$s" "$URL1" "$URL2")" = "$home" ] && mine=$((mine + 1)); done
     [ "$mine" -lt 2 ] && SOURCES+=("bench-$n")
     [ ${#SOURCES[@]} -eq 4 ] && break
   done
   log "whole mesh, four generators ($MESH_COUNT records): one filter"
-  read -r ONE_RATE ONE_TOOK < <(filters_run "one filter" "$URL1" "$FILTER_HTTP_ADDR")
+  read -r ONE_RATE ONE_TOOK < <(filters_run -one "$URL1" "$FILTER_HTTP_ADDR")
   start filter2 FILTER_LISTEN="$FILTER2_LISTEN" FILTER_HTTP_ADDR="$FILTER2_HTTP" FILTER_DATA_DIR="$RUN_DIR/filter2"
   wait_ready filter2 "$FILTER2_HTTP"
   log "whole mesh, four generators ($MESH_COUNT records): two filters"
-  read -r TWO_RATE TWO_TOOK < <(filters_run "two filters" "$URL1,$URL2" "$FILTER_HTTP_ADDR" "$FILTER2_HTTP")
+  read -r TWO_RATE TWO_TOOK < <(filters_run "" "$URL1,$URL2" "$FILTER_HTTP_ADDR" "$FILTER2_HTTP")
   stop filter2
   row "whole mesh, 4 generators, one filter" "$ONE_RATE" "" "" "everything stored after $ONE_TOOK s; mongo-writer in memory"
   row "whole mesh, 4 generators, two filters" "$TWO_RATE" "the same run into one filter" "$ONE_RATE" \
