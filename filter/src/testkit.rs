@@ -191,3 +191,61 @@ impl RawClient {
         }
     }
 }
+
+/// How many times each seq of `source` is in the records files (rotated and active) of the
+/// filter data directory `dir`.
+pub fn file_seqs(dir: &std::path::Path, source: &str) -> std::collections::BTreeMap<u64, usize> {
+    let mut seqs = std::collections::BTreeMap::new();
+    for path in crate::file_sink::sink_files(dir, "records").unwrap_or_default() {
+        for line in read_lines(&path) {
+            if line["source"] == source {
+                *seqs
+                    .entry(line["seq"].as_u64().expect("a record's seq"))
+                    .or_default() += 1;
+            }
+        }
+    }
+    seqs
+}
+
+/// Checks what several filters (their data directories, by name) stored of `source`'s seqs
+/// 1..=`generated`: none twice in one filter, each in at least one. Returns the records stored
+/// by more than one.
+pub fn assert_stored_by_filters(
+    filters: &[(&str, &std::path::Path)],
+    source: &str,
+    generated: u64,
+) -> usize {
+    let stored: Vec<_> = filters
+        .iter()
+        .map(|(name, dir)| (*name, file_seqs(dir, source)))
+        .collect();
+    for (name, seqs) in &stored {
+        let twice: Vec<_> = seqs.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "{name} stored these twice: {twice:?}");
+    }
+    for seq in 1..=generated {
+        assert!(
+            stored.iter().any(|(_, seqs)| seqs.contains_key(&seq)),
+            "seq {seq} was acked but is in no filter's file"
+        );
+    }
+    (1..=generated)
+        .filter(|seq| {
+            stored
+                .iter()
+                .filter(|(_, seqs)| seqs.contains_key(seq))
+                .count()
+                > 1
+        })
+        .count()
+}
+
+/// A loopback address free when asked (bound, then released): for a server a test starts
+/// later, or restarts on the same port.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+}

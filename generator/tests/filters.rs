@@ -4,41 +4,19 @@
 //! filter is back; every acked record is stored, and the only records stored twice are ones
 //! the two filters both stored, at most the generator's window.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
-use flowmesh_common::testkit::{eventually, read_lines};
-use flowmesh_filter::testkit::TestFilter;
+use flowmesh_common::testkit::eventually;
+use flowmesh_filter::testkit::{TestFilter, assert_stored_by_filters, file_seqs, free_addr};
 use flowmesh_generator::config::{Rate, Values};
 use flowmesh_generator::link::preference;
 use flowmesh_generator::{Application, GeneratorConfig};
 use tokio_util::sync::CancellationToken;
 
-/// How many times each seq of `source` is in the records files of `dir`.
-fn seqs_in(dir: &Path, source: &str) -> BTreeMap<u64, usize> {
-    let mut seqs = BTreeMap::new();
-    for path in flowmesh_filter::file_sink::sink_files(dir, "records").unwrap_or_default() {
-        for line in read_lines(&path) {
-            if line["source"] == source {
-                *seqs.entry(line["seq"].as_u64().expect("seq")).or_default() += 1;
-            }
-        }
-    }
-    seqs
-}
-
-fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generator_fails_over_to_the_next_filter_and_comes_home_losing_nothing() {
     let source = "failover";
-    let (port_a, port_b) = (free_port(), free_port());
+    let (port_a, port_b) = (free_addr(), free_addr());
     let urls = vec![
         format!("ws://{port_a}/ingest"),
         format!("ws://{port_b}/ingest"),
@@ -80,9 +58,9 @@ async fn a_generator_fails_over_to_the_next_filter_and_comes_home_losing_nothing
         window.counts().acked > 500
     })
     .await;
-    assert!(!seqs_in(&home_data, source).is_empty());
+    assert!(!file_seqs(&home_data, source).is_empty());
     assert!(
-        seqs_in(&away_data, source).is_empty(),
+        file_seqs(&away_data, source).is_empty(),
         "nothing sent away while home answers"
     );
 
@@ -92,24 +70,24 @@ async fn a_generator_fails_over_to_the_next_filter_and_comes_home_losing_nothing
     eventually(
         "records acked by the other filter",
         Duration::from_secs(60),
-        || !seqs_in(&away_data, source).is_empty() && window.counts().acked > acked_at_loss + 500,
+        || !file_seqs(&away_data, source).is_empty() && window.counts().acked > acked_at_loss + 500,
     )
     .await;
 
     // Home is back (same port, same data directory): the generator returns.
-    let away_before = seqs_in(&away_data, source).len();
+    let away_before = file_seqs(&away_data, source).len();
     let home_again = start("failover-home2", home_port, home_data.clone()).await;
-    let home_before = seqs_in(&home_data, source).len();
+    let home_before = file_seqs(&home_data, source).len();
     eventually(
         "records acked at home again",
         Duration::from_secs(60),
-        || seqs_in(&home_data, source).len() > home_before + 500,
+        || file_seqs(&home_data, source).len() > home_before + 500,
     )
     .await;
-    let away_after = seqs_in(&away_data, source).len();
+    let away_after = file_seqs(&away_data, source).len();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        seqs_in(&away_data, source).len(),
+        file_seqs(&away_data, source).len(),
         away_after,
         "nothing more goes to the other filter once home is back"
     );
@@ -122,22 +100,11 @@ async fn a_generator_fails_over_to_the_next_filter_and_comes_home_losing_nothing
         .expect("task")
         .expect("ran");
     assert_eq!(summary.counts.in_flight, 0, "everything acked");
-    let (at_home, away_seqs) = (seqs_in(&home_data, source), seqs_in(&away_data, source));
-    // Each filter stores a record once; every generated one is in one of the two files.
-    for (filter, seqs) in [("home", &at_home), ("other", &away_seqs)] {
-        let twice: Vec<_> = seqs.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "{filter} stored these twice: {twice:?}");
-    }
-    for seq in 1..=summary.generated {
-        assert!(
-            at_home.contains_key(&seq) || away_seqs.contains_key(&seq),
-            "seq {seq} was acked but is in neither file"
-        );
-    }
-    let across = at_home
-        .keys()
-        .filter(|seq| away_seqs.contains_key(seq))
-        .count();
+    let across = assert_stored_by_filters(
+        &[("home", &home_data), ("the other filter", &away_data)],
+        source,
+        summary.generated,
+    );
     assert!(
         across <= window_size,
         "{across} records in both files: more than the generator's window ({window_size})"

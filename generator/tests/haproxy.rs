@@ -3,37 +3,15 @@
 //! address, and when that filter goes away the client's reconnect lands on the other; nothing
 //! acked is lost and no filter stores a record twice.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
-use flowmesh_common::testkit::{eventually, read_lines};
-use flowmesh_filter::testkit::TestFilter;
+use flowmesh_common::testkit::eventually;
+use flowmesh_filter::testkit::{TestFilter, assert_stored_by_filters, file_seqs, free_addr};
 use flowmesh_generator::config::{Rate, Values};
 use flowmesh_generator::{Application, GeneratorConfig};
 use tokio_util::sync::CancellationToken;
 
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../haproxy/haproxy.cfg");
-
-/// How many times each seq of `source` is in the records files of `dir`.
-fn seqs_in(dir: &Path, source: &str) -> BTreeMap<u64, usize> {
-    let mut seqs = BTreeMap::new();
-    for path in flowmesh_filter::file_sink::sink_files(dir, "records").unwrap_or_default() {
-        for line in read_lines(&path) {
-            if line["source"] == source {
-                *seqs.entry(line["seq"].as_u64().expect("seq")).or_default() += 1;
-            }
-        }
-    }
-    seqs
-}
-
-fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-}
 
 /// HAProxy on `listen` in front of the two filters, stopped when dropped.
 fn haproxy(
@@ -87,7 +65,7 @@ fn the_configuration_is_valid_and_keeps_an_idle_websocket_longer_than_the_peer_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_behind_haproxy_reaches_one_filter_and_the_other_when_it_goes_away() {
     let source = "haproxy";
-    let (port_1, port_2, listen) = (free_port(), free_port(), free_port());
+    let (port_1, port_2, listen) = (free_addr(), free_addr(), free_addr());
     let (dir_1, dir_2) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
@@ -128,7 +106,7 @@ async fn a_client_behind_haproxy_reaches_one_filter_and_the_other_when_it_goes_a
     .await;
 
     // One client address, one filter.
-    let (in_1, in_2) = (seqs_in(&data_1, source), seqs_in(&data_2, source));
+    let (in_1, in_2) = (file_seqs(&data_1, source), file_seqs(&data_2, source));
     assert!(
         in_1.is_empty() != in_2.is_empty(),
         "one filter takes the client: {} and {} records",
@@ -147,7 +125,7 @@ async fn a_client_behind_haproxy_reaches_one_filter_and_the_other_when_it_goes_a
     eventually(
         "records acked by the other filter",
         Duration::from_secs(60),
-        || !seqs_in(&other_data, source).is_empty() && window.counts().acked > acked + 1000,
+        || !file_seqs(&other_data, source).is_empty() && window.counts().acked > acked + 1000,
     )
     .await;
 
@@ -158,16 +136,10 @@ async fn a_client_behind_haproxy_reaches_one_filter_and_the_other_when_it_goes_a
         .expect("task")
         .expect("ran");
     assert_eq!(summary.counts.in_flight, 0, "everything acked");
-    let (in_1, in_2) = (seqs_in(&data_1, source), seqs_in(&data_2, source));
-    for (filter, seqs) in [("filter-1", &in_1), ("filter-2", &in_2)] {
-        let twice: Vec<_> = seqs.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "{filter} stored these twice: {twice:?}");
-    }
-    for seq in 1..=summary.generated {
-        assert!(
-            in_1.contains_key(&seq) || in_2.contains_key(&seq),
-            "seq {seq} was acked but is in neither file"
-        );
-    }
+    assert_stored_by_filters(
+        &[("filter-1", &data_1), ("filter-2", &data_2)],
+        source,
+        summary.generated,
+    );
     other.finish().await;
 }

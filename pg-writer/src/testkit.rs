@@ -54,3 +54,12 @@ impl TestDb {
         .await;
     }
 }
+
+/// Rows in the `records` table (0 before the first migration made it).
+pub async fn rows(pool: &PgPool) -> i64 {
+    use sqlx::Row;
+    sqlx::query("select count(*) from records")
+        .fetch_one(pool)
+        .await
+        .map_or(0, |row| row.get(0))
+}

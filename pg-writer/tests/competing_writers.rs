@@ -15,21 +15,11 @@ use flowmesh_common::topology::Topology;
 use flowmesh_common::writers::consumer::RecordStore;
 use flowmesh_pg_writer::PgWriterConfig;
 use flowmesh_pg_writer::store::{PgStore, migrate};
-use flowmesh_pg_writer::testkit::TestDb;
-use sqlx::{PgPool, Row};
+use flowmesh_pg_writer::testkit::{TestDb, rows};
+use sqlx::Row;
 
 fn record(source: &str, seq: u64) -> Record {
     flowmesh_common::testkit::record(source, seq, 91 + (seq % 10) as u8)
-}
-
-async fn rows(pool: &PgPool) -> i64 {
-    match sqlx::query("select count(*) from records")
-        .fetch_one(pool)
-        .await
-    {
-        Ok(row) => row.get(0),
-        Err(_) => 0,
-    }
 }
 
 /// The value of `counter` (summed over its labels) in the writer's `/metrics`.

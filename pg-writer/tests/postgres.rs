@@ -12,7 +12,7 @@ use flowmesh_common::testkit::{
 };
 use flowmesh_common::topology::{Topology, record_properties};
 use flowmesh_pg_writer::PgWriterConfig;
-use flowmesh_pg_writer::testkit::TestDb;
+use flowmesh_pg_writer::testkit::{TestDb, rows};
 use lapin::BasicProperties;
 use sqlx::{PgPool, Row};
 
@@ -83,16 +83,6 @@ impl Case {
 
 fn record(source: &str, seq: u64) -> Record {
     flowmesh_common::testkit::record(source, seq, 91 + (seq % 10) as u8)
-}
-
-async fn rows(pool: &PgPool) -> i64 {
-    match sqlx::query("select count(*) from records")
-        .fetch_one(pool)
-        .await
-    {
-        Ok(row) => row.get(0),
-        Err(_) => 0, // the table does not exist before the first migration
-    }
 }
 
 async fn wait_rows(pool: &PgPool, expected: i64, within: Duration) {

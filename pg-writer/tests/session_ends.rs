@@ -15,7 +15,7 @@ use flowmesh_common::testkit::{
     unique_prefix,
 };
 use flowmesh_common::topology::{DEFAULT_DELIVERY_LIMIT, Topology};
-use flowmesh_pg_writer::testkit::TestDb;
+use flowmesh_pg_writer::testkit::{TestDb, rows};
 use sqlx::{PgPool, Row};
 
 const BACKLOG: u64 = 100_000;
@@ -144,13 +144,6 @@ fn close_connection(name: &str) -> bool {
 }
 
 /// Rows stored (none before the writer made its table).
-async fn rows(pool: &PgPool) -> i64 {
-    sqlx::query("select count(*) from records")
-        .fetch_one(pool)
-        .await
-        .map_or(0, |row| row.get(0))
-}
-
 /// Waits until more than `at_least` rows are stored, at most `within`.
 async fn wait_rows_past(pool: &PgPool, at_least: i64, within: Duration, log: &Path) {
     let deadline = tokio::time::Instant::now() + within;
