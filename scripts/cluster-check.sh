@@ -21,8 +21,14 @@
 #   rolling-restart  each node restarted in turn, once check_if_node_is_quorum_critical allows it
 #   two-nodes-down   two nodes killed for 30 s: no quorum, publishes stall, windows hold
 #   postgres-frozen  every PostgreSQL process stopped for 30 s (what docker pause does)
+#   filter-kill      two filters, each the home of some sources (rendezvous hashing); kill -9 of
+#                    one for 20 s: its generators fail over to the other after
+#                    GENERATOR_FAILOVER_AFTER (5 s here) and come home once it is back; records
+#                    in both filters' files are counted apart (at most a window, 10 000)
+#   pg-writers-scale pg-writers 1 → 3 → 1 while records flow: two more started, stopped 15 s later
 #
-# Each prints one line: records sent, lost, duplicated, dead-lettered, how long the flow stopped
+# Each prints one line: records sent, lost, duplicated, in two filters' files (a failover's
+# re-sends, not a fault, at most a window), dead-lettered, how long the flow stopped
 # (the longest time in which no generator got an ack), when the last ack came, counted from the
 # fault, how long the stores took to catch up, and the highest RSS of any service (over
 # CLUSTER_RSS_MIB, default 256, fails the fault). Last, `dead-letters`' own tests run against
@@ -252,6 +258,50 @@ postgres_frozen() { # every PostgreSQL process stopped for 30 s (docker pause do
   healed postgres-frozen
 }
 
+# A second filter, for filter-kill: FILTER2_URL, its data directory beside the first one's.
+FILTER2_LISTEN="127.0.0.1:$((NEXT_PORT + 10))" FILTER2_HTTP="127.0.0.1:$((NEXT_PORT + 11))"
+FILTER2_URL="ws://$FILTER2_LISTEN/ingest"
+home_of() { # SOURCE URL… → the URL ranked first for SOURCE (docs/contracts.md §2)
+  local source=$1 url; shift
+  for url in "$@"; do
+    printf '%s %s\n' "$(printf '%s\n%s' "$source" "$url" | md5sum | cut -c1-16)" "$url"
+  done | sort -r | head -1 | cut -d' ' -f2
+}
+filter_kill() { # kill -9 of the filter that is home to the first source, started again after 20 s
+  log "kill -9 of the filter at $(home_of "${SOURCES[0]}" "$FILTER_URL" "$FILTER2_URL") (home of ${SOURCES[0]})"
+  if [ "$(home_of "${SOURCES[0]}" "$FILTER_URL" "$FILTER2_URL")" = "$FILTER_URL" ]; then
+    kill9 filter; sleep 20; start filter
+  else
+    kill9 filter2; sleep 20
+    start filter2 FILTER_LISTEN="$FILTER2_LISTEN" FILTER_HTTP_ADDR="$FILTER2_HTTP" FILTER_DATA_DIR="$RUN_DIR/filter2"
+  fi
+}
+came_home() { # every source's last record is in its own filter's file: it came home
+  local src dir
+  for src in "${SOURCES[@]}"; do
+    dir=filter; [ "$(home_of "$src" "$FILTER_URL" "$FILTER2_URL")" = "$FILTER2_URL" ] && dir=filter2
+    python3 - "$RUN_DIR/$dir" "$src" "$COUNT" <<'PY' || FAULT_FAILED="$src did not come back to its own filter ($dir)"
+import glob, json, sys
+d, source, last = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for path in glob.glob(f"{d}/records*.jsonl"):
+    for line in open(path):
+        r = json.loads(line)
+        if r["source"] == source and r["seq"] >= last - 10:
+            sys.exit(0)
+sys.exit(1)
+PY
+  done
+  [ -n "$FAULT_FAILED" ] || FAULT_NOTE="each source's last records at its own filter"
+}
+pg_writers_scale() { # 1 → 3 → 1 pg-writers while records flow
+  log "pg-writers: 1 → 3"
+  start pg-writer2 PG_WRITER_HTTP_ADDR="127.0.0.1:$((NEXT_PORT + 12))"
+  start pg-writer3 PG_WRITER_HTTP_ADDR="127.0.0.1:$((NEXT_PORT + 13))"
+  sleep 15
+  log "pg-writers: 3 → 1"
+  stop pg-writer2; stop pg-writer3
+}
+
 RSS_LIMIT=${CLUSTER_RSS_MIB:-256}
 run_fault() { # NAME FUNCTION: three sources for SECONDS_PER_RUN, FUNCTION after a quarter of it
   local name=$1 fault=$2 i fault_at sent_done watch
@@ -259,10 +309,26 @@ run_fault() { # NAME FUNCTION: three sources for SECONDS_PER_RUN, FUNCTION after
   COUNT=$((RATE * SECONDS_PER_RUN))
   FAULT_FAILED=""
   FAULT_NOTE=""
-  local generators=() pids=()
+  local generators=() pids=() urls=$FILTER_URL
+  VERIFY_DATA_DIRS=""
+  if [ "$name" = filter-kill ]; then
+    # Two filters; sources picked so that each filter is home to some (the first one's home is
+    # the filter killed).
+    start filter2 FILTER_LISTEN="$FILTER2_LISTEN" FILTER_HTTP_ADDR="$FILTER2_HTTP" FILTER_DATA_DIR="$RUN_DIR/filter2"
+    wait_ready filter2 "$FILTER2_HTTP"
+    urls="$FILTER_URL,$FILTER2_URL"
+    VERIFY_DATA_DIRS="$RUN_DIR/filter,$RUN_DIR/filter2"
+    local n=0
+    while [ "$(home_of "$name-$n-a" "$FILTER_URL" "$FILTER2_URL")" = "$(home_of "$name-$n-b" "$FILTER_URL" "$FILTER2_URL")" ]; do
+      n=$((n + 1))
+    done
+    SOURCES=("$name-$n-a" "$name-$n-b" "$name-$n-c")
+  fi
+  export VERIFY_DATA_DIRS
   for i in 0 1 2; do
     start "generator$i" GENERATOR_SOURCE="${SOURCES[$i]}" GENERATOR_RATE="$RATE" \
-      GENERATOR_COUNT="$COUNT" GENERATOR_HTTP_ADDR="127.0.0.1:$((NEXT_PORT + i))"
+      GENERATOR_COUNT="$COUNT" GENERATOR_HTTP_ADDR="127.0.0.1:$((NEXT_PORT + i))" \
+      FILTER_URL="$urls" GENERATOR_FAILOVER_AFTER=5s GENERATOR_HOME_CHECK=2s
     generators+=("127.0.0.1:$((NEXT_PORT + i))")
   done
   for i in "${!PID[@]}"; do [ -z "${PID[$i]}" ] || pids+=("$i=${PID[$i]}"); done
@@ -276,6 +342,10 @@ run_fault() { # NAME FUNCTION: three sources for SECONDS_PER_RUN, FUNCTION after
   kill -TERM "$watch"; wait "$watch" || true
   sent_done=$(date +%s)
   wait_reconciled
+  if [ "$name" = filter-kill ]; then
+    came_home
+    stop filter2
+  fi
   local line
   line=$(REPORT=$REPORT python3 - "$name" "$((COUNT * 3))" "$fault_at" "$(( $(date +%s) - sent_done ))" \
     "$(dead_lettered)" "$RUN_DIR/$name.flow.json" "$RSS_LIMIT" "$generators_ok" "$OK" "$FAULT_FAILED" <<'PY'
@@ -286,13 +356,15 @@ w = json.load(open(flow))
 stores = [s or {} for k, s in r.items() if k in ("postgresql", "mongodb")]
 lost = r.get("lost", "?") if r else "?"
 dup = (r["file"]["duplicated"] + sum(s.get("duplicated", 0) for s in stores)) if r else "?"
+across = r.get("across_filters", 0) if r else 0
 dead = int(dead or 0)
 peak = w["peak_rss_mib"]
 heavy = {k: v for k, v in peak.items() if v > float(limit)}
 last = round(w["last_ack_at"] - float(fault_at)) if w["last_ack_at"] else "-"
-passed = ok == "True" and dead == 0 and not heavy and generators_ok == "1" and not fault_failed
-print(f"{name:<16} sent {sent:>6}  lost {lost}  duplicated {dup}  dead-lettered {dead}  "
-      f"flow stopped {w['longest_stall_s']} s  last ack {last} s after the fault  "
+# A failover re-sends at most one generator's window (10 000) per source.
+passed = ok == "True" and dead == 0 and not heavy and generators_ok == "1" and not fault_failed and across <= 3 * 10000
+print(f"{name:<16} sent {sent:>6}  lost {lost}  duplicated {dup}  in two filters {across}  dead-lettered {dead}  "
+      f"flow stopped {w['longest_stall_s']} s (one source's {w.get('longest_source_stall_s', '?')} s)  last ack {last} s after the fault  "
       f"stores caught up {caught_up} s later  peak RSS {max(peak.values()):.0f} MiB  "
       f"{'ok' if passed else 'FAILED'}"
       + (f" ({fault_failed})" if fault_failed else "")
@@ -308,7 +380,8 @@ PY
 
 # CLUSTER_FAULTS picks some (by name); all by default.
 ALL_FAULTS=(node-kill:node_kill partition:partition node-pause:node_pause
-  rolling-restart:rolling_restart two-nodes-down:two_nodes_down postgres-frozen:postgres_frozen)
+  rolling-restart:rolling_restart two-nodes-down:two_nodes_down postgres-frozen:postgres_frozen
+  filter-kill:filter_kill pg-writers-scale:pg_writers_scale)
 for entry in "${ALL_FAULTS[@]}"; do
   name=${entry%%:*}
   [[ " ${CLUSTER_FAULTS:-${ALL_FAULTS[*]%%:*}} " == *" $name "* ]] || continue

@@ -2,10 +2,11 @@
 # scripts/chaos.sh, scripts/soak.sh and scripts/spool-check.sh. Sourced after scripts/lib.sh;
 # uses the caller's RUN_DIR, WORK, SOURCES, COUNT and DATABASE_URL.
 # shellcheck shell=bash
-verify_json() { # one JSON report over every source of the scenario (counts summed)
+verify_json() { # one JSON report over every source of the scenario (counts summed); the file
+  # sinks read are VERIFY_DATA_DIRS (comma-separated) when set, else the one filter's
   local source reports=()
   for source in "${SOURCES[@]}"; do
-    reports+=("$("$BIN/verify" --json --source "$source" --expected "$COUNT" --data-dir "$RUN_DIR/filter" \
+    reports+=("$("$BIN/verify" --json --source "$source" --expected "$COUNT" --data-dir "${VERIFY_DATA_DIRS:-$RUN_DIR/filter}" \
       --database-url "$DATABASE_URL" 2>>"$RUN_DIR/verify.err" || true)")
   done
   python3 - "${reports[@]}" <<'PY'

@@ -6,6 +6,8 @@ Then it writes one JSON object to OUT:
   acked            acks counted over all generators at the end
   longest_stall_s  the longest time in which no generator got a single ack, between the first
                    ack and the last one (how long the flow stopped)
+  longest_source_stall_s  the longest time one generator went without an ack between two of its
+                   acks (how long one source's flow stopped, e.g. while it failed over)
   last_ack_at      when the last ack came (Unix seconds)
   peak_rss_mib     each service's highest RSS
 
@@ -53,14 +55,18 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
 
     last = {addr: 0.0 for addr in args.generator}  # a generator that ended keeps its count
+    last_rise = {addr: None for addr in args.generator}
+    longest_one = 0.0
     peak = {name: 0.0 for name in pids}
     total, first_ack, last_ack, longest = 0.0, None, None, 0.0
     while not stopping:
         now = time.time()
         for addr in args.generator:
             value = acked(addr)
-            if value is not None:
-                last[addr] = max(last[addr], value)
+            if value is not None and value > last[addr]:
+                if last_rise[addr] is not None:
+                    longest_one = max(longest_one, now - last_rise[addr])
+                last[addr], last_rise[addr] = value, now
         for name, pid in pids.items():
             value = rss_mib(pid)
             if value is not None:
@@ -76,6 +82,7 @@ def main():
 
     with open(args.out, "w") as out:
         json.dump({"acked": int(total), "longest_stall_s": round(longest, 1),
+                   "longest_source_stall_s": round(longest_one, 1),
                    "last_ack_at": last_ack, "peak_rss_mib": {k: round(v, 1) for k, v in peak.items()}},
                   out)
 

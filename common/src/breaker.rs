@@ -228,6 +228,12 @@ impl Breaker {
         }
     }
 
+    /// Closes the breaker now, forgetting the failures it counted: the dependency it guarded
+    /// was replaced by another (a generator moving to another filter), which it has not judged.
+    pub fn reset(&self) {
+        self.machine.reset();
+    }
+
     /// How long a refused caller should wait before trying again (the first open wait).
     pub fn retry_after(&self) -> Duration {
         self.settings.open_wait

@@ -102,12 +102,13 @@ impl Choice {
         &settings.urls[self.index]
     }
 
-    /// After a failed attempt: past its patience, the next filter in the order (one attempt
-    /// before the one after it), and the move is counted and logged.
-    fn after_failure(&mut self, settings: &LinkSettings) {
+    /// After a failed attempt, or while the breaker refuses attempts: past its patience, the
+    /// next filter in the order (one attempt before the one after it); the move is counted and
+    /// logged. True when it moved.
+    fn after_failure(&mut self, settings: &LinkSettings) -> bool {
         let now = tokio::time::Instant::now();
         if settings.urls.len() < 2 || now < self.patience {
-            return;
+            return false;
         }
         let from = self.index;
         self.index = (self.index + 1) % settings.urls.len();
@@ -120,6 +121,7 @@ impl Choice {
             "failing over: the filter did not answer within GENERATOR_FAILOVER_AFTER ({} ms)",
             settings.failover_after.as_millis()
         );
+        true
     }
 }
 
@@ -140,7 +142,12 @@ pub async fn supervise(
     };
     while !stop.is_cancelled() {
         if !breaker.permit() {
-            // Open: no attempts until the open wait has passed.
+            // Open: no attempts on this filter until the open wait has passed. The breaker
+            // guards the filter in use: moving to the next (its patience ran out) starts afresh.
+            if choice.after_failure(&settings) {
+                breaker.reset();
+                continue;
+            }
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
@@ -185,7 +192,9 @@ pub async fn supervise(
                 breaker.record(false);
                 let wait = backoff.next().unwrap_or(Duration::from_secs(10));
                 tracing::warn!(url = %redact_url(&url), error = %reason, retry_in_ms = wait.as_millis() as u64, "cannot connect to the filter");
-                choice.after_failure(&settings);
+                if choice.after_failure(&settings) {
+                    breaker.reset();
+                }
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}

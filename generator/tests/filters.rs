@@ -45,6 +45,10 @@ async fn a_generator_fails_over_to_the_next_filter_and_comes_home_losing_nothing
     config.rate = Rate::PerSecond(1000.0);
     config.values = "0-90".parse::<Values>().expect("values"); // every record to the file
     config.failover_after = Duration::from_secs(2);
+    // A breaker that, once open, waits longer than the failover takes: it guards the filter in
+    // use, so it must not hold the move to the next one.
+    config.breaker.breaker_open_wait = Duration::from_secs(20);
+    config.breaker.breaker_max_open_wait = Duration::from_secs(30);
     config.home_check = Duration::from_millis(300);
     config.service.grace = Duration::from_secs(10);
     let window_size = config.window;
@@ -67,9 +71,10 @@ async fn a_generator_fails_over_to_the_next_filter_and_comes_home_losing_nothing
     // Home goes away: the generator fails over to the other filter, and records flow again.
     home.finish().await;
     let acked_at_loss = window.counts().acked;
+    // GENERATOR_FAILOVER_AFTER (2 s) and a reconnect, well before the breaker's 20 s.
     eventually(
-        "records acked by the other filter",
-        Duration::from_secs(60),
+        "records acked by the other filter within 12 s",
+        Duration::from_secs(12),
         || !file_seqs(&away_data, source).is_empty() && window.counts().acked > acked_at_loss + 500,
     )
     .await;
