@@ -22,7 +22,7 @@
 #   two-nodes-down   two nodes killed for 30 s: no quorum, publishes stall, windows hold
 #   postgres-frozen  every PostgreSQL process stopped for 30 s (what docker pause does)
 #   filter-kill      two filters, each the home of some sources (rendezvous hashing); kill -9 of
-#                    one for 20 s: its generators fail over to the other after
+#                    one for 15 s: its generators fail over to the other after
 #                    GENERATOR_FAILOVER_AFTER (5 s here) and come home once it is back; records
 #                    in both filters' files are counted apart (at most a window, 10 000)
 #   pg-writers-scale pg-writers 1 → 3 → 1 while records flow: two more started, stopped 15 s later
@@ -37,7 +37,7 @@
 # Skips (exit 0, saying so) when no Docker engine answers. Tears the cluster down (down -v) and
 # keeps every node's and service's log under var/cluster-check/. Environment: CLUSTER_RATE
 # (records per second per source, default 200), CLUSTER_SECONDS (how long each fault's run
-# sends, default 40), CLUSTER_FAULTS (some of the faults, by name; all by default),
+# sends, default 30), CLUSTER_FAULTS (some of the faults, by name; all by default),
 # CLUSTER_STAGES (`file faults` by default; either alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +63,7 @@ export FLOWMESH_AMQP_PORT=${FLOWMESH_AMQP_PORT:-27672} FLOWMESH_RABBITMQ_UI_PORT
 NODES=(rabbitmq-1 rabbitmq-2 rabbitmq-3)
 LOGS=${CLUSTER_LOGS:-var/cluster-check}
 RATE=${CLUSTER_RATE:-200}
-SECONDS_PER_RUN=${CLUSTER_SECONDS:-40}
+SECONDS_PER_RUN=${CLUSTER_SECONDS:-30}
 compose() { "${COMPOSE_BIN[@]}" -f docker-compose.cluster.yml "$@"; }
 source scripts/compose-lib.sh
 container() { cid "$1"; }
@@ -267,12 +267,12 @@ home_of() { # SOURCE URL… → the URL ranked first for SOURCE (docs/contracts.
     printf '%s %s\n' "$(printf '%s\n%s' "$source" "$url" | md5sum | cut -c1-16)" "$url"
   done | sort -r | head -1 | cut -d' ' -f2
 }
-filter_kill() { # kill -9 of the filter that is home to the first source, started again after 20 s
+filter_kill() { # kill -9 of the filter that is home to the first source, started again after 15 s
   log "kill -9 of the filter at $(home_of "${SOURCES[0]}" "$FILTER_URL" "$FILTER2_URL") (home of ${SOURCES[0]})"
   if [ "$(home_of "${SOURCES[0]}" "$FILTER_URL" "$FILTER2_URL")" = "$FILTER_URL" ]; then
-    kill9 filter; sleep 20; start filter
+    kill9 filter; sleep 15; start filter
   else
-    kill9 filter2; sleep 20
+    kill9 filter2; sleep 15
     start filter2 FILTER_LISTEN="$FILTER2_LISTEN" FILTER_HTTP_ADDR="$FILTER2_HTTP" FILTER_DATA_DIR="$RUN_DIR/filter2"
   fi
 }
