@@ -393,7 +393,9 @@ done
 # (One node's URL: the tests' own helpers take one; the list is tested by one of them.)
 mkdir -p "$LOGS"
 if cargo nextest --version >/dev/null 2>&1; then TESTS=(cargo nextest run); else TESTS=(cargo test); fi
-if AMQP_URL=${URLS[0]} "${TESTS[@]}" --workspace --all-features --test dead_letters \
+# The node's address read now: a node killed and started again may have been given another one.
+NODE_URL="amqp://guest:guest@$(ip_of rabbitmq-1):5672/%2f"
+if AMQP_URL=$NODE_URL "${TESTS[@]}" --workspace --all-features --test dead_letters \
   >"$LOGS/dead-letters-tests.log" 2>&1; then
   RESULTS+=("dead-letters' tests against the cluster: ok")
 else
