@@ -283,7 +283,7 @@ async fn confirmed_channel(
 ) -> anyhow::Result<(Connection, lapin::Channel, Topology)> {
     let (connection, channel) = channel(amqp_url).await?;
     let topology = Topology::new(prefix, 5);
-    topology.declare(&channel).await?;
+    topology.declare(&connection).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

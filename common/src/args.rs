@@ -79,12 +79,37 @@ pub struct BrokerArgs {
     /// `x-delivery-limit` declared on the writer queues.
     #[arg(long, env = "AMQP_DELIVERY_LIMIT", default_value_t = 5)]
     pub delivery_limit: u32,
+
+    /// Partitions of mongo-writer's queue, by source (the same count for every filter and
+    /// mongo-writer; changing it is an operation: docs/operations.md).
+    #[arg(
+        long,
+        env = "MONGO_PARTITIONS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=i64::from(crate::topology::partitions::MAX_PARTITIONS))
+    )]
+    pub mongo_partitions: u16,
 }
 
 impl BrokerArgs {
     /// The topology these names describe.
     pub fn topology(&self) -> Topology {
         Topology::new(&self.prefix, self.delivery_limit)
+            .with_partitions(Some(self.mongo_partitions), false)
+    }
+
+    /// The topology a writer declares: its own queue; the partitions only for the writer that
+    /// consumes them.
+    pub fn topology_for_writer(&self, writer: &str) -> Topology {
+        let topology = self.topology();
+        let partitioned = topology
+            .partitioned_queue()
+            .is_some_and(|queue| queue.consumer == Some(writer));
+        if partitioned {
+            topology
+        } else {
+            topology.with_partitions(None, false)
+        }
     }
 
     /// Tests: the defaults with `AMQP_URL` from the environment and a private prefix.
@@ -96,6 +121,7 @@ impl BrokerArgs {
                 .into(),
             prefix: prefix.to_owned(),
             delivery_limit: 5,
+            mongo_partitions: 1,
         }
     }
 
@@ -330,8 +356,9 @@ macro_rules! writer_args {
                 Ok($crate::writers::WriterSettings {
                     consumer: $crate::writers::consumer::ConsumerSettings {
                         nodes: self.broker.nodes()?,
-                        topology: self.broker.topology(),
+                        topology: self.broker.topology_for_writer(D::WRITER),
                         writer: D::WRITER,
+                        partition: None,
                         prefetch: self.consumer.prefetch,
                         batch_max: self.consumer.batch_max,
                         linger: self.consumer.linger,
@@ -341,6 +368,7 @@ macro_rules! writer_args {
                     http_addr: self.service.http_addr,
                     grace: self.service.grace,
                     progress_every: self.service.progress_every,
+                    partitions: Vec::new(),
                 })
             }
 

@@ -172,6 +172,8 @@ catalogue! {
         "Failed attempts to store a batch (each is retried).";
     WRITER_STORE_CONFLICTS = "flowmesh_writer_store_conflicts_total", Counter, Writer, ["writer"],
         "Store attempts the database aborted to settle a conflict with another writer (deadlock, serialization failure); each is retried at once and none counts as a failure of the database.";
+    WRITER_PARTITION_RECORDS = "flowmesh_writer_partition_records_total", Counter, Writer, ["writer", "partition"],
+        "Records stored from each partition of the writer's queue (contracts §4 \"Partitions\") by this writer: the active writer of a partition is the one whose count grows.";
     WRITER_END_TO_END_SECONDS = "flowmesh_writer_end_to_end_latency_seconds", Histogram, Writer, ["writer"],
         "From a record's timestamp to its commit in the writer's database.";
 }

@@ -247,7 +247,7 @@ pub async fn publish(
     messages: Vec<(Vec<u8>, lapin::BasicProperties)>,
 ) {
     let (connection, channel) = amqp_channel().await;
-    topology.declare(&channel).await.expect("declare");
+    topology.declare(&connection).await.expect("declare");
     channel
         .confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
@@ -255,10 +255,23 @@ pub async fn publish(
     // Confirms are awaited a thousand at a time: a backlog of 100 000 takes seconds.
     let mut pending = Vec::with_capacity(1000);
     for (body, properties) in messages {
+        // The key a publisher gives: the source's bucket (§4 "Partitions"), when it is known.
+        let key = properties
+            .headers()
+            .as_ref()
+            .and_then(
+                |headers| match headers.inner().get(crate::topology::HEADER_SOURCE) {
+                    Some(lapin::types::AMQPValue::LongString(source)) => Some(
+                        crate::topology::routing_key(&String::from_utf8_lossy(source.as_bytes())),
+                    ),
+                    _ => None,
+                },
+            )
+            .unwrap_or_default();
         let confirm = channel
             .basic_publish(
                 exchange.into(),
-                "".into(),
+                key.as_str().into(),
                 lapin::options::BasicPublishOptions::default(),
                 &body,
                 properties,

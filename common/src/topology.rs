@@ -10,6 +10,36 @@ use lapin::{BasicProperties, Channel, ExchangeKind};
 
 use crate::record::Record;
 
+pub mod partitions;
+
+pub use partitions::{partition_of, routing_key};
+
+/// Why the topology could not be declared.
+#[derive(Debug)]
+pub enum TopologyError {
+    /// RabbitMQ refused or the connection failed.
+    Amqp(lapin::Error),
+    /// The partitions RabbitMQ holds are not the ones configured, and may not change now.
+    Layout(String),
+}
+
+impl std::fmt::Display for TopologyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Amqp(err) => err.fmt(f),
+            Self::Layout(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for TopologyError {}
+
+impl From<lapin::Error> for TopologyError {
+    fn from(err: lapin::Error) -> Self {
+        Self::Amqp(err)
+    }
+}
+
 /// The production prefix.
 pub const DEFAULT_PREFIX: &str = "flowmesh";
 /// Default `x-delivery-limit` of the writer queues.
@@ -68,6 +98,13 @@ pub struct Topology {
     pub delivery_limit: u32,
     /// The prefix every name starts with (`flowmesh`).
     pub prefix: String,
+    /// How many partitions the in-order writer's queue has (§4 "Partitions"), for the
+    /// services that lay them out or consume them; `None` leaves them alone (pg-writer,
+    /// `dead-letters`: a publisher needs no count, the routing key is the source's bucket).
+    pub partitions: Option<u16>,
+    /// Whether declaring may change a layout of another count (the filter does, once the
+    /// queues are drained); otherwise another count is an error.
+    pub relayout: bool,
 }
 
 impl Topology {
@@ -98,7 +135,17 @@ impl Topology {
             writer_queues,
             delivery_limit,
             prefix: prefix.to_string(),
+            partitions: Some(1),
+            relayout: false,
         }
+    }
+
+    /// This topology with the in-order writer's queue in `partitions` (`None`: leave them
+    /// alone), changing another layout only when `relayout`.
+    pub fn with_partitions(mut self, partitions: Option<u16>, relayout: bool) -> Self {
+        self.partitions = partitions;
+        self.relayout = relayout;
+        self
     }
 
     /// The queue a writer consumes.
@@ -138,8 +185,11 @@ impl Topology {
         args
     }
 
-    /// Declares everything, idempotently. Safe to run from every service at every start.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    /// Declares everything, idempotently, on a channel of its own. Safe to run from every
+    /// service at every start. The in-order writer's partitions are laid out (or checked) only
+    /// when [`Topology::partitions`] is set.
+    pub async fn declare(&self, connection: &lapin::Connection) -> Result<(), TopologyError> {
+        let channel = connection.create_channel().await?;
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -154,6 +204,20 @@ impl Topology {
                 )
                 .await?;
         }
+        // A record whose key no partition is bound to is dead-lettered, never dropped.
+        let mut by_source = FieldTable::default();
+        by_source.insert(
+            "alternate-exchange".into(),
+            AMQPValue::LongString(self.dead_letter_exchange.as_str().into()),
+        );
+        channel
+            .exchange_declare(
+                self.by_source_exchange().as_str().into(),
+                ExchangeKind::Direct,
+                durable,
+                by_source,
+            )
+            .await?;
         let queue_options = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
@@ -161,6 +225,7 @@ impl Topology {
         let bindings = self
             .writer_queues
             .iter()
+            .filter(|queue| !queue.single_active_consumer)
             .map(|queue| (queue, &self.exchange))
             .chain(std::iter::once((
                 &self.dead_letter_queue,
@@ -184,22 +249,31 @@ impl Topology {
                 )
                 .await?;
         }
+        if let Some(partitions) = self.partitions {
+            self.lay_out_partitions(connection, &channel, partitions)
+                .await?;
+        }
+        let _ = channel.close(200, "declared".into()).await;
         Ok(())
     }
 
     /// Deletes everything (tests clean up their private topologies with it).
     pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        let partitions = (1..partitions::MAX_PARTITIONS).filter_map(|i| self.partition_queue(i));
         for queue in self
             .writer_queues
             .iter()
-            .chain(std::iter::once(&self.dead_letter_queue))
+            .cloned()
+            .chain(partitions)
+            .chain(std::iter::once(self.dead_letter_queue.clone()))
         {
             channel
                 .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
                 .await?;
         }
-        for exchange in [&self.exchange, &self.dead_letter_exchange] {
+        let by_source = self.by_source_exchange();
+        for exchange in [&self.exchange, &self.dead_letter_exchange, &by_source] {
             channel
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                 .await?;

@@ -19,7 +19,7 @@ use flowmesh_common::metrics as m;
 use flowmesh_common::nodes::{Node, Nodes};
 use flowmesh_common::record::Record;
 use flowmesh_common::retry;
-use flowmesh_common::topology::Topology;
+use flowmesh_common::topology::{Topology, TopologyError, routing_key};
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, join_all};
 use futures_util::stream::FuturesUnordered;
@@ -319,12 +319,19 @@ async fn connect(config: BrokerConfig, node: Node) -> Result<Link, (Node, String
     let attempt = async {
         let properties =
             ConnectionProperties::default().with_connection_name("flowmesh-filter".into());
-        let connection = Connection::connect(node.url(), properties).await?;
+        let connection = Connection::connect(node.url(), properties)
+            .await
+            .map_err(TopologyError::from)?;
         let (failed_tx, failed) = mpsc::unbounded_channel();
         let mut events = connection.events_listener();
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
-                if let Event::Error(err) = event {
+                // A channel RabbitMQ closed (a soft error, such as the 404 that ends the
+                // topology's probe of its partitions) leaves the connection as it was; a failed
+                // publish on the publishing channel shows on its own.
+                if let Event::Error(err) = event
+                    && !err.is_amqp_soft_error()
+                {
                     let _ = failed_tx.send(err);
                     break;
                 }
@@ -334,8 +341,8 @@ async fn connect(config: BrokerConfig, node: Node) -> Result<Link, (Node, String
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        config.topology.declare(&channel).await?;
-        Ok::<_, lapin::Error>(Link {
+        config.topology.declare(&connection).await?;
+        Ok::<_, TopologyError>(Link {
             connection,
             channel,
             failed,
@@ -377,7 +384,7 @@ async fn publish(
             deadline,
             link.channel.basic_publish(
                 config.topology.exchange.as_str().into(),
-                "".into(),
+                routing_key(&run[0].source).as_str().into(),
                 options,
                 &body,
                 properties,
@@ -413,7 +420,12 @@ async fn publish(
 }
 
 /// The messages a job's records travel in: consecutive runs of at most `pack` records that
-/// share their provenance (a packed message carries it once).
+/// share their provenance (a packed message carries it once) and their source's bucket (a
+/// message has one routing key, contracts §4 "Partitions").
+fn same_bucket(a: &Record, b: &Record) -> bool {
+    a.source == b.source || routing_key(&a.source) == routing_key(&b.source)
+}
+
 fn packs(records: &[Record], pack: usize) -> impl Iterator<Item = &[Record]> {
     let mut rest = records;
     std::iter::from_fn(move || {
@@ -421,7 +433,7 @@ fn packs(records: &[Record], pack: usize) -> impl Iterator<Item = &[Record]> {
         let len = rest
             .iter()
             .take(pack.max(1))
-            .take_while(|r| r.provenance == first.provenance)
+            .take_while(|r| r.provenance == first.provenance && same_bucket(r, first))
             .count();
         let (run, tail) = rest.split_at(len);
         rest = tail;

@@ -59,7 +59,10 @@ impl Application {
         let (broker, broker_task) = BrokerSink::start(
             BrokerConfig {
                 nodes: config.broker.nodes()?,
-                topology: config.broker.topology(),
+                topology: config
+                    .broker
+                    .topology()
+                    .with_partitions(Some(config.broker.mongo_partitions), true),
                 max_unconfirmed: config.max_unconfirmed,
                 confirm_timeout: config.confirm_timeout,
                 pack: config.publish_pack,

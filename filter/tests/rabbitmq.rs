@@ -369,3 +369,73 @@ async fn connected_and_one_acked(filter: &TestFilter, source: &str) -> RawClient
     client.expect_acks(&[1]).await;
     client
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_partitions_each_source_meets_its_own_and_packs_never_mix_partitions() {
+    use flowmesh_common::topology::{partition_of, routing_key};
+    let filter = TestFilter::start("partitions", |c| {
+        c.publish_pack = 4;
+        c.broker.mongo_partitions = 2;
+    })
+    .await;
+    filter.wait_connected().await;
+    let mut client = RawClient::connect(&filter.url(), None)
+        .await
+        .expect("connect");
+    // gen-1 is in partition 0 and gen-2 in partition 1 (contracts §4); one frame mixes them.
+    assert_eq!((partition_of("gen-1", 2), partition_of("gen-2", 2)), (0, 1));
+    let sent: Vec<Record> = (1..=12)
+        .map(|seq| record(if seq % 3 == 0 { "gen-2" } else { "gen-1" }, seq, 95))
+        .collect();
+    let frame: Vec<String> = sent.iter().map(Record::to_json).collect();
+    client.send_text(format!("[{}]", frame.join(","))).await;
+    client.expect_acks(&(1..=12).collect::<Vec<_>>()).await;
+
+    let (connection, channel) = amqp_channel().await;
+    for index in 0..2u16 {
+        let queue = filter
+            .topology
+            .partition_queue(index)
+            .expect("partition")
+            .name;
+        let wanted: Vec<u64> = sent
+            .iter()
+            .filter(|r| partition_of(&r.source, 2) == index)
+            .map(|r| r.seq)
+            .collect();
+        // Runs break where the bucket changes: [1,2] [3] [4,5] [6] … four messages each.
+        let got = drain_queue(&channel, &queue, 4, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 4, "{queue}");
+        let mut seqs = Vec::new();
+        for delivery in &got {
+            assert_eq!(
+                delivery.routing_key.as_str(),
+                routing_key(if index == 0 { "gen-1" } else { "gen-2" }),
+                "published with its source's bucket"
+            );
+            for line in delivery.data.split(|&b| b == b'\n') {
+                let record: Record = serde_json::from_slice(line).expect("a record");
+                assert_eq!(partition_of(&record.source, 2), index, "{queue}");
+                seqs.push(record.seq);
+            }
+        }
+        assert_eq!(
+            seqs, wanted,
+            "{queue}: its sources' records, in order, once"
+        );
+    }
+    let pg = filter
+        .topology
+        .queue_for("pg-writer")
+        .expect("queue")
+        .name
+        .clone();
+    let all = drain_queue(&channel, &pg, 8, Duration::from_secs(10)).await;
+    let lines: usize = all
+        .iter()
+        .map(|d| d.data.split(|&b| b == b'\n').count())
+        .sum();
+    assert_eq!(lines, 12, "pg-writer's queue takes every record");
+    let _ = connection.close(200, "ok".into()).await;
+    filter.finish().await;
+}

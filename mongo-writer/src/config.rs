@@ -56,6 +56,12 @@ pub struct MongoWriterConfig {
     #[arg(long, env = "MONGO_WRITER_MAX_NEST", default_value_t = crate::nesting::DEFAULT_MAX_NEST)]
     pub max_nest: usize,
 
+    /// The partitions of the queue (contracts §4 "Partitions") this writer consumes: `all`, or
+    /// their numbers separated by commas (`0,2`). Each has a single active consumer, so
+    /// writers given the same partition stand by for each other.
+    #[arg(long, env = "MONGO_WRITER_PARTITIONS", default_value = "all")]
+    pub partitions: String,
+
     /// RabbitMQ, queue reading, the database breaker, probe port and grace.
     #[command(flatten)]
     pub writer: WriterArgs,
@@ -82,7 +88,42 @@ impl Validate for MongoWriterConfig {
                 "--max-nest (MONGO_WRITER_MAX_NEST): must be between 1 and {MAX_NEST_LIMIT} (a group must stay far below MongoDB's 16 MiB document limit)"
             ));
         }
+        self.consumed_partitions()?;
         self.writer.validate()
+    }
+}
+
+impl MongoWriterConfig {
+    /// The partitions this writer consumes, from `--partitions` and `MONGO_PARTITIONS`.
+    pub fn consumed_partitions(&self) -> Result<Vec<u16>, String> {
+        let count = self.writer.broker.mongo_partitions;
+        if self.partitions.trim() == "all" {
+            return Ok((0..count).collect());
+        }
+        let mut given = Vec::new();
+        for part in self.partitions.split(',').map(str::trim) {
+            match part.parse::<u16>() {
+                Ok(index) if index < count => {
+                    if !given.contains(&index) {
+                        given.push(index);
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "--partitions (MONGO_WRITER_PARTITIONS): {part:?} is not a partition: give `all` or numbers from 0 to {} (MONGO_PARTITIONS is {count})",
+                        count - 1
+                    ));
+                }
+            }
+        }
+        if given.is_empty() {
+            return Err(
+                "--partitions (MONGO_WRITER_PARTITIONS): give `all` or at least one partition"
+                    .into(),
+            );
+        }
+        given.sort_unstable();
+        Ok(given)
     }
 }
 

@@ -74,7 +74,10 @@ pub async fn build(config: MongoWriterConfig) -> anyhow::Result<Application> {
 /// [`build`] over the given groups (tests share one in-memory store across restarts).
 pub async fn build_with(config: MongoWriterConfig, groups: Groups) -> anyhow::Result<Application> {
     tracing::info!(store = ?config.store, max_nest = config.max_nest, "mongo-writer store");
-    let settings = config.writer.settings::<GroupDatabase>()?;
+    let mut settings = config.writer.settings::<GroupDatabase>()?;
+    settings.partitions = config
+        .consumed_partitions()
+        .map_err(|why| anyhow::anyhow!(why))?;
     let database = GroupDatabase {
         groups,
         max_nest: config.max_nest,

@@ -304,6 +304,7 @@ impl Consuming {
             nodes: flowmesh_common::nodes::Nodes::in_order(&url).expect("AMQP URL"),
             topology: topology.clone(),
             writer: "mongo-writer",
+            partition: None,
             prefetch: 500,
             batch_max,
             linger,

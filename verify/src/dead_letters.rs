@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use flowmesh_common::message;
 use flowmesh_common::record::Record;
-use flowmesh_common::topology::{HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology};
+use flowmesh_common::topology::{
+    self, HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology,
+};
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions,
@@ -128,7 +130,7 @@ impl Broker {
             )
         })?;
         let channel = connection.create_channel().await?;
-        topology.declare(&channel).await?;
+        topology.declare(&connection).await?;
         Ok(Self {
             connection,
             channel,
@@ -173,11 +175,17 @@ impl Broker {
         self.channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        // A letter may come from any partition of the in-order writer's queue.
+        let partitions: Vec<String> = (1..flowmesh_common::topology::partitions::MAX_PARTITIONS)
+            .filter_map(|i| self.topology.partition_queue(i))
+            .map(|q| q.name)
+            .collect();
         let writer_queues: Vec<&str> = self
             .topology
             .writer_queues
             .iter()
             .map(|q| q.name.as_str())
+            .chain(partitions.iter().map(String::as_str))
             .collect();
         let mut outcomes = Vec::new();
         for message in self.take_all().await? {
@@ -253,24 +261,36 @@ impl Broker {
         records: &[Record],
         letter: &DeadLetter,
     ) -> anyhow::Result<()> {
-        let (body, properties) = message::encode(records);
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                options,
-                &body,
-                properties,
-            )
-            .await?
-            .await?;
-        if !confirm.is_ack() || confirm.take_message().is_some() {
-            anyhow::bail!("RabbitMQ did not accept the replay of {}", letter.id);
+        // Through the records exchange, each record goes with its source's bucket as its key
+        // (§4 "Partitions"): a message of several buckets is replayed as one per bucket.
+        let by_bucket = routing_key.is_empty() && !exchange.is_empty();
+        for run in records.chunk_by(|a, b| {
+            !by_bucket || topology::routing_key(&a.source) == topology::routing_key(&b.source)
+        }) {
+            let key = if by_bucket {
+                topology::routing_key(&run[0].source)
+            } else {
+                routing_key.to_owned()
+            };
+            let (body, properties) = message::encode(run);
+            let confirm = self
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    key.as_str().into(),
+                    options,
+                    &body,
+                    properties,
+                )
+                .await?
+                .await?;
+            if !confirm.is_ack() || confirm.take_message().is_some() {
+                anyhow::bail!("RabbitMQ did not accept the replay of {}", letter.id);
+            }
         }
         Ok(())
     }

@@ -37,7 +37,9 @@ use crate::metrics as m;
 use crate::nodes::{Node, Nodes};
 use crate::record::{Record, parse_timestamp};
 use crate::retry;
-use crate::topology::{HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology};
+use crate::topology::{
+    HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology, TopologyError,
+};
 
 mod window;
 pub use window::{SUSPECT_AFTER, Window};
@@ -231,6 +233,9 @@ pub struct ConsumerSettings {
     pub topology: Topology,
     /// Which writer this is (`pg-writer`, `mongo-writer`): picks the queue and labels metrics.
     pub writer: &'static str,
+    /// The partition consumed, for the writer whose queue is split by source (§4
+    /// "Partitions"); `None`: the writer's own queue (partition 0 when it is split).
+    pub partition: Option<u16>,
     /// Records RabbitMQ may hand this consumer at once, unacked (the window in messages is
     /// adapted to the records per message, see [`Window`]).
     pub prefetch: u32,
@@ -297,6 +302,7 @@ pub async fn run<S: RecordStore>(
             channel: &channel,
             consumer: None,
             cancelled: false,
+            cancel_before_ack: false,
             misconfigured: None,
             draining: false,
             window: &mut window,
@@ -322,17 +328,23 @@ async fn connect(
     let attempt = async {
         // Named after the queue, so an operator (or `rabbitmqctl close_connection`) can tell the
         // writers of several meshes on one broker apart.
-        let properties = ConnectionProperties::default().with_connection_name(
-            format!("{}-{}", settings.topology.prefix, settings.writer).into(),
-        );
-        let connection = Connection::connect(node.url(), properties).await?;
+        let name = match settings.partition {
+            Some(index) if index > 0 => {
+                format!("{}-{}-p{index}", settings.topology.prefix, settings.writer)
+            }
+            _ => format!("{}-{}", settings.topology.prefix, settings.writer),
+        };
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = Connection::connect(node.url(), properties)
+            .await
+            .map_err(TopologyError::from)?;
         let channel = connection.create_channel().await?;
-        settings.topology.declare(&channel).await?;
+        settings.topology.declare(&connection).await?;
         // Confirms for what this channel publishes: messages dead-lettered with their reason.
         channel
             .confirm_select(lapin::options::ConfirmSelectOptions::default())
             .await?;
-        Ok::<_, lapin::Error>((connection, channel))
+        Ok::<_, TopologyError>((connection, channel))
     };
     match tokio::time::timeout(Duration::from_secs(10), attempt).await {
         Ok(Ok(parts)) => Ok(parts),
@@ -363,6 +375,8 @@ struct Session<'a, S> {
     window: &'a mut Window,
     /// A delivery taken that belongs to the next batch (a suspect, taken alone).
     pending: Option<Delivery>,
+    /// The batch in hand is to be followed by a re-subscribe: cancel before its ack.
+    cancel_before_ack: bool,
 }
 
 /// Why waiting for the next delivery stopped.
@@ -408,8 +422,19 @@ impl<S: RecordStore> Session<'_, S> {
                     continue;
                 }
             };
+            if self.cancelled && !self.draining && self.settings.in_order() {
+                // Delivered after a re-subscribe's cancel on a single-active-consumer queue:
+                // the next active consumer must take it, before what follows it.
+                self.give_back(first).await?;
+                continue;
+            }
             let (batch, largest, suspect) = self.batch(first, shutdown).await?;
             self.window.saw(largest, suspect);
+            // In order, the batch is stored before the consumer is cancelled and acked after:
+            // a window it fills lets nothing more through, so the consumer RabbitMQ makes
+            // active next starts right after it (§4 "Partitions").
+            self.cancel_before_ack =
+                !self.draining && self.settings.in_order() && self.window.should_resubscribe();
             self.progress
                 .received
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -614,6 +639,19 @@ impl<S: RecordStore> Session<'_, S> {
             .await;
     }
 
+    /// Returns one delivery to the queue unstored (it counts a delivery attempt).
+    async fn give_back(&mut self, delivery: Delivery) -> Result<(), String> {
+        bounded(
+            "nack (requeue) after a cancel",
+            delivery.acker.nack(lapin::options::BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            }),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Cancels the consumer (logging `why` when it took effect): RabbitMQ hands over nothing
     /// more, and the stream ends after what it already delivered.
     async fn cancel(&mut self, why: &str) {
@@ -668,6 +706,14 @@ impl<S: RecordStore> Session<'_, S> {
         }
         self.count_stored(&decoded.records, split.report);
         let unsettled = decoded.valid.iter().rev().find(|&&index| !settled[index]);
+        if self.cancel_before_ack {
+            let why = format!(
+                "re-subscribing for a window of {} messages (prefetch {} records)",
+                self.window.wanted(),
+                self.settings.prefetch
+            );
+            self.cancel(&why).await;
+        }
         if let Some(&last) = unsettled {
             // One multiple-ack on the last delivery not yet settled settles the batch
             // (dead-lettered deliveries were settled already; a multiple-ack passes over them).
@@ -784,6 +830,10 @@ impl<S: RecordStore> Session<'_, S> {
             .increment(report.duplicates);
         metrics::histogram!(m::WRITER_BATCH_RECORDS, "writer" => writer)
             .record(records.len() as f64);
+        if let Some(partition) = self.settings.partition {
+            metrics::counter!(m::WRITER_PARTITION_RECORDS, "writer" => writer, "partition" => partition.to_string())
+                .increment(report.stored);
+        }
         self.progress
             .stored
             .fetch_add(report.stored, Ordering::Relaxed);

@@ -71,6 +71,9 @@ pub struct WriterSettings {
     pub grace: Duration,
     /// How often to log a progress line (zero: never).
     pub progress_every: Duration,
+    /// The partitions of its queue this writer consumes, one consumer each (§4
+    /// "Partitions"); empty: its own queue, whole.
+    pub partitions: Vec<u16>,
 }
 
 /// A writer with its probe port bound, not yet consuming.
@@ -139,7 +142,13 @@ impl<D: Database> Writer<D> {
             let database = ping.clone();
             async move { database.ping().await }
         });
-        let health = health_of(&settings, &database, &breaker, &link, &reachable);
+        let consumers = settings.consumer.per_partition(&settings.partitions);
+        // One RabbitMQ link per consumer; the first is the writer's own.
+        let links: Vec<LinkStatus> = std::iter::once(link)
+            .chain((1..consumers.len()).map(|_| LinkStatus::new("amqp")))
+            .collect();
+        let queues: Vec<String> = consumers.iter().map(ConsumerSettings::queue).collect();
+        let health = health_of(&queues, &database, &breaker, &links, &reachable);
         let http = crate::http::spawn(writer, http_listener, health.clone(), background.clone())?;
 
         prepare(&database, settings.consumer.store_timeout).await;
@@ -154,22 +163,33 @@ impl<D: Database> Writer<D> {
         let progress = Arc::new(ConsumerProgress::default());
         spawn_progress_line(
             &settings,
+            queues,
             database.name(),
             progress.clone(),
             reachable,
             breaker.clone(),
-            link.clone(),
+            links.clone(),
             background.clone(),
         );
-        let consuming = tokio::spawn(consumer::run(
-            settings.consumer.clone(),
-            database.store(),
-            breaker,
-            link,
-            gate,
-            progress,
-            shutdown.clone(),
-        ));
+        // Every consumer in one task, so a stop past the grace period aborts them all.
+        let runs: Vec<_> = consumers
+            .into_iter()
+            .zip(links)
+            .map(|(consumer, link)| {
+                consumer::run(
+                    consumer,
+                    database.store(),
+                    breaker.clone(),
+                    link,
+                    gate.clone(),
+                    progress.clone(),
+                    shutdown.clone(),
+                )
+            })
+            .collect();
+        let consuming = tokio::spawn(async move {
+            futures_util::future::join_all(runs).await;
+        });
 
         shutdown.cancelled().await;
         health.set_draining();
@@ -181,20 +201,27 @@ impl<D: Database> Writer<D> {
     }
 }
 
-/// The writer's health: its RabbitMQ link (with the queue) and its database (reachable, breaker).
+/// The writer's health: its RabbitMQ links (with the queue of each; up when every one is) and
+/// its database (reachable, breaker).
 fn health_of<D: Database>(
-    settings: &WriterSettings,
+    queues: &[String],
     database: &D,
     breaker: &Breaker,
-    link: &LinkStatus,
+    links: &[LinkStatus],
     reachable: &Reachability,
 ) -> Health {
     let health = Health::new();
-    let queue = settings.consumer.queue();
-    let broker_link = link.clone();
+    let queue = match queues {
+        [one] => serde_json::json!(one),
+        many => serde_json::json!(many),
+    };
+    let broker_links = links.to_vec();
     health.require("rabbitmq", move || {
-        broker_link
-            .component()
+        let link = broker_links
+            .iter()
+            .find(|link| !link.is_connected())
+            .unwrap_or(&broker_links[0]);
+        link.component()
             .with_details(serde_json::json!({"queue": queue}))
     });
     let (db_breaker, db_reachable) = (breaker.clone(), reachable.clone());
@@ -268,17 +295,18 @@ async fn stop<D: Database>(
 }
 
 /// Logs the writer's progress line every `settings.progress_every`.
+#[allow(clippy::too_many_arguments)]
 fn spawn_progress_line(
     settings: &WriterSettings,
+    queues: Vec<String>,
     database: &'static str,
     progress: Arc<ConsumerProgress>,
     reachable: Reachability,
     breaker: Breaker,
-    link: LinkStatus,
+    links: Vec<LinkStatus>,
     stop: CancellationToken,
 ) {
     let writer = settings.consumer.writer;
-    let queue = settings.consumer.queue();
     let mut received = Tally::default();
     let mut stored = Tally::default();
     crate::progress::spawn(settings.progress_every, stop, move |over| {
@@ -287,11 +315,17 @@ fn spawn_progress_line(
         let (received_since, stored_since) =
             (received.since(total_received), stored.since(total_stored));
         let progress = progress.clone();
-        let queue = queue.clone();
-        let (breaker, link) = (breaker.state(), link.is_connected());
+        let queues = queues.clone();
+        let (breaker, link) = (breaker.state(), links.iter().all(LinkStatus::is_connected));
         let waiting = progress.failing_for().or(reachable.down_for());
         async move {
-            let queued = progress.queued(&queue).await;
+            let mut queued = Some(0u32);
+            for queue in &queues {
+                queued = match (queued, progress.queued(queue).await) {
+                    (Some(sum), Some(more)) => Some(sum + more),
+                    _ => None,
+                };
+            }
             let held = progress.held.load(Ordering::Relaxed);
             let queued_text = queued.map_or("unknown".into(), |q| q.to_string());
             let message = match waiting {
@@ -328,10 +362,34 @@ fn spawn_progress_line(
 impl ConsumerSettings {
     /// The queue this writer consumes.
     pub fn queue(&self) -> String {
-        self.topology
-            .queue_for(self.writer)
-            .map(|q| q.name.clone())
-            .unwrap_or_default()
+        match self.partition {
+            Some(index) => self.topology.partition_queue(index).map(|q| q.name),
+            None => self.topology.queue_for(self.writer).map(|q| q.name.clone()),
+        }
+        .unwrap_or_default()
+    }
+
+    /// True when the queue has a single active consumer (its records are stored in order).
+    pub fn in_order(&self) -> bool {
+        self.partition.is_some()
+            || self
+                .topology
+                .queue_for(self.writer)
+                .is_some_and(|queue| queue.single_active_consumer)
+    }
+
+    /// One consumer's settings for each of `partitions` (none: the writer's own queue).
+    pub fn per_partition(&self, partitions: &[u16]) -> Vec<ConsumerSettings> {
+        if partitions.is_empty() {
+            return vec![self.clone()];
+        }
+        partitions
+            .iter()
+            .map(|&index| ConsumerSettings {
+                partition: Some(index),
+                ..self.clone()
+            })
+            .collect()
     }
 }
 

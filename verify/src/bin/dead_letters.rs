@@ -85,7 +85,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let topology = cli.broker.topology();
+    let topology = cli.broker.topology().with_partitions(None, false);
     let broker = Broker::connect(cli.broker.url.expose(), topology.clone()).await?;
     match cli.command {
         Command::List { data_dir } => list(broker, &topology, data_dir).await?,
