@@ -175,8 +175,13 @@ mesh_setup cluster
 mesh_ports 23200
 temp_database cluster-check
 export MONGODB_URL=${MONGODB_URL:-mongodb://127.0.0.1:27017} MONGODB_DATABASE=cluster_$RANDOM
+# mongo-writer's queue in two partitions (docs/contracts.md §4), and a second mongo-writer
+# standing by for both, for mongo-writer-kill.
+export MONGO_PARTITIONS=2
+MONGO_WRITER2_HTTP="127.0.0.1:$((NEXT_PORT + 14))"
 start filter
 start_writers
+start mongo-writer2 MONGO_WRITER_HTTP_ADDR="$MONGO_WRITER2_HTTP"
 wait_ready filter "$FILTER_HTTP_ADDR"
 
 # The faults: each injects, waits, heals and returns once the cluster is whole again.
@@ -302,6 +307,33 @@ pg_writers_scale() { # 1 → 3 → 1 pg-writers while records flow
   stop pg-writer2; stop pg-writer3
 }
 
+partition_stored() { # ADDR [PARTITION]: records a mongo-writer stored from its partitions (or one)
+  curl -fsS "http://$1/metrics" 2>/dev/null | awk -v p="${2:-}" '
+    /^flowmesh_writer_partition_records_total/ && (p == "" || index($0, "partition=\"" p "\"")) { s += $NF }
+    END { print s + 0 }'
+}
+mongo_writer_kill() { # kill -9 of the mongo-writer active on partition 0; the other takes over
+  local a b victim standby standby_addr before after
+  a=$(partition_stored "$MONGO_WRITER_HTTP_ADDR" 0) b=$(partition_stored "$MONGO_WRITER2_HTTP" 0)
+  sleep 2
+  if [ "$(partition_stored "$MONGO_WRITER2_HTTP" 0)" -gt "$b" ] && [ "$(partition_stored "$MONGO_WRITER_HTTP_ADDR" 0)" -eq "$a" ]; then
+    victim=mongo-writer2 standby=mongo-writer standby_addr=$MONGO_WRITER_HTTP_ADDR
+  else
+    victim=mongo-writer standby=mongo-writer2 standby_addr=$MONGO_WRITER2_HTTP
+  fi
+  before=$(partition_stored "$standby_addr")
+  log "kill -9 of $victim (active on partition 0); $standby stands by"
+  kill9 "$victim"
+  sleep 15
+  after=$(partition_stored "$standby_addr")
+  if [ "$victim" = mongo-writer ]; then start mongo-writer; else start mongo-writer2 MONGO_WRITER_HTTP_ADDR="$MONGO_WRITER2_HTTP"; fi
+  if [ "$after" -gt "$before" ]; then
+    FAULT_NOTE="$standby stored $((after - before)) records of the partitions while $victim was away"
+  else
+    FAULT_FAILED="$standby did not take over"
+  fi
+}
+
 RSS_LIMIT=${CLUSTER_RSS_MIB:-256}
 run_fault() { # NAME FUNCTION: three sources for SECONDS_PER_RUN, FUNCTION after a quarter of it
   local name=$1 fault=$2 i fault_at sent_done watch
@@ -381,7 +413,7 @@ PY
 # CLUSTER_FAULTS picks some (by name); all by default.
 ALL_FAULTS=(node-kill:node_kill partition:partition node-pause:node_pause
   rolling-restart:rolling_restart two-nodes-down:two_nodes_down postgres-frozen:postgres_frozen
-  filter-kill:filter_kill pg-writers-scale:pg_writers_scale)
+  filter-kill:filter_kill pg-writers-scale:pg_writers_scale mongo-writer-kill:mongo_writer_kill)
 for entry in "${ALL_FAULTS[@]}"; do
   name=${entry%%:*}
   [[ " ${CLUSTER_FAULTS:-${ALL_FAULTS[*]%%:*}} " == *" $name "* ]] || continue
