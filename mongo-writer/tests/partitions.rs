@@ -69,6 +69,19 @@ fn partitioned(prefix: &str, partitions: u16, relayout: bool) -> Topology {
     Topology::new(prefix, 5).with_partitions(Some(partitions), relayout)
 }
 
+/// Empties every partition queue of `topology` (as writers draining them would).
+async fn purge_partitions(channel: &lapin::Channel, topology: &Topology) {
+    for queue in topology.partition_queues() {
+        channel
+            .queue_purge(
+                queue.name.as_str().into(),
+                lapin::options::QueuePurgeOptions::default(),
+            )
+            .await
+            .expect("purge");
+    }
+}
+
 async fn depth_of_partition(topology: &Topology, index: u16) -> u32 {
     queue_depth(&topology.partition_queue(index).expect("partition").name).await
 }
@@ -144,16 +157,7 @@ async fn the_count_changes_only_when_the_queues_are_drained_and_only_by_a_filter
 
     // Drained but with a writer attached: still refused.
     let (connection, channel) = amqp_channel().await;
-    for index in 0..2 {
-        let queue = two.partition_queue(index).expect("partition").name;
-        channel
-            .queue_purge(
-                queue.as_str().into(),
-                lapin::options::QueuePurgeOptions::default(),
-            )
-            .await
-            .expect("purge");
-    }
+    purge_partitions(&channel, &two).await;
     let _consumer = channel
         .basic_consume(
             two.partition_queue(1)
@@ -193,16 +197,7 @@ async fn the_count_changes_only_when_the_queues_are_drained_and_only_by_a_filter
 
     // Back to one: drained again, the extra queues go and partition 0 takes everything.
     let (connection, channel) = amqp_channel().await;
-    for index in 0..3 {
-        let queue = three.partition_queue(index).expect("partition").name;
-        channel
-            .queue_purge(
-                queue.as_str().into(),
-                lapin::options::QueuePurgeOptions::default(),
-            )
-            .await
-            .expect("purge");
-    }
+    purge_partitions(&channel, &three).await;
     let _ = connection.close(200, "ok".into()).await;
     let one = partitioned(&prefix, 1, true);
     declare(&one).await.expect("drained: changed to one");

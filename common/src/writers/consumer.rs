@@ -303,6 +303,7 @@ pub async fn run<S: RecordStore>(
             consumer: None,
             cancelled: false,
             cancel_before_ack: false,
+            hand_over: false,
             misconfigured: None,
             draining: false,
             window: &mut window,
@@ -377,6 +378,9 @@ struct Session<'a, S> {
     pending: Option<Delivery>,
     /// The batch in hand is to be followed by a re-subscribe: cancel before its ack.
     cancel_before_ack: bool,
+    /// A re-subscribe's cancel found another writer waiting: what arrives until the stream
+    /// ends is given back to the queue.
+    hand_over: bool,
 }
 
 /// Why waiting for the next delivery stopped.
@@ -422,9 +426,10 @@ impl<S: RecordStore> Session<'_, S> {
                     continue;
                 }
             };
-            if self.cancelled && !self.draining && self.settings.in_order() {
-                // Delivered after a re-subscribe's cancel on a single-active-consumer queue:
-                // the next active consumer must take it, before what follows it.
+            if self.hand_over && self.cancelled && !self.draining {
+                // Delivered after a re-subscribe's cancel while another writer waits on this
+                // single-active-consumer queue: that writer, active now, must take it before
+                // what follows it.
                 self.give_back(first).await?;
                 continue;
             }
@@ -449,12 +454,7 @@ impl<S: RecordStore> Session<'_, S> {
             }
             metrics::gauge!(m::WRITER_HELD, "writer" => writer).set(0.0);
             if !self.draining && self.window.should_resubscribe() {
-                let why = format!(
-                    "re-subscribing for a window of {} messages (prefetch {} records)",
-                    self.window.wanted(),
-                    self.settings.prefetch
-                );
-                self.cancel(&why).await;
+                self.resubscribe().await;
             }
         }
     }
@@ -629,6 +629,7 @@ impl<S: RecordStore> Session<'_, S> {
         tracing::info!(queue = %self.settings.queue(), window, "consuming");
         self.consumer = Some(consumer);
         self.cancelled = false;
+        self.hand_over = false;
         self.set_consuming(true);
         Ok(())
     }
@@ -637,6 +638,22 @@ impl<S: RecordStore> Session<'_, S> {
     async fn pause(&mut self) {
         self.cancel("the store failed: stopped taking messages until it works again")
             .await;
+    }
+
+    /// Cancels the consumer to open it again with another window. On a single-active-consumer
+    /// queue where another writer waits, RabbitMQ makes that one active now: what this session
+    /// was handed after its last batch goes back to the queue for it ([`Self::give_back`]).
+    /// Alone on the queue, the session stores it itself, as it always did.
+    async fn resubscribe(&mut self) {
+        let why = format!(
+            "re-subscribing for a window of {} messages (prefetch {} records)",
+            self.window.wanted(),
+            self.settings.prefetch
+        );
+        self.cancel(&why).await;
+        self.hand_over = self.cancelled
+            && self.settings.in_order()
+            && others_wait(self.channel, self.settings.queue()).await;
     }
 
     /// Returns one delivery to the queue unstored (it counts a delivery attempt).
@@ -707,12 +724,7 @@ impl<S: RecordStore> Session<'_, S> {
         self.count_stored(&decoded.records, split.report);
         let unsettled = decoded.valid.iter().rev().find(|&&index| !settled[index]);
         if self.cancel_before_ack {
-            let why = format!(
-                "re-subscribing for a window of {} messages (prefetch {} records)",
-                self.window.wanted(),
-                self.settings.prefetch
-            );
-            self.cancel(&why).await;
+            self.resubscribe().await;
         }
         if let Some(&last) = unsettled {
             // One multiple-ack on the last delivery not yet settled settles the batch
@@ -1001,6 +1013,20 @@ impl<S: RecordStore> Session<'_, S> {
 
 /// Asks RabbitMQ for `queue`'s depth (a passive declare): an answer within [`AMQP_CALL`] says
 /// the link is alive.
+/// True when `queue` has a consumer other than this session's (cancelled) one.
+async fn others_wait(channel: &lapin::Channel, queue: String) -> bool {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    bounded(
+        "passive queue.declare (who waits)",
+        channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
+    )
+    .await
+    .is_ok_and(|declared| declared.consumer_count() > 0)
+}
+
 async fn probe_queue(channel: lapin::Channel, queue: String) -> Result<(), String> {
     let passive = lapin::options::QueueDeclareOptions {
         passive: true,
