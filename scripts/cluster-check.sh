@@ -350,6 +350,14 @@ mongo_writer_kill() { # kill -9 of the mongo-writer active on partition 0; the o
   fi
 }
 
+verify_each_source() { # verify's table and the seqs at fault, per source, into the log
+  local source
+  for source in "${SOURCES[@]}"; do
+    "$BIN/verify" --source "$source" --expected "$COUNT" --data-dir "${VERIFY_DATA_DIRS:-$RUN_DIR/filter}" \
+      --database-url "$DATABASE_URL" 2>&1 | sed "s/^/[verify $source] /" >&2 || true
+  done
+}
+
 RSS_LIMIT=${CLUSTER_RSS_MIB:-256}
 run_fault() { # NAME FUNCTION: three sources for SECONDS_PER_RUN, FUNCTION after a quarter of it
   local name=$1 fault=$2 i fault_at sent_done watch
@@ -410,17 +418,32 @@ peak = w["peak_rss_mib"]
 heavy = {k: v for k, v in peak.items() if v > float(limit)}
 last = round(w["last_ack_at"] - float(fault_at)) if w["last_ack_at"] else "-"
 # A failover re-sends at most one generator's window (10 000) per source.
+def unreconciled(r):
+    """What kept verify from reconciling, as counts summed over the sources."""
+    if not r:
+        return "no report"
+    found = [f"{store} {what} {(r.get(store) or {}).get(what, 0)}"
+             for store in ("file", "postgresql", "mongodb")
+             for what in ("missing", "wrong_place", "bad_hash")
+             if (r.get(store) or {}).get(what, 0)]
+    if r.get("bad_groups"):
+        found.append(f"mongodb bad groups {r['bad_groups']}")
+    if r.get("unknown_routes_versions"):
+        found.append(f"unknown routes versions {r['unknown_routes_versions']}")
+    return ", ".join(found) or "see verify.err"
 passed = ok == "True" and dead == 0 and not heavy and generators_ok == "1" and not fault_failed and across <= 3 * 10000
 print(f"{name:<16} sent {sent:>6}  lost {lost}  duplicated {dup}  in two filters {across}  dead-lettered {dead}  "
       f"flow stopped {w['longest_stall_s']} s (one source's {w.get('longest_source_stall_s', '?')} s)  last ack {last} s after the fault  "
       f"stores caught up {caught_up} s later  peak RSS {max(peak.values()):.0f} MiB  "
       f"{'ok' if passed else 'FAILED'}"
       + (f" ({fault_failed})" if fault_failed else "")
+      + ("" if ok == "True" else f" (verify: {unreconciled(r)})")
       + (f" (over {limit} MiB: {heavy})" if heavy else "")
       + ("" if generators_ok == "1" else " (a generator did not end)"))
 PY
 )
   [[ $line == *" ok" ]] || FAILED=1
+  [ "$OK" = True ] || verify_each_source
   [ -z "$FAULT_NOTE" ] || line+=" ($FAULT_NOTE)"
   RESULTS+=("$line")
   log "$line"
