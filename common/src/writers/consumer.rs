@@ -454,7 +454,7 @@ impl<S: RecordStore> Session<'_, S> {
             }
             metrics::gauge!(m::WRITER_HELD, "writer" => writer).set(0.0);
             if !self.draining && self.window.should_resubscribe() {
-                self.resubscribe().await;
+                self.resubscribe(false).await;
             }
         }
     }
@@ -643,8 +643,9 @@ impl<S: RecordStore> Session<'_, S> {
     /// Cancels the consumer to open it again with another window. On a single-active-consumer
     /// queue where another writer waits, RabbitMQ makes that one active now: what this session
     /// was handed after its last batch goes back to the queue for it ([`Self::give_back`]).
-    /// Alone on the queue, the session stores it itself, as it always did.
-    async fn resubscribe(&mut self) {
+    /// Alone on the queue, the session stores it itself, as it always did. `holding`: the
+    /// batch this session stored is not acked yet (its cancelled consumer still counts).
+    async fn resubscribe(&mut self, holding: bool) {
         let why = format!(
             "re-subscribing for a window of {} messages (prefetch {} records)",
             self.window.wanted(),
@@ -653,7 +654,7 @@ impl<S: RecordStore> Session<'_, S> {
         self.cancel(&why).await;
         self.hand_over = self.cancelled
             && self.settings.in_order()
-            && others_wait(self.channel, self.settings.queue()).await;
+            && others_wait(self.channel, self.settings.queue(), holding).await;
     }
 
     /// Returns one delivery to the queue unstored (it counts a delivery attempt).
@@ -724,7 +725,7 @@ impl<S: RecordStore> Session<'_, S> {
         self.count_stored(&decoded.records, split.report);
         let unsettled = decoded.valid.iter().rev().find(|&&index| !settled[index]);
         if self.cancel_before_ack {
-            self.resubscribe().await;
+            self.resubscribe(unsettled.is_some()).await;
         }
         if let Some(&last) = unsettled {
             // One multiple-ack on the last delivery not yet settled settles the batch
@@ -1011,10 +1012,11 @@ impl<S: RecordStore> Session<'_, S> {
     }
 }
 
-/// Asks RabbitMQ for `queue`'s depth (a passive declare): an answer within [`AMQP_CALL`] says
-/// the link is alive.
-/// True when `queue` has a consumer other than this session's (cancelled) one.
-async fn others_wait(channel: &lapin::Channel, queue: String) -> bool {
+/// True when, after this session's cancel, `queue` has a consumer other than its own. A passive
+/// declaration's count leaves out the consumers a single-active-consumer queue keeps waiting,
+/// but counts the one it made active at the cancel, and a cancelled consumer as long as it
+/// holds unacked messages: `holding` says this session's does.
+async fn others_wait(channel: &lapin::Channel, queue: String, holding: bool) -> bool {
     let passive = lapin::options::QueueDeclareOptions {
         passive: true,
         ..lapin::options::QueueDeclareOptions::default()
@@ -1024,9 +1026,11 @@ async fn others_wait(channel: &lapin::Channel, queue: String) -> bool {
         channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
     )
     .await
-    .is_ok_and(|declared| declared.consumer_count() > 0)
+    .is_ok_and(|declared| declared.consumer_count() > u32::from(holding))
 }
 
+/// Asks RabbitMQ for `queue`'s depth (a passive declare): an answer within [`AMQP_CALL`] says
+/// the link is alive.
 async fn probe_queue(channel: lapin::Channel, queue: String) -> Result<(), String> {
     let passive = lapin::options::QueueDeclareOptions {
         passive: true,
@@ -1125,4 +1129,100 @@ async fn publish_dead_letter(
     })
     .await;
     matches!(published, Ok(confirmation) if confirmation.is_ack())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::options::{BasicCancelOptions, QueueDeleteOptions};
+
+    async fn channel(url: &str) -> (Connection, lapin::Channel) {
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ reachable at AMQP_URL");
+        let channel = connection.create_channel().await.expect("channel");
+        (connection, channel)
+    }
+
+    async fn consume(channel: &lapin::Channel, queue: &str, tag: &str) -> lapin::Consumer {
+        channel
+            .basic_qos(1, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        channel
+            .basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume")
+    }
+
+    /// Against the real broker (`AMQP_URL`): after a cancel that leaves its message unacked, a
+    /// session alone on a single-active-consumer quorum queue finds nobody waiting, and one with
+    /// a second consumer standing by finds it (RabbitMQ made it active at the cancel).
+    #[tokio::test]
+    async fn after_a_cancel_only_another_consumer_counts_as_waiting() {
+        let url = std::env::var("AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let queue = format!(
+            "flowmesh-test-others-wait-{}",
+            uuid::Uuid::new_v4().simple()
+        );
+        let (_a_conn, a) = channel(&url).await;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+        arguments.insert("x-single-active-consumer".into(), true.into());
+        let durable = lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..lapin::options::QueueDeclareOptions::default()
+        };
+        a.queue_declare(queue.as_str().into(), durable, arguments)
+            .await
+            .expect("declare");
+        for body in [b"1", b"2", b"3"] {
+            a.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        }
+        for standby in [false, true] {
+            let mut held = consume(&a, &queue, "a").await;
+            let first = held.next().await.expect("a delivery").expect("delivery");
+            let (_b_conn, b) = channel(&url).await;
+            if standby {
+                consume(&b, &queue, "b").await;
+            }
+            a.basic_cancel("a".into(), BasicCancelOptions::default())
+                .await
+                .expect("cancel");
+            assert_eq!(
+                others_wait(&a, queue.clone(), true).await,
+                standby,
+                "with a consumer standing by: {standby}"
+            );
+            first
+                .acker
+                .nack(lapin::options::BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .expect("nack");
+            b.close(200, "done".into()).await.expect("close b");
+        }
+        a.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete");
+    }
 }
