@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use flowmesh_common::record::Record;
-use flowmesh_common::writers::consumer::{RecordStore, StoreReport};
+use flowmesh_common::writers::consumer::{Contended, RecordStore, StoreReport};
 
 use crate::nesting::{Append, GroupDoc, Op, OpenGroup, OpenGroups, plan};
 
@@ -28,8 +28,11 @@ use crate::nesting::{Append, GroupDoc, Op, OpenGroup, OpenGroups, plan};
 #[error("write conflict: {0}")]
 pub struct Conflict(pub String);
 
-/// How many times one batch is planned again after a [`Conflict`] before the call fails (and
-/// the consumer retries it with backoff).
+/// How many times one batch is planned again after a [`Conflict`] before the call gives up as
+/// [`Contended`](flowmesh_common::writers::consumer::Contended): writers of other partitions
+/// share the collection's write sequences, so under load they keep taking the numbers a plan
+/// chose. The consumer tries the batch again after a short jittered pause, as contention,
+/// not as a failure of the database.
 pub const MAX_REPLANS: usize = 8;
 
 /// What the writer needs from a document store.
@@ -311,7 +314,13 @@ impl<G: GroupStore> RecordStore for NestingStore<G> {
                     replans += 1;
                     tracing::info!(error = %conflict, replans, "the store changed under this writer; planning the batch again from what it holds");
                 }
-                _ => return Err(err),
+                Some(conflict) => {
+                    return Err(anyhow::Error::new(Contended(format!(
+                        "planned {} times, other writers kept writing first: {conflict}",
+                        replans + 1
+                    ))));
+                }
+                None => return Err(err),
             }
         }
     }

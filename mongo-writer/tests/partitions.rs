@@ -220,6 +220,31 @@ async fn the_count_changes_only_when_the_queues_are_drained_and_only_by_a_filter
     delete_topology(&three).await;
 }
 
+/// Every source's records stored once, in the groups the nesting rule gives them in order.
+fn assert_nested_exactly(records: &[Record], memory: &MemoryStore) {
+    let mut by_source: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
+    for record in records {
+        by_source
+            .entry(record.source.clone())
+            .or_default()
+            .push(record);
+    }
+    let groups = memory.groups();
+    for (source, records) in &by_source {
+        let mut stored: Vec<(bool, Vec<u64>)> = groups
+            .iter()
+            .filter(|g| &g.source == source)
+            .map(|g| (g.nested, g.records.iter().map(|r| r.seq).collect()))
+            .collect();
+        stored.sort_by_key(|(_, seqs)| seqs[0]);
+        assert_eq!(stored, expected_groups(records, 4), "{source}");
+    }
+}
+
+fn stored(memory: &MemoryStore) -> usize {
+    memory.groups().iter().map(|g| g.records.len()).sum()
+}
+
 async fn writer(prefix: &str, memory: &MemoryStore, partitions: &str) -> TestWriter {
     let mut config = MongoWriterConfig::for_tests(prefix);
     config.store = flowmesh_mongo_writer::config::StoreKind::Memory;
@@ -267,23 +292,53 @@ async fn writers_sharing_two_partitions_nest_every_source_exactly_through_a_take
     })
     .await;
 
-    let mut by_source: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
-    for record in &records {
-        by_source
-            .entry(record.source.clone())
-            .or_default()
-            .push(record);
-    }
-    let groups = memory.groups();
-    for (source, records) in &by_source {
-        let mut stored: Vec<(bool, Vec<u64>)> = groups
-            .iter()
-            .filter(|g| &g.source == source)
-            .map(|g| (g.nested, g.records.iter().map(|r| r.seq).collect()))
-            .collect();
-        stored.sort_by_key(|(_, seqs)| seqs[0]);
-        assert_eq!(stored, expected_groups(records, 4), "{source}");
-    }
+    assert_nested_exactly(&records, &memory);
     second.stop().await;
+    standby.finish().await;
+}
+
+/// A writer whose database fails keeps its partitions: cancelled, its consumer would let the
+/// writer standing by store the records after the batch it still retries, and that batch would
+/// land after them. Nothing is stored while it fails; once it works, every source is nested
+/// exactly as the rule gives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_whose_store_fails_keeps_its_partitions_from_the_one_standing_by() {
+    let prefix = unique_prefix("parts-failing");
+    let topology = partitioned(&prefix, 2, true);
+    declare(&topology).await.expect("declared with two");
+    let memory = MemoryStore::new();
+    let switch = std::env::temp_dir().join(format!("{prefix}-store-fails"));
+    let _ = std::fs::remove_file(&switch);
+    // The first writer is active on both partitions (it subscribed first); its store fails
+    // while the switch file exists. The other stands by, its store working.
+    let first = writer(
+        &prefix,
+        &memory.clone().failing_while_exists(switch.clone()),
+        "all",
+    )
+    .await;
+    let standby = writer(&prefix, &memory, "all").await;
+    let records = records(40);
+    let (early, late) = records.split_at(records.len() / 2);
+    publish_records(&topology, early).await;
+    eventually("the first half stored", Duration::from_secs(30), || {
+        stored(&memory) == early.len()
+    })
+    .await;
+    std::fs::write(&switch, b"").expect("switch on");
+    publish_records(&topology, late).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        stored(&memory),
+        early.len(),
+        "nothing is stored while the active writer's store fails"
+    );
+    std::fs::remove_file(&switch).expect("switch off");
+    eventually("everything stored", Duration::from_secs(30), || {
+        stored(&memory) == records.len()
+    })
+    .await;
+    assert_nested_exactly(&records, &memory);
+    first.stop().await;
     standby.finish().await;
 }

@@ -103,7 +103,7 @@ pub struct Misconfigured(pub String);
 
 /// A store error that says the database aborted the call to settle a conflict with another
 /// writer's transaction (PostgreSQL's deadlock_detected, 40P01, or serialization_failure,
-/// 40001): nothing is wrong with the database or the records, the same call succeeds when
+/// 40001; MongoDB: a batch whose plan other writers kept overtaking): nothing is wrong with the database or the records, the same call succeeds when
 /// tried again. The consumer retries the batch after a short jittered pause without counting
 /// a failure of the database (its breaker records the answer as a success), at most
 /// [`CONTENTION_RETRIES`] times in a row; past that it is an ordinary failure.
@@ -412,6 +412,10 @@ impl<S: RecordStore> Session<'_, S> {
                 Next::Drained if self.draining => return Ok(()),
                 Next::Drained => continue,
                 Next::Shutdown if self.draining || self.consumer.is_none() => return Ok(()),
+                // In order, nothing is stored after a cancel (it would make another writer
+                // active while this one still stores): the session ends, and what it was
+                // handed goes back to the queue when its channel closes.
+                Next::Shutdown if self.settings.in_order() => return Ok(()),
                 Next::Shutdown => {
                     // A stop: take nothing more, but store what RabbitMQ already handed over.
                     // Returned unacked, each of those messages would count a delivery attempt.
@@ -939,7 +943,7 @@ impl<S: RecordStore> Session<'_, S> {
 
     /// Stores a batch, retrying with backoff through the breaker until it succeeds or the
     /// store refuses it for good. `None` if shutdown came first. The first failure pauses the
-    /// consumer.
+    /// consumer (not in order: see below).
     async fn store_until_done(
         &mut self,
         records: &[Record],
@@ -1001,7 +1005,13 @@ impl<S: RecordStore> Session<'_, S> {
                     contended = 0;
                     let wait = backoff.next().unwrap_or(Duration::from_secs(5));
                     self.failed(&err, records.len(), wait);
-                    self.pause().await;
+                    // In order, the consumer is kept while the batch is in hand: cancelled,
+                    // it would let the single-active-consumer queue hand the records after
+                    // the batch to another writer, which would store them while this one
+                    // still retries the batch (contracts §4 "Partitions").
+                    if !self.settings.in_order() {
+                        self.pause().await;
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(wait) => {}
