@@ -2,11 +2,15 @@
 # The mesh on a real three-node RabbitMQ cluster, proven by faults. Two stages:
 #
 # 1. The whole of docker-compose.cluster.yml in containers (the project's image, the three nodes,
-#    PostgreSQL, MongoDB, Prometheus, the services and three generators): every service healthy,
-#    Prometheus scraping every instance and node, records flowing; then `docker kill` of the node
-#    the filter is connected to (its /metrics say which), which it must leave for another while
-#    records keep flowing; then the generators stop and `verify` (in a container on the file's
-#    network and volumes) must find every record of each source exactly once.
+#    PostgreSQL, MongoDB, Prometheus, two filters, pg-writer, two mongo-writers over two
+#    partitions and three generators): every service healthy, Prometheus scraping every instance
+#    and node, records flowing; then, while they flow: `docker kill` of the node the filter is
+#    connected to (its /metrics say which), which it must leave for another; `docker kill` of a
+#    filter home to some sources (they fail over, then come home once it is back); `docker kill`
+#    of the mongo-writer active on partition 0 (the other stores meanwhile); pg-writers scaled
+#    1 → 3 → 1 (`up --scale`). Then the generators stop and `verify` (in a container on the
+#    file's network, reading both filters' volumes) must find every record of each source
+#    exactly once, records in both filters' files reported apart.
 # 2. The faults, each while three sources send: the nodes of the same file in containers
 #    (quorum queues with a replica on each), the mesh's own binaries on this machine with
 #    AMQP_URL listing the three nodes, so that each fault's records are counted apart; after
@@ -68,7 +72,7 @@ compose() { "${COMPOSE_BIN[@]}" -f docker-compose.cluster.yml "$@"; }
 source scripts/compose-lib.sh
 container() { cid "$1"; }
 GENERATORS=(generator-a generator-b generator-c)
-FILE_MESH=(filter pg-writer mongo-writer "${GENERATORS[@]}")
+FILE_MESH=(filter filter-2 pg-writer mongo-writer mongo-writer-2 "${GENERATORS[@]}")
 FILE_SERVICES=("${NODES[@]}" postgres mongodb "${FILE_MESH[@]}" prometheus)
 # The file's host ports, away from the stores and services on this machine.
 for setting in POSTGRES:27432 MONGODB:27417 FILTER:27080 FILTER_PROBE:27102 PG_WRITER:27103 \
@@ -282,12 +286,6 @@ postgres_frozen() { # every PostgreSQL process stopped for 30 s (docker pause do
 # A second filter, for filter-kill: FILTER2_URL, its data directory beside the first one's.
 FILTER2_LISTEN="127.0.0.1:$((NEXT_PORT + 10))" FILTER2_HTTP="127.0.0.1:$((NEXT_PORT + 11))"
 FILTER2_URL="ws://$FILTER2_LISTEN/ingest"
-home_of() { # SOURCE URL… → the URL ranked first for SOURCE (docs/contracts.md §2)
-  local source=$1 url; shift
-  for url in "$@"; do
-    printf '%s %s\n' "$(printf '%s\n%s' "$source" "$url" | md5sum | cut -c1-16)" "$url"
-  done | sort -r | head -1 | cut -d' ' -f2
-}
 filter_kill() { # kill -9 of the filter that is home to the first source, started again after 15 s
   log "kill -9 of the filter at $(home_of "${SOURCES[0]}" "$FILTER_URL" "$FILTER2_URL") (home of ${SOURCES[0]})"
   if [ "$(home_of "${SOURCES[0]}" "$FILTER_URL" "$FILTER2_URL")" = "$FILTER_URL" ]; then
@@ -323,11 +321,6 @@ pg_writers_scale() { # 1 → 3 → 1 pg-writers while records flow
   stop pg-writer2; stop pg-writer3
 }
 
-partition_stored() { # ADDR [PARTITION]: records a mongo-writer stored from its partitions (or one)
-  curl -fsS "http://$1/metrics" 2>/dev/null | awk -v p="${2:-}" '
-    /^flowmesh_writer_partition_records_total/ && (p == "" || index($0, "partition=\"" p "\"")) { s += $NF }
-    END { print s + 0 }'
-}
 mongo_writer_kill() { # kill -9 of the mongo-writer active on partition 0; the other takes over
   local a b victim standby standby_addr before after
   a=$(partition_stored "$MONGO_WRITER_HTTP_ADDR" 0) b=$(partition_stored "$MONGO_WRITER2_HTTP" 0)

@@ -7,6 +7,7 @@
 #   generator_acked ADDR        records a generator has had acked (its /metrics at ADDR)
 #   generated SERVICE           the highest seq a generator container made (from its log)
 #   verify_in_container SOURCE N  `verify` in a container on the file's network and volumes
+#                               (VERIFY_IN: the service and command words, `filter verify` by default)
 #   targets_up MIN              Prometheus (FLOWMESH_PROMETHEUS_PORT) scrapes ≥ MIN targets, all up
 #   json_logs SERVICE…          every line each mesh service wrote is JSON naming the service
 # shellcheck shell=bash
@@ -56,10 +57,13 @@ if unacked:
 print(last + made)'
 }
 
+# verify runs in the filter's container (its volume), or as VERIFY_IN says (a service and its
+# command words, e.g. the cluster file's `verify`, which reads both filters' volumes).
 verify_in_container() { # SOURCE N: until the writers caught up (120 s); MongoDB must be checked
   local deadline=$((SECONDS + 120)) out
   while :; do
-    if out=$(compose run --rm --no-deps -T filter verify --source "$1" --expected "$2" 2>&1); then
+    # shellcheck disable=SC2086 # a service and its command words
+    if out=$(compose run --rm --no-deps -T ${VERIFY_IN:-filter verify} --source "$1" --expected "$2" 2>&1); then
       printf '%s\n' "$out" | sed "s/^/[verify $1] /" >&2
       grep -q '^mongodb .*skipped' <<<"$out" && { log "verify skipped MongoDB"; return 1; }
       return 0
@@ -94,7 +98,9 @@ json_logs() { # SERVICE… (the compose service; the service name in its lines i
     docker logs "$(cid "$service")" 2>&1 | python3 -c '
 import json, sys
 service, lines, bad = sys.argv[1], 0, []
-name = service.rsplit("-", 1)[0] if service.startswith("generator-") else service
+# A second instance (filter-2) or a named generator (generator-a) runs the service before the dash.
+head, _, tail = service.rpartition("-")
+name = head if service.startswith("generator-") or tail.isdigit() else service
 for line in sys.stdin:
     lines += 1
     try:

@@ -500,9 +500,15 @@ fn the_cluster_file_s_prometheus_scrapes_every_instance_it_runs() {
             service.name
         );
         for instance in defined {
+            // A static target, or a name Prometheus resolves to every container of a service
+            // that scales.
             let target = format!("\"{instance}:{}\"", service.probe_port);
+            let resolved = format!(
+                "names: [\"{instance}\"], type: A, port: {}",
+                service.probe_port
+            );
             assert!(
-                prometheus.contains(&target),
+                prometheus.contains(&target) || prometheus.contains(&resolved),
                 "prometheus.cluster.yml does not scrape {target}"
             );
         }
@@ -511,6 +517,10 @@ fn the_cluster_file_s_prometheus_scrapes_every_instance_it_runs() {
         runs["generator"],
         ["generator-a", "generator-b", "generator-c"]
     );
+    // More than one of each (docs/contracts.md §4 "Partitions" for mongo-writer's two).
+    assert_eq!(runs["filter"], ["filter", "filter-2"]);
+    assert_eq!(runs["mongo-writer"], ["mongo-writer", "mongo-writer-2"]);
+    assert!(compose.contains("MONGO_PARTITIONS: \"2\""));
     for node in ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"] {
         assert!(
             prometheus.contains(&format!("\"{node}:15692\"")),
