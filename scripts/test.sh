@@ -28,7 +28,12 @@ step_table() {
     total=$((total + seconds))
   done
   printf '%-44s %9s\n' total "$total" >&2
+  printf 'disk free at the start: %s, at the end: %s\n' "$DISK_FREE_AT_START" "$(disk_free)" >&2
 }
+# Free space on the checkout's file system: a build or a Docker image that fills it fails in
+# ways that look like anything else, so the table says how much there was.
+disk_free() { df -Ph . | awk 'NR == 2 { print $4 }'; }
+DISK_FREE_AT_START=$(disk_free)
 trap step_table EXIT
 
 # Sourced at the top level (its functions and variables are for the steps below), and timed
