@@ -241,11 +241,11 @@ pub fn assert_stored_by_filters(
         .count()
 }
 
-/// A loopback address free when asked (bound, then released): for a server a test starts
-/// later, or restarts on the same port.
-pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
+/// `N` distinct loopback addresses free when asked (all bound at once, then released): for
+/// servers a test starts later, or restarts on the same port. Bound together so that no two
+/// are the same port (one released and bound again would give the same port twice).
+pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
+    let listeners: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"));
+    listeners.map(|listener| listener.local_addr().expect("addr"))
 }

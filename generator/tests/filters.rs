@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use flowmesh_common::testkit::eventually;
-use flowmesh_filter::testkit::{TestFilter, assert_stored_by_filters, file_seqs, free_addr};
+use flowmesh_filter::testkit::{TestFilter, assert_stored_by_filters, file_seqs, free_addrs};
 use flowmesh_generator::config::{Rate, Values};
 use flowmesh_generator::link::preference;
 use flowmesh_generator::{Application, GeneratorConfig};
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_generator_fails_over_to_the_next_filter_and_comes_home_losing_nothing() {
     let source = "failover";
-    let (port_a, port_b) = (free_addr(), free_addr());
+    let [port_a, port_b] = free_addrs();
     let urls = vec![
         format!("ws://{port_a}/ingest"),
         format!("ws://{port_b}/ingest"),

@@ -3,29 +3,53 @@
 //! address, and when that filter goes away the client's reconnect lands on the other; nothing
 //! acked is lost and no filter stores a record twice.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use flowmesh_common::testkit::eventually;
-use flowmesh_filter::testkit::{TestFilter, assert_stored_by_filters, file_seqs, free_addr};
+use flowmesh_filter::testkit::{TestFilter, assert_stored_by_filters, file_seqs, free_addrs};
 use flowmesh_generator::config::{Rate, Values};
 use flowmesh_generator::{Application, GeneratorConfig};
 use tokio_util::sync::CancellationToken;
 
 const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../haproxy/haproxy.cfg");
 
-/// HAProxy on `listen` in front of the two filters, stopped when dropped.
-fn haproxy(
-    listen: std::net::SocketAddr,
-    filters: [std::net::SocketAddr; 2],
-) -> tokio::process::Child {
-    tokio::process::Command::new("haproxy")
-        .args(["-db", "-f", CONFIG])
-        .env("FILTERS_LISTEN", listen.to_string())
-        .env("FILTER_1", filters[0].to_string())
-        .env("FILTER_2", filters[1].to_string())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("haproxy runs (Debian's haproxy package; scripts/deps.sh installs it)")
+/// HAProxy in front of the two filters, listening on the address it returns; stopped when
+/// dropped. A port taken by another test between its choice and HAProxy's bind makes HAProxy
+/// exit at once ("cannot bind socket"): it is started again on another port.
+async fn haproxy(filters: [SocketAddr; 2]) -> (tokio::process::Child, SocketAddr) {
+    for _ in 0..5 {
+        let [listen] = free_addrs();
+        let mut child = tokio::process::Command::new("haproxy")
+            .args(["-db", "-f", CONFIG])
+            .env("FILTERS_LISTEN", listen.to_string())
+            .env("FILTER_1", filters[0].to_string())
+            .env("FILTER_2", filters[1].to_string())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("haproxy runs (Debian's haproxy package; scripts/deps.sh installs it)");
+        if listening(&mut child, listen).await {
+            return (child, listen);
+        }
+    }
+    panic!("HAProxy could not bind a free port in five tries");
+}
+
+/// Whether `child` listens on `listen`: something accepts there and HAProxy still runs a
+/// moment later (had another process held the port, HAProxy would have exited).
+async fn listening(child: &mut tokio::process::Child, listen: SocketAddr) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        if child.try_wait().expect("haproxy's status").is_some() {
+            return false;
+        }
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return child.try_wait().expect("haproxy's status").is_none();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("HAProxy neither listened on {listen} nor exited within 20 s");
 }
 
 #[test]
@@ -65,7 +89,7 @@ fn the_configuration_is_valid_and_keeps_an_idle_websocket_longer_than_the_peer_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_behind_haproxy_reaches_one_filter_and_the_other_when_it_goes_away() {
     let source = "haproxy";
-    let (port_1, port_2, listen) = (free_addr(), free_addr(), free_addr());
+    let [port_1, port_2] = free_addrs();
     let (dir_1, dir_2) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
@@ -87,7 +111,7 @@ async fn a_client_behind_haproxy_reaches_one_filter_and_the_other_when_it_goes_a
         })
         .await
     };
-    let _haproxy = haproxy(listen, [port_1, port_2]);
+    let (_haproxy, listen) = haproxy([port_1, port_2]).await;
 
     let mut config = GeneratorConfig::for_tests(&format!("ws://{listen}/ingest"));
     config.source = Some(source.to_owned());
