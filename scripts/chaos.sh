@@ -8,7 +8,10 @@
 #   scripts/chaos.sh                 # every scenario
 #   scripts/chaos.sh kill-filter     # some of them
 #
-# Environment: CHAOS_COUNT (records per scenario, default 3000), CHAOS_RATE (per second, 300).
+# Environment: CHAOS_COUNT (records per scenario, default 3000), CHAOS_RATE (per second, 300),
+# CHAOS_TRACED (scenarios whose services export every span to an OTLP receiver of their own, then
+# checked by tests/traces/retried.py: a record retried across the fault shows both attempts;
+# default rabbitmq-restart, empty for none).
 # The services inherit the rest, e.g. FILTER_PUBLISH_PACK=100 runs the scenarios with packed
 # RabbitMQ messages: at 300/s frames hold one record, so only the backlog a filter or RabbitMQ
 # fault leaves travels packed; at CHAOS_RATE=3000 every scenario's traffic partly does.
@@ -28,6 +31,7 @@ SCENARIOS=("$@")
 
 COUNT=${CHAOS_COUNT:-3000}
 RATE=${CHAOS_RATE:-300}
+TRACED=" ${CHAOS_TRACED-rabbitmq-restart} "
 export RUST_LOG=${RUST_LOG:-info}
 source scripts/lib.sh
 mesh_setup chaos
@@ -50,6 +54,35 @@ setup() {
     export MONGO_WRITER_STORE=memory MONGO_WRITER_MEMORY_FAIL_WHILE="$RUN_DIR/mongodb-down"
   fi
   temp_database "chaos_$scenario"
+  unset OTEL_EXPORTER_OTLP_ENDPOINT OTEL_BSP_SCHEDULE_DELAY OTEL_BSP_MAX_QUEUE_SIZE OTEL_TRACES_SAMPLER
+  [[ $TRACED == *" $scenario "* ]] && traces_start
+  return 0
+}
+
+traces_start() { # an OTLP receiver for this scenario; the services started next export to it
+  "$BIN/bench" receiver --spans "$RUN_DIR/spans.jsonl" >"$RUN_DIR/receiver.out" 2>&1 &
+  PID[receiver]=$!
+  for _ in $(seq 100); do [ -s "$RUN_DIR/receiver.out" ] && break; sleep 0.1; done
+  OTEL_EXPORTER_OTLP_ENDPOINT=$(head -1 "$RUN_DIR/receiver.out")
+  # Every record sampled (not the default's 100 traces a second), and a queue large enough
+  # that the spans of a 3 000 records/s run are not dropped on the way: the check reads every
+  # retried record's trace.
+  export OTEL_EXPORTER_OTLP_ENDPOINT OTEL_BSP_SCHEDULE_DELAY=500 OTEL_BSP_MAX_QUEUE_SIZE=65536 \
+    OTEL_TRACES_SAMPLER=parentbased_always_on
+}
+
+traces_check() { # after the drain: the last spans arrive within a few seconds (batched, then written)
+  local writers attempt
+  writers=$(services writer | cut -d' ' -f1 | tr '\n' ' ')
+  for attempt in 1 2 3; do
+    sleep 3
+    # shellcheck disable=SC2086 # one argument per writer
+    python3 tests/traces/retried.py "$RUN_DIR/spans.jsonl" "$AMQP_PREFIX.records" $writers \
+      >"$RUN_DIR/traces.txt" 2>&1 && { cat "$RUN_DIR/traces.txt" >&2; return 0; }
+  done
+  cat "$RUN_DIR/traces.txt" >&2
+  FAULT_FAILED=$(grep -m1 'FAILED' "$RUN_DIR/traces.txt" | sed 's/^traces: FAILED: /traces: /')
+  FAULT_FAILED=${FAULT_FAILED:-traces: the check failed}
 }
 
 run() {
@@ -86,6 +119,7 @@ run() {
   fi
   wait_reconciled
   local report=$REPORT ok=$OK
+  running receiver && traces_check
   local recovered
   recovered=$(python3 -c 'import sys; print(f"{float(sys.argv[1]) - float(sys.argv[2]):.1f}")' "$(now)" "$healed")
   local expect_failure=no

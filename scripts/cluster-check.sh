@@ -267,10 +267,24 @@ partition() {
   cut_off "$VICTIM" -D
   whole_or_restart "$VICTIM" "after the network healed"
 }
+pause_node() { # NODE: docker pause, tried again while the kernel cannot freeze all its processes
+  local try
+  for try in 1 2 3 4 5; do
+    docker pause "$(container "$1")" >/dev/null 2>"$RUN_DIR/pause.err" && return 0
+    # runc gives up when a process stays unfreezable (in the middle of I/O) for a moment.
+    log "docker pause $1 failed (try $try): $(tr '\n' ' ' <"$RUN_DIR/pause.err")"
+    sleep 2
+  done
+  return 1
+}
 node_pause() {
   VICTIM=rabbitmq-2
   log "docker pause $VICTIM"
-  docker pause "$(container "$VICTIM")" >/dev/null
+  if ! pause_node "$VICTIM"; then
+    FAULT_FAILED="docker pause of $VICTIM failed five times: $(tr '\n' ' ' <"$RUN_DIR/pause.err")"
+    whole_or_restart "$VICTIM" "after a failed pause"
+    return 0
+  fi
   sleep 30
   docker unpause "$(container "$VICTIM")" >/dev/null
   # The others dropped it while it slept; it finds the partition only as it wakes, when it is no

@@ -8,7 +8,8 @@
 #
 # Images: pulled where a registry answers; otherwise the local stand-ins (docker/standins/,
 # built once per machine) under the official names, plus docker/compose.standins.yml, which only
-# puts Grafana (no stand-in) behind a profile. The compose file itself is used unchanged.
+# puts Grafana and Jaeger (no stand-ins) behind profiles and turns trace export off. The compose
+# file itself is used unchanged.
 #
 # Skips (exit 0, saying so) when no Docker engine answers. Needs root where stand-ins must be
 # built (debootstrap).
@@ -83,7 +84,7 @@ finish() {
     done
   fi
   log "tearing down (down -v)"
-  compose --profile grafana down -v --remove-orphans >/dev/null 2>&1 \
+  compose --profile grafana --profile traces down -v --remove-orphans >/dev/null 2>&1 \
     || compose down -v --remove-orphans >/dev/null 2>&1 || true
   log "summary:"
   for line in "${SUMMARY[@]}"; do log "  $line"; done

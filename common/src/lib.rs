@@ -19,10 +19,12 @@ pub mod routing;
 pub mod service;
 pub mod services;
 pub mod shutdown;
+pub mod spans;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod topology;
+pub mod traces;
 pub mod writers;
 
 #[cfg(feature = "testkit")]

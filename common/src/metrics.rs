@@ -80,6 +80,10 @@ catalogue! {
         "1 while the link's connection is established, else 0.";
     AMQP_NODE = "flowmesh_amqp_node", Gauge, Shared, ["link", "node"],
         "1 for the RabbitMQ node (host:port) the link last connected to, 0 for nodes it left.";
+    TRACE_SPANS_EXPORTED = "flowmesh_trace_spans_exported_total", Counter, Shared, [],
+        "Spans the OTLP collector took (only while traces are exported).";
+    TRACE_SPANS_DROPPED = "flowmesh_trace_spans_dropped_total", Counter, Shared, ["reason" = ["queue_full", "export_failed"]],
+        "Spans not exported: `queue_full` (the bounded export queue was full) or `export_failed` (the collector did not take their batch in time).";
 
     GEN_GENERATED = "flowmesh_generator_records_generated_total", Counter, Generator, [],
         "Records the generator made.";

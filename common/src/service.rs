@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Validate};
 use crate::telemetry::{self, LogFormat};
+use crate::traces::{self, Sampling, Traces};
 use crate::{http, shutdown};
 
 /// The settings `main` needs, declared per service by [`service_args!`](crate::service_args).
@@ -47,15 +48,38 @@ where
             .await
             .unwrap_or(ExitCode::FAILURE);
     }
-    telemetry::init(service, log_format);
-    match run(config, shutdown::on_signals()).await {
+    let env = |name: &str| std::env::var(name).ok();
+    let traces = match traces::settings(env)
+        .and_then(|on| on.map(|b| Ok((b, Sampling::from_env(env)?))).transpose())
+        .map_err(anyhow::Error::msg)
+        .and_then(|on| on.map(|(b, s)| Traces::otlp(service, b, s)).transpose())
+    {
+        Ok(traces) => traces,
+        Err(err) => {
+            eprintln!("error: invalid configuration: {err:#}");
+            return ExitCode::from(config::EXIT_BAD_CONFIG);
+        }
+    };
+    telemetry::init(service, log_format, traces.as_ref());
+    if let Some(traces) = &traces {
+        crate::spans::install(service, traces.tracer(service));
+    }
+    let code = match run(config, shutdown::on_signals()).await {
         Ok(code) => code,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "{service} failed");
             ExitCode::FAILURE
         }
+    };
+    if let Some(traces) = traces {
+        // The export thread may wait on the collector: not on a runtime thread.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown(TRACES_SHUTDOWN)).await;
     }
+    code
 }
+
+/// The longest a stopping service waits for its queued spans to be sent.
+const TRACES_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Implements [`ServiceConfig`] for a config struct whose field `$($field).+` (`service`, or
 /// `writer.service`) holds the `ServiceArgs` that [`service_args!`](crate::service_args) declared.

@@ -1,5 +1,5 @@
 //! Logging: JSON lines on stdout by default (every line carries `service`), a human format on
-//! request, filtered by `RUST_LOG`.
+//! request, filtered by `RUST_LOG`; and the services' spans, where traces are exported.
 
 use std::fmt;
 
@@ -7,9 +7,14 @@ use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::traces::Traces;
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -20,21 +25,35 @@ pub enum LogFormat {
     Text,
 }
 
-/// Installs the global subscriber. Safe to call more than once (later calls do nothing), so
-/// in-process tests can start several services.
-pub fn init(service: &'static str, format: LogFormat) {
+/// Installs the global subscriber: log lines in `format`, and, with `traces`, the services' own
+/// spans exported through it (see [`crate::traces`]). Safe to call more than once (later calls
+/// do nothing), so in-process tests can start several services.
+pub fn init(service: &'static str, format: LogFormat, traces: Option<&Traces>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // A log line that cannot be written (stdout closed) must never take a task down with it.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .log_internal_errors(false);
-    let _ = match format {
-        LogFormat::Json => builder.event_format(JsonLines { service }).try_init(),
-        LogFormat::Text => builder
+    let lines = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .log_internal_errors(false)
+            .event_format(JsonLines { service })
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .log_internal_errors(false)
             .with_target(false)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .try_init(),
+            .boxed(),
     };
+    let spans = traces.map(|traces| {
+        tracing_opentelemetry::layer()
+            .with_tracer(traces.tracer(service))
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                crate::traces::is_own_target(meta.target())
+            }))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .with(spans)
+        .try_init();
 }
 
 /// A flat JSON line: `timestamp`, `level`, `service`, `target`, `message`, then the event's

@@ -1,7 +1,7 @@
 //! Test support (feature `testkit`), for the tests of every crate: fresh names so parallel
 //! tests never share a queue or an exchange, RabbitMQ helpers (publish, drain, delete),
 //! records, `eventually`, a self-cleaning writer fixture, and a TCP proxy that can cut a
-//! dependency away and bring it back.
+//! dependency away and bring it back; and an OTLP trace receiver ([`otlp`]).
 //!
 //! Tests run against the real RabbitMQ and PostgreSQL; the proxy sits between a service and
 //! the real server so a test can take the dependency away without stopping it for everyone.
@@ -23,6 +23,8 @@ use crate::breaker::Breaker;
 use crate::link::LinkStatus;
 use crate::topology::Topology;
 use crate::writers::{Database, Writer};
+
+pub mod otlp;
 
 /// A fresh, unique prefix for a test's private AMQP topology or database objects.
 pub fn unique_prefix(test: &str) -> String {

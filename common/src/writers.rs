@@ -6,5 +6,6 @@
 
 pub mod consumer;
 mod shell;
+pub mod traced;
 
 pub use shell::{Database, Writer, WriterSettings, main};

@@ -19,7 +19,10 @@ use flowmesh_common::metrics as m;
 use flowmesh_common::nodes::{Node, Nodes};
 use flowmesh_common::record::Record;
 use flowmesh_common::retry;
-use flowmesh_common::topology::{Topology, TopologyError, routing_key};
+use flowmesh_common::spans::{
+    self, KeyValue, Parent, RecordSpan, RecordTracer, SpanContext, SpanKind,
+};
+use flowmesh_common::topology::{HEADER_TRACEPARENT, Topology, TopologyError, routing_key};
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, join_all};
 use futures_util::stream::FuturesUnordered;
@@ -54,6 +57,8 @@ pub struct BrokerConfig {
 pub struct BrokerJob {
     /// The records, in arrival order.
     pub records: Vec<Record>,
+    /// Each record's `route` span (empty where traces are off): the parent of its publish span.
+    pub routed: Vec<SpanContext>,
     /// Who to answer.
     pub replier: Replier,
 }
@@ -65,6 +70,9 @@ pub struct BrokerSink {
     sender: mpsc::Sender<BrokerJob>,
     breaker: Breaker,
     link: LinkStatus,
+    /// The records exchange, for the spans of records never published.
+    exchange: String,
+    tracer: RecordTracer,
 }
 
 impl BrokerSink {
@@ -72,11 +80,13 @@ impl BrokerSink {
     pub fn start(config: BrokerConfig, breaker: Breaker) -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_JOBS);
         let link = LinkStatus::new("amqp");
+        let exchange = config.topology.exchange.clone();
         let task = tokio::spawn(
             Publisher {
                 config,
                 breaker: breaker.clone(),
                 link: link.clone(),
+                tracer: spans::tracer(crate::SERVICE),
             }
             .run(receiver),
         );
@@ -85,6 +95,8 @@ impl BrokerSink {
                 sender,
                 breaker,
                 link,
+                exchange,
+                tracer: spans::tracer(crate::SERVICE),
             },
             task,
         )
@@ -99,6 +111,12 @@ impl BrokerSink {
     /// running.
     pub fn link(&self) -> LinkStatus {
         self.link.clone()
+    }
+
+    /// Ends a failed publish span for each of `records` that is not published at all (the
+    /// breaker open, the publisher stopped): `reason` in the record's trace, under its route.
+    pub fn unpublished(&self, records: &[Record], routed: &[SpanContext], reason: &str) {
+        unpublished(&self.tracer, &self.exchange, records, routed, reason);
     }
 
     /// Queues a job, waiting for room (backpressure). Fails only when the publisher stopped.
@@ -117,14 +135,107 @@ struct Link {
     node: Node,
 }
 
-/// A job's seqs, who to answer, when its publishing started, and each message's confirm with
-/// the number of records (of `seqs`, in order) it carried.
-type Confirmed = (
-    Vec<u64>,
-    Replier,
-    Instant,
-    Vec<(usize, Result<Confirmation, String>)>,
-);
+/// A job's seqs, who to answer, when its publishing started, and for each message the number
+/// of records (of `seqs`, in order) it carried and why it was not confirmed (`None`: it was).
+type Confirmed = (Vec<u64>, Replier, Instant, Vec<(usize, Option<String>)>);
+
+/// Why a publish did not store its message (`None`: RabbitMQ confirmed it and did not return it).
+fn problem(result: Result<Confirmation, String>) -> Option<String> {
+    match result {
+        Ok(Confirmation::Ack(None)) => None,
+        Ok(Confirmation::Ack(Some(returned))) => Some(format!(
+            "returned unroutable: {} {}",
+            returned.reply_code, returned.reply_text
+        )),
+        Ok(Confirmation::Nack(_)) => Some("nacked by RabbitMQ".to_owned()),
+        Ok(Confirmation::NotRequested) => Some("channel not in confirm mode".to_owned()),
+        Err(err) => Some(err),
+    }
+}
+
+/// A publish span failed at once with `reason` for each record never published, under its
+/// route span (nothing where traces are off).
+fn unpublished(
+    tracer: &RecordTracer,
+    exchange: &str,
+    records: &[Record],
+    routed: &[SpanContext],
+    reason: &str,
+) {
+    if !tracer.is_on() {
+        return;
+    }
+    for (record, route) in records.iter().zip(routed) {
+        let reason = format!("not published: {reason}");
+        publish_span(
+            tracer,
+            exchange,
+            std::slice::from_ref(record),
+            std::slice::from_ref(route),
+        )
+        .fail(&reason);
+    }
+}
+
+/// The span of publishing `run` (one message) until its confirm: a child of its record's
+/// `route` span for a record message, linked to each record's for a packed one.
+fn publish_span(
+    tracer: &RecordTracer,
+    exchange: &str,
+    run: &[Record],
+    routed: &[SpanContext],
+) -> RecordSpan {
+    if !tracer.is_on() {
+        return RecordSpan::default();
+    }
+    let name = format!("publish {exchange}");
+    let attributes = || {
+        let mut attributes = vec![
+            KeyValue::new("messaging.system", "rabbitmq"),
+            KeyValue::new("messaging.operation.type", "send"),
+            KeyValue::new("messaging.operation.name", "publish"),
+            KeyValue::new("messaging.destination.name", exchange.to_owned()),
+            KeyValue::new(
+                "messaging.rabbitmq.destination.routing_key",
+                routing_key(&run[0].source),
+            ),
+            KeyValue::new("messaging.message.id", run[0].id.clone()),
+        ];
+        if run.len() == 1 {
+            attributes.extend(spans::record_attributes(&run[0]));
+        } else {
+            attributes.push(KeyValue::new(
+                "messaging.batch.message_count",
+                run.len() as i64,
+            ));
+        }
+        attributes
+    };
+    match routed {
+        [route] => tracer.start(name, SpanKind::Producer, Parent::Span(route), attributes),
+        _ => tracer.start_linked(name, SpanKind::Producer, routed, attributes),
+    }
+}
+
+/// `properties` with the `traceparent` header naming the publish span, so that a writer's span
+/// is its child (contracts §4). A packed message has no such header: its lines carry theirs.
+fn traced(
+    properties: lapin::BasicProperties,
+    span: &RecordSpan,
+    packed: bool,
+) -> lapin::BasicProperties {
+    match span.traceparent() {
+        Some(traceparent) if !packed => {
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                HEADER_TRACEPARENT.into(),
+                lapin::types::AMQPValue::LongString(traceparent.into()),
+            );
+            properties.with_headers(headers)
+        }
+        _ => properties,
+    }
+}
 
 /// What became of one job handed to the link.
 enum Published {
@@ -140,6 +251,7 @@ struct Publisher {
     config: BrokerConfig,
     breaker: Breaker,
     link: LinkStatus,
+    tracer: RecordTracer,
 }
 
 impl Publisher {
@@ -224,10 +336,13 @@ impl Publisher {
     /// Publishes one job on the link; a job that cannot be published is nacked here.
     async fn publish_job(&self, link: Option<&Link>, job: BrokerJob) -> Published {
         let Some(current) = link else {
-            self.refuse(job, "RabbitMQ unavailable".into());
+            let reason = "RabbitMQ unavailable";
+            let exchange = &self.config.topology.exchange;
+            unpublished(&self.tracer, exchange, &job.records, &job.routed, reason);
+            self.refuse(job, reason.into());
             return Published::Refused;
         };
-        match publish(current, &self.config, job).await {
+        match publish(current, &self.config, &self.tracer, job).await {
             Ok(confirming) => Published::Pending(confirming),
             Err((job, err)) => {
                 self.refuse(job, format!("publish failed: {err}"));
@@ -263,27 +378,12 @@ impl Publisher {
     }
 
     /// Acks the records RabbitMQ confirmed and nacks the rest.
-    fn settle(
-        &self,
-        seqs: Vec<u64>,
-        replier: Replier,
-        results: Vec<(usize, Result<Confirmation, String>)>,
-    ) {
+    fn settle(&self, seqs: Vec<u64>, replier: Replier, results: Vec<(usize, Option<String>)>) {
         let mut acked = Vec::with_capacity(seqs.len());
         let mut failed = Vec::new();
         let mut first_error = None;
         let mut seqs = seqs.into_iter();
-        for (count, result) in results {
-            let problem = match result {
-                Ok(Confirmation::Ack(None)) => None,
-                Ok(Confirmation::Ack(Some(returned))) => Some(format!(
-                    "returned unroutable: {} {}",
-                    returned.reply_code, returned.reply_text
-                )),
-                Ok(Confirmation::Nack(_)) => Some("nacked by RabbitMQ".to_owned()),
-                Ok(Confirmation::NotRequested) => Some("channel not in confirm mode".to_owned()),
-                Err(err) => Some(err),
-            };
+        for (count, problem) in results {
             let carried = seqs.by_ref().take(count);
             match problem {
                 None => acked.extend(carried),
@@ -361,12 +461,14 @@ async fn connect(config: BrokerConfig, node: Node) -> Result<Link, (Node, String
 async fn publish(
     link: &Link,
     config: &BrokerConfig,
+    tracer: &RecordTracer,
     job: BrokerJob,
 ) -> Result<BoxFuture<'static, Confirmed>, (BrokerJob, String)> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + config.confirm_timeout;
     let late = || format!("no confirm within {:?}", config.confirm_timeout);
     let mut confirms = Vec::new();
+    let mut spans = Vec::new();
     let options = BasicPublishOptions {
         mandatory: true,
         ..BasicPublishOptions::default()
@@ -378,8 +480,11 @@ async fn publish(
     let mut start = 0;
     for len in runs {
         let run = &job.records[start..start + len];
+        let routed = job.routed.get(start..start + len).unwrap_or_default();
         start += len;
+        let span = publish_span(tracer, &config.topology.exchange, run, routed);
         let (body, properties) = message::encode(run);
+        let properties = traced(properties, &span, len > 1);
         let published = tokio::time::timeout_at(
             deadline,
             link.channel.basic_publish(
@@ -396,10 +501,17 @@ async fn publish(
             Ok(confirm) => {
                 sizes.record(len as f64);
                 confirms.push((len, confirm));
+                spans.push(span);
             }
             // Records published before the failure still get their confirms (or errors);
             // simplest correct answer is to nack the whole job: duplicates are harmless.
-            Err(err) => return Err((job, err.to_string())),
+            Err(err) => {
+                let err = err.to_string();
+                for span in spans.into_iter().chain([span]) {
+                    span.fail(&format!("publish failed: {err}"));
+                }
+                return Err((job, err));
+            }
         }
     }
     let seqs: Vec<u64> = job.records.iter().map(|r| r.seq).collect();
@@ -409,12 +521,16 @@ async fn publish(
         let (counts, confirms): (Vec<usize>, Vec<_>) = confirms.into_iter().unzip();
         // Each confirm waits until the deadline at most: a late one counts as a nack.
         let bounded = confirms.into_iter().map(|confirm| async {
-            match tokio::time::timeout_at(deadline, confirm).await {
+            problem(match tokio::time::timeout_at(deadline, confirm).await {
                 Ok(result) => result.map_err(|e| e.to_string()),
                 Err(_) => Err(late.clone()),
-            }
+            })
         });
-        let results = counts.into_iter().zip(join_all(bounded).await).collect();
+        let problems = join_all(bounded).await;
+        for (span, problem) in spans.into_iter().zip(&problems) {
+            span.finish(problem.as_ref().map_or(Ok(()), Err));
+        }
+        let results = counts.into_iter().zip(problems).collect();
         (seqs, replier, started, results)
     }))
 }

@@ -9,6 +9,7 @@ use flowmesh_common::metrics as m;
 use flowmesh_common::protocol::{Item, excerpt};
 use flowmesh_common::record::Provenance;
 use flowmesh_common::record::{Record, RecordError, format_timestamp};
+use flowmesh_common::spans::{self, KeyValue, Parent, RecordTracer, SpanContext, SpanKind};
 use flowmesh_common::telemetry::LogLimit;
 use serde_json::json;
 
@@ -32,6 +33,8 @@ pub struct Dispatcher {
     routes: RoutesHandle,
     /// Warnings about invalid records: a few a second, the rest counted (metrics count all).
     warnings: std::sync::Arc<LogLimit>,
+    /// The `route` span of each valid record, and its sink's span, where traces are on.
+    tracer: RecordTracer,
 }
 
 impl Dispatcher {
@@ -48,6 +51,7 @@ impl Dispatcher {
             dead_letters,
             routes,
             warnings: std::sync::Arc::new(LogLimit::new(WARNINGS_PER_SECOND)),
+            tracer: spans::tracer(crate::SERVICE),
         }
     }
 
@@ -57,6 +61,8 @@ impl Dispatcher {
         metrics::counter!(m::FILTER_RECEIVED).increment(items.len() as u64);
         let mut to_broker: Vec<Record> = Vec::new();
         let mut to_file: Vec<Record> = Vec::new();
+        // The `route` span of each, where traces are on.
+        let (mut broker_spans, mut file_spans) = (Vec::new(), Vec::new());
         let mut dead = Vec::new();
         let routes = self.routes.current();
         // Records each route took in this frame, and its `when` failures.
@@ -70,15 +76,20 @@ impl Dispatcher {
                     if choice.errors > 0 {
                         count_failures(&routes, &record, &mut failed);
                     }
+                    let span = self.route_span(&record, &routes, choice.route);
                     match choice.route.to() {
                         Destination::Broker => {
+                            broker_spans.extend(span);
                             record.provenance = Some(Provenance {
                                 version: routes.version().to_owned(),
                                 route: Some(choice.route.name().to_owned()),
                             });
                             to_broker.push(record);
                         }
-                        Destination::File => to_file.push(record),
+                        Destination::File => {
+                            file_spans.extend(span);
+                            to_file.push(record);
+                        }
                     }
                 }
                 Item::Invalid { seq, error, raw } => dead.push((seq, error, raw)),
@@ -106,11 +117,40 @@ impl Dispatcher {
             self.dead_letter(dead, replier).await;
         }
         if !to_file.is_empty() {
-            self.to_file(to_file, routes.version(), replier).await;
+            self.to_file(to_file, file_spans, routes.version(), replier)
+                .await;
         }
         if !to_broker.is_empty() {
-            self.to_broker(to_broker, replier).await;
+            self.to_broker(to_broker, broker_spans, replier).await;
         }
+    }
+
+    /// The span of `record`'s validation and routing (a child of its `traceparent`), ended at
+    /// once; its context, for the sink's span. `None` where traces are off.
+    fn route_span(
+        &self,
+        record: &Record,
+        routes: &flowmesh_common::routing::Routes,
+        route: &flowmesh_common::routing::Route,
+    ) -> Option<SpanContext> {
+        let span = self.tracer.start(
+            "route",
+            SpanKind::Consumer,
+            Parent::Traceparent(record.traceparent.as_deref()),
+            || {
+                let mut attributes = spans::record_attributes(record);
+                attributes.push(KeyValue::new("flowmesh.route", route.name().to_owned()));
+                attributes.push(KeyValue::new(
+                    "flowmesh.routes.version",
+                    routes.version().to_owned(),
+                ));
+                attributes.push(KeyValue::new("flowmesh.destination", route.to().as_str()));
+                attributes
+            },
+        );
+        let context = span.context();
+        span.ok();
+        context
     }
 
     /// The dead-letter file's breaker.
@@ -153,6 +193,7 @@ impl Dispatcher {
             lines,
             keys: Vec::new(),
             version: None,
+            spans: Vec::new(),
             completion: Completion::Rejects {
                 rejects,
                 replier: replier.clone(),
@@ -171,13 +212,32 @@ impl Dispatcher {
         }
     }
 
-    async fn to_file(&self, records: Vec<Record>, version: &str, replier: &Replier) {
+    async fn to_file(
+        &self,
+        records: Vec<Record>,
+        routed: Vec<SpanContext>,
+        version: &str,
+        replier: &Replier,
+    ) {
         let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
         if !self.file.breaker().permit() {
             let retry = self.file.breaker().retry_after();
             replier.nack(seqs, Destination::File, "file sink breaker open", retry);
             return;
         }
+        // Each record's append, under its `route` span, lasts until its commit (fsync) ended.
+        let spans = routed
+            .iter()
+            .zip(&records)
+            .map(|(route, record)| {
+                self.tracer
+                    .start("append", SpanKind::Producer, Parent::Span(route), || {
+                        let mut attributes = spans::record_attributes(record);
+                        attributes.push(KeyValue::new("flowmesh.file.version", version.to_owned()));
+                        attributes
+                    })
+            })
+            .collect();
         for record in &records {
             tracing::debug!(record_id = %record.id, trace_id = record.trace_id(), seq = record.seq, "routed to file");
         }
@@ -185,6 +245,7 @@ impl Dispatcher {
             lines: records.iter().map(Record::to_json).collect(),
             keys: records.iter().map(|r| id_key(&r.id)).collect(),
             version: Some(version.to_owned()),
+            spans,
             completion: Completion::Records {
                 seqs,
                 replier: replier.clone(),
@@ -196,9 +257,11 @@ impl Dispatcher {
         }
     }
 
-    async fn to_broker(&self, records: Vec<Record>, replier: &Replier) {
+    async fn to_broker(&self, records: Vec<Record>, routed: Vec<SpanContext>, replier: &Replier) {
         if !self.broker.breaker().permit() {
             let retry = self.broker.breaker().retry_after();
+            self.broker
+                .unpublished(&records, &routed, "RabbitMQ breaker open");
             let seqs = records.iter().map(|r| r.seq).collect();
             replier.nack(seqs, Destination::Broker, "RabbitMQ breaker open", retry);
             return;
@@ -208,9 +271,12 @@ impl Dispatcher {
         }
         let job = BrokerJob {
             records,
+            routed,
             replier: replier.clone(),
         };
         if let Err(job) = self.broker.submit(job).await {
+            self.broker
+                .unpublished(&job.records, &job.routed, "RabbitMQ publisher stopped");
             let seqs = job.records.iter().map(|r| r.seq).collect();
             job.replier.nack(
                 seqs,

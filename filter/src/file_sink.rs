@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use flowmesh_common::breaker::Breaker;
 use flowmesh_common::metrics as m;
+use flowmesh_common::spans::RecordSpan;
 use tokio::sync::mpsc;
 
 use crate::config::Durability;
@@ -66,6 +67,9 @@ pub struct FileJob {
     /// The routes version the lines were routed under; `None` for lines of no version (dead
     /// letters).
     pub version: Option<String>,
+    /// The span of each line's append (empty where traces are off, and for dead letters),
+    /// ended when its commit did.
+    pub spans: Vec<RecordSpan>,
     /// The answer to give.
     pub completion: Completion,
 }
@@ -142,7 +146,7 @@ async fn run(config: FileSinkConfig, mut receiver: mpsc::Receiver<FileJob>, brea
         for job in jobs {
             let mut keys = job.keys.into_iter();
             lines.extend(job.lines.into_iter().map(|line| (keys.next(), line)));
-            completions.push(job.completion);
+            completions.push((job.completion, job.spans));
         }
         let stem = config.stem;
         let started = Instant::now();
@@ -163,9 +167,7 @@ async fn run(config: FileSinkConfig, mut receiver: mpsc::Receiver<FileJob>, brea
         if let Err(err) = &result {
             tracing::error!(file = stem, error = %err, records = count, "file commit failed; records nacked");
         }
-        for completion in completions {
-            complete(completion, &result, breaker.retry_after());
-        }
+        answer(completions, &result, stem, breaker.retry_after());
     }
     tracing::info!(file = config.stem, "file sink closed");
 }
@@ -183,6 +185,26 @@ where
     })
     .await
     .ok()
+}
+
+/// Ends each line's span and answers each job of a commit by its `result`.
+fn answer(
+    completions: Vec<(Completion, Vec<RecordSpan>)>,
+    result: &io::Result<()>,
+    stem: &str,
+    retry_after: Duration,
+) {
+    for (completion, spans) in completions {
+        for span in spans {
+            span.finish(
+                result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|err| format!("{stem} commit failed: {err}")),
+            );
+        }
+        complete(completion, result, retry_after);
+    }
 }
 
 fn complete(completion: Completion, result: &io::Result<()>, retry_after: Duration) {

@@ -2,6 +2,9 @@
 //! or a JSON Lines file (by `flowmesh_common::routing`), answering each with an ack, nack or
 //! reject.
 
+/// The service's name: its metrics' and spans' `service`.
+pub const SERVICE: &str = "filter";
+
 pub mod admission;
 pub mod broker;
 pub mod config;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use flowmesh_common::metrics as m;
 use flowmesh_common::record::{Record, new_traceparent};
+use flowmesh_common::spans::{self, KeyValue, Parent, RecordSpan, RecordTracer, SpanKind};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +19,7 @@ pub struct RecordSource {
     next_seq: u64,
     rng: fastrand::Rng,
     values: Values,
+    tracer: RecordTracer,
 }
 
 impl RecordSource {
@@ -30,6 +32,7 @@ impl RecordSource {
             next_seq: 1,
             rng,
             values: Values::ALL,
+            tracer: spans::tracer(crate::SERVICE),
         }
     }
 
@@ -50,18 +53,26 @@ impl RecordSource {
         self.next_seq
     }
 
-    /// The next record, timestamped now.
-    pub fn next_record(&mut self) -> Record {
+    /// The next record, timestamped now, and the span of its trace that lasts until the
+    /// filter acks it (empty where traces are off; its context is the record's `traceparent`,
+    /// so the sampler decides once per record for every hop).
+    pub fn next_record(&mut self) -> (Record, RecordSpan) {
         let value = self.rng.u8(self.values.low..=self.values.high);
-        let record = Record::new(
-            &self.source,
-            self.next_seq,
-            chrono::Utc::now(),
-            value,
-            Some(new_traceparent()),
-        );
+        let (seq, source) = (self.next_seq, &self.source);
+        let mut span = self
+            .tracer
+            .start("record", SpanKind::Producer, Parent::Root, || {
+                vec![
+                    KeyValue::new("flowmesh.record.source", source.clone()),
+                    KeyValue::new("flowmesh.record.seq", seq as i64),
+                    KeyValue::new("flowmesh.record.value", i64::from(value)),
+                ]
+            });
+        let traceparent = span.traceparent().unwrap_or_else(new_traceparent);
+        let record = Record::new(source, seq, chrono::Utc::now(), value, Some(traceparent));
         self.next_seq += 1;
-        record
+        span.set(|| KeyValue::new("flowmesh.record.id", record.id.clone()));
+        (record, span)
     }
 }
 
@@ -90,11 +101,11 @@ pub async fn produce(
                 }
             }
         }
-        let record = source.next_record();
+        let (record, span) = source.next_record();
         tracing::debug!(record_id = %record.id, trace_id = record.trace_id(), seq = record.seq, value = record.value, "generated");
         let waited = tokio::select! {
             _ = stop.cancelled() => break,
-            waited = window.push(&record) => waited,
+            waited = window.push(&record, span) => waited,
         };
         made += 1;
         generated.increment(1);
@@ -118,11 +129,13 @@ mod tests {
     fn values_stay_in_the_configured_range_and_cover_both_ends() {
         let mut broker_only =
             RecordSource::new("v".into(), Some(3)).with_values(Values { low: 91, high: 100 });
-        let values: Vec<u8> = (0..2000).map(|_| broker_only.next_record().value).collect();
+        let values: Vec<u8> = (0..2000)
+            .map(|_| broker_only.next_record().0.value)
+            .collect();
         assert!(values.iter().all(|v| (91..=100).contains(v)));
         assert!(values.contains(&91) && values.contains(&100));
         let mut all = RecordSource::new("v".into(), Some(3));
-        let values: Vec<u8> = (0..5000).map(|_| all.next_record().value).collect();
+        let values: Vec<u8> = (0..5000).map(|_| all.next_record().0.value).collect();
         assert!(values.contains(&0) && values.contains(&100));
     }
 
@@ -130,8 +143,8 @@ mod tests {
     fn the_same_seed_gives_the_same_values_and_seqs_have_no_gaps() {
         let mut a = RecordSource::new("a".into(), Some(7));
         let mut b = RecordSource::new("a".into(), Some(7));
-        let first: Vec<Record> = (0..50).map(|_| a.next_record()).collect();
-        let second: Vec<Record> = (0..50).map(|_| b.next_record()).collect();
+        let first: Vec<Record> = (0..50).map(|_| a.next_record().0).collect();
+        let second: Vec<Record> = (0..50).map(|_| b.next_record().0).collect();
         assert_eq!(
             first.iter().map(|r| r.value).collect::<Vec<_>>(),
             second.iter().map(|r| r.value).collect::<Vec<_>>()

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use flowmesh_common::metrics as m;
 use flowmesh_common::record::Record;
+use flowmesh_common::spans::{KeyValue, RecordSpan};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -22,6 +23,8 @@ struct Pending {
     json: Arc<str>,
     queued: bool,
     sent_before: bool,
+    /// The record's span: ended at the ack (or reject), with an event at every send and nack.
+    span: RecordSpan,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +96,8 @@ impl Window {
                         json: record.to_json().into(),
                         queued: true,
                         sent_before: true,
+                        // Its span ended with the run that made it.
+                        span: RecordSpan::default(),
                     },
                 );
                 state.queue.push_back(record.seq);
@@ -117,12 +122,13 @@ impl Window {
 
     /// Adds a record, waiting while the window is full. Returns true if it had to wait. With a
     /// spool, the record's line is logged first (written before it is sent: [`Window::take_batch`]).
-    pub async fn push(&self, record: &Record) -> bool {
+    pub async fn push(&self, record: &Record, span: RecordSpan) -> bool {
         let json: Arc<str> = record.to_json().into();
         if let Some(spool) = &self.spool {
             spool.generated(record.seq, &json);
         }
         let mut waited = false;
+        let mut span = Some(span);
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -136,6 +142,7 @@ impl Window {
                             json: Arc::clone(&json),
                             queued: true,
                             sent_before: false,
+                            span: span.take().unwrap_or_default(),
                         },
                     );
                     state.queue.push_back(record.seq);
@@ -219,6 +226,10 @@ impl Window {
             if pending.sent_before {
                 metrics::counter!(m::GEN_RESENT).increment(1);
             }
+            let resent = pending.sent_before;
+            pending
+                .span
+                .event("sent", || vec![KeyValue::new("flowmesh.resent", resent)]);
             pending.sent_before = true;
             bytes += pending.json.len() + 1;
             batch.push((seq, Arc::clone(&pending.json)));
@@ -232,7 +243,8 @@ impl Window {
         let mut state = self.lock();
         let mut removed = 0;
         for seq in seqs {
-            if state.records.remove(seq).is_some() {
+            if let Some(pending) = state.records.remove(seq) {
+                pending.span.ok();
                 removed += 1;
             }
         }
@@ -249,7 +261,8 @@ impl Window {
         let mut state = self.lock();
         let mut count = 0;
         for seq in seqs {
-            if state.records.get(seq).is_some_and(|p| !p.queued) {
+            if let Some(pending) = state.records.get_mut(seq).filter(|p| !p.queued) {
+                pending.span.event("nacked", Vec::new);
                 state.delayed.push((at, *seq));
                 count += 1;
             }
@@ -263,7 +276,8 @@ impl Window {
     pub fn reject(&self, seq: u64) {
         self.forget_in_spool(&[seq]);
         let mut state = self.lock();
-        if state.records.remove(&seq).is_some() {
+        if let Some(pending) = state.records.remove(&seq) {
+            pending.span.fail("rejected by the filter as invalid");
             state.rejected += 1;
             metrics::counter!(m::GEN_REJECTED).increment(1);
         }

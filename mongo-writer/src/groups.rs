@@ -16,6 +16,13 @@ pub enum Groups {
 }
 
 impl GroupStore for Groups {
+    fn collection_name(&self) -> String {
+        match self {
+            Self::Mongo(store) => store.collection_name(),
+            Self::Memory(store) => store.collection_name(),
+        }
+    }
+
     async fn last_group(&mut self, source: &str) -> anyhow::Result<Option<OpenGroup>> {
         match self {
             Self::Mongo(store) => store.last_group(source).await,

@@ -232,6 +232,10 @@ impl MongoStore {
 }
 
 impl GroupStore for MongoStore {
+    fn collection_name(&self) -> String {
+        self.target.2.clone()
+    }
+
     async fn last_group(&mut self, source: &str) -> anyhow::Result<Option<OpenGroup>> {
         self.ensure_indexes().await?;
         let last = self

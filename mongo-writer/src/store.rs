@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use chrono::Utc;
 use flowmesh_common::record::Record;
 use flowmesh_common::writers::consumer::{Contended, RecordStore, StoreReport};
+use flowmesh_common::writers::traced::StoreTarget;
 
 use crate::nesting::{Append, GroupDoc, Op, OpenGroup, OpenGroups, plan};
 
@@ -58,6 +59,10 @@ pub trait GroupStore: Send + 'static {
     /// Work before the first batch (indexes); done again lazily if it fails here.
     fn prepare(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
         async { Ok(()) }
+    }
+    /// The collection written, for the store's spans.
+    fn collection_name(&self) -> String {
+        "records".to_owned()
     }
 }
 
@@ -300,6 +305,15 @@ impl<G: GroupStore> NestingStore<G> {
 }
 
 impl<G: GroupStore> RecordStore for NestingStore<G> {
+    fn target(&self) -> StoreTarget {
+        // Inserts of new groups and appends to open ones, in one ordered series of writes.
+        StoreTarget {
+            system: "mongodb",
+            operation: "write",
+            collection: self.groups.collection_name(),
+        }
+    }
+
     async fn store(&mut self, records: &[Record]) -> anyhow::Result<StoreReport> {
         let mut replans = 0;
         loop {

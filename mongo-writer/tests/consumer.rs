@@ -717,3 +717,61 @@ fn stored_seqs_sorted(memory: &MemoryStore) -> Vec<u64> {
     seqs.sort_unstable();
     seqs
 }
+
+/// A writer alone on its single-active-consumer queue re-subscribes whenever the records per
+/// message change (its window is counted in messages), each time holding what RabbitMQ already
+/// handed it past the batch. Its own cancelled consumer still counts on the queue then; taken
+/// for another writer's, it would return all of that unstored (`handed_over`) again and again,
+/// until the delivery limit dead-lettered healthy records. Alone, it hands nothing over: every
+/// record is stored once, in queue order, and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_alone_hands_nothing_back_when_its_window_changes_under_a_backlog() {
+    let prefix = unique_prefix("mongo-window");
+    let topology = Topology::new(&prefix, 5);
+    let memory = MemoryStore::new();
+    // Singles, then packs of 100, twice over: the window goes from 2 000 messages to 20 and back.
+    let parts = [(1500, 1), (1000, 100), (1500, 1), (1000, 100)];
+    let total: usize = parts.iter().map(|(records, _)| records).sum();
+    let records: Vec<Record> = (1..=total as u64)
+        .map(|seq| flowmesh_common::testkit::record("mongo-window", seq, 95))
+        .collect();
+    let mut messages = Vec::new();
+    let mut at = 0;
+    for (count, pack) in parts {
+        messages.extend(records[at..at + count].chunks(pack).map(message::encode));
+        at += count;
+    }
+    // A backlog first, so that every consumer the writer opens is handed a full window.
+    publish(&topology, &topology.exchange, messages).await;
+    let writer = start(&prefix, &memory, 100).await;
+    eventually("the backlog stored", Duration::from_secs(90), || {
+        stored(&memory) == total
+    })
+    .await;
+    let (_, metrics) =
+        flowmesh_common::http::get(writer.http_addr, "/metrics", Duration::from_secs(5))
+            .await
+            .expect("metrics");
+    let handed_over: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.contains(r#"outcome="handed_over""#))
+        .collect();
+    assert!(
+        handed_over.is_empty(),
+        "alone, yet handed over: {handed_over:?}"
+    );
+    writer.stop().await;
+    let seqs: Vec<u64> = memory
+        .groups()
+        .iter()
+        .flat_map(|g| g.records.iter().map(|r| r.seq))
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=total as u64).collect::<Vec<u64>>(),
+        "queue order"
+    );
+    let dead = drain_dead_letters(&topology, 0, Duration::from_secs(1)).await;
+    assert!(dead.is_empty(), "{} messages dead-lettered", dead.len());
+    flowmesh_common::testkit::delete_topology(&topology).await;
+}

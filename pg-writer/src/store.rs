@@ -10,6 +10,7 @@ use flowmesh_common::record::{Record, format_timestamp, parse_timestamp};
 use flowmesh_common::writers::consumer::{
     Contended, Misconfigured, Permanent, RecordStore, StoreReport,
 };
+use flowmesh_common::writers::traced::StoreTarget;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
@@ -222,6 +223,14 @@ impl PgStore {
 }
 
 impl RecordStore for PgStore {
+    fn target(&self) -> StoreTarget {
+        StoreTarget {
+            system: "postgresql",
+            operation: "INSERT",
+            collection: "records".to_owned(),
+        }
+    }
+
     async fn store(&mut self, records: &[Record]) -> anyhow::Result<StoreReport> {
         if !self.migrated {
             migrate(&self.pool).await?;

@@ -77,7 +77,7 @@ named = set()
 dashboard = json.load(open("grafana/dashboards/flowmesh-overview.json"))
 for panel in dashboard["panels"]:
     for target in panel.get("targets", []):
-        named.update(re.findall(r"\b(?:flowmesh|rabbitmq)_[a-z0-9_]+", target["expr"]))
+        named.update(re.findall(r"\b(?:flowmesh|rabbitmq)_[a-z0-9_]+", target.get("expr", "")))
 named.update(re.findall(r"\b(?:flowmesh|rabbitmq)_[a-z0-9_]+", open("prometheus/alerts.yml").read()))
 for name in sorted(named):
     if name.startswith("flowmesh_"):

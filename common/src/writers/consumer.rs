@@ -16,6 +16,7 @@
 //! only the batch in hand (plus what was already prefetched), retries that batch, and consumes
 //! again once the store has taken it.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,9 +38,11 @@ use crate::metrics as m;
 use crate::nodes::{Node, Nodes};
 use crate::record::{Record, parse_timestamp};
 use crate::retry;
+use crate::spans::{RecordSpan, RecordTracer, SpanContext};
 use crate::topology::{
     HEADER_DEAD_LETTER_QUEUE, HEADER_DEAD_LETTER_REASON, Topology, TopologyError,
 };
+use crate::writers::traced::{self, StoreTarget};
 
 mod window;
 pub use window::{SUSPECT_AFTER, Window};
@@ -152,6 +155,15 @@ pub trait RecordStore: Send + 'static {
         &mut self,
         records: &[Record],
     ) -> impl Future<Output = anyhow::Result<StoreReport>> + Send;
+
+    /// What the store writes to, for its spans (asked only where traces are exported).
+    fn target(&self) -> StoreTarget {
+        StoreTarget {
+            system: "other_sql",
+            operation: "store",
+            collection: "records".to_owned(),
+        }
+    }
 }
 
 /// Whether the store can take writes now: it answers and its breaker is not open. While it
@@ -266,6 +278,7 @@ pub async fn run<S: RecordStore>(
     let mut backoff = retry::reconnect().build();
     let mut attempts = 0u64;
     let mut window = Window::new(settings.prefetch);
+    let tracer = crate::spans::tracer(settings.writer);
     while !shutdown.is_cancelled() {
         if attempts > 0 {
             link.count_reconnect();
@@ -307,7 +320,9 @@ pub async fn run<S: RecordStore>(
             misconfigured: None,
             draining: false,
             window: &mut window,
-            pending: None,
+            pending: VecDeque::new(),
+            broken: None,
+            tracer: &tracer,
         };
         let ended = session.consume(&shutdown).await;
         session.set_consuming(false);
@@ -374,13 +389,19 @@ struct Session<'a, S> {
     draining: bool,
     /// How many messages the consumer is opened for (kept across sessions).
     window: &'a mut Window,
-    /// A delivery taken that belongs to the next batch (a suspect, taken alone).
-    pending: Option<Delivery>,
+    /// Deliveries in hand that belong to the next batches: a suspect taken out of a batch (it
+    /// goes alone), and what a cancel found already delivered ([`Self::cancel`]).
+    pending: VecDeque<Delivery>,
+    /// The consumer stream's error met while a cancel took what it held: reported once the
+    /// deliveries before it are taken.
+    broken: Option<String>,
     /// The batch in hand is to be followed by a re-subscribe: cancel before its ack.
     cancel_before_ack: bool,
     /// A re-subscribe's cancel found another writer waiting: what arrives until the stream
     /// ends is given back to the queue.
     hand_over: bool,
+    /// The records' `process` spans and the store calls' spans, where traces are on.
+    tracer: &'a RecordTracer,
 }
 
 /// Why waiting for the next delivery stopped.
@@ -498,7 +519,7 @@ impl<S: RecordStore> Session<'_, S> {
                 Next::Drained | Next::Shutdown => break,
             };
             if crate::message::delivery_count(&delivery.properties) >= SUSPECT_AFTER {
-                self.pending = Some(delivery);
+                self.pending.push_front(delivery);
                 break;
             }
             let hint = crate::message::records_hint(&delivery.properties);
@@ -516,8 +537,11 @@ impl<S: RecordStore> Session<'_, S> {
     /// The next delivery. `Wait::Forever` first waits (without a consumer) until the store can
     /// write; the other waits give up (as `Drained`) when nothing arrives in time.
     async fn next(&mut self, shutdown: &CancellationToken, wait: Wait) -> Result<Next, String> {
-        if let Some(delivery) = self.pending.take() {
+        if let Some(delivery) = self.pending.pop_front() {
             return Ok(Next::Delivery(Box::new(delivery)));
+        }
+        if let Some(err) = self.broken.take() {
+            return Err(err);
         }
         if self.consumer.is_none() {
             if wait != Wait::Forever {
@@ -580,9 +604,7 @@ impl<S: RecordStore> Session<'_, S> {
             Some(Ok(delivery)) => Ok(Next::Delivery(Box::new(delivery))),
             Some(Err(err)) => Err(err.to_string()),
             None if self.cancelled => {
-                self.consumer = None;
-                self.window.closed();
-                self.set_consuming(false);
+                self.closed();
                 Ok(Next::Drained)
             }
             None => Err("the consumer was cancelled by RabbitMQ".into()),
@@ -648,21 +670,31 @@ impl<S: RecordStore> Session<'_, S> {
     /// queue where another writer waits, RabbitMQ makes that one active now: what this session
     /// was handed after its last batch goes back to the queue for it ([`Self::give_back`]).
     /// Alone on the queue, the session stores it itself, as it always did. `holding`: the
-    /// batch this session stored is not acked yet (its cancelled consumer still counts).
+    /// batch this session stored is not acked yet; what the cancel found delivered beyond it
+    /// ([`Self::take_delivered`]) is held too. Either way its cancelled consumer still counts.
     async fn resubscribe(&mut self, holding: bool) {
+        if self.cancelled {
+            // Cancelled before the batch's ack: whether another writer waits was decided then.
+            return;
+        }
         let why = format!(
             "re-subscribing for a window of {} messages (prefetch {} records)",
             self.window.wanted(),
             self.settings.prefetch
         );
         self.cancel(&why).await;
+        let holding = holding || !self.pending.is_empty();
         self.hand_over = self.cancelled
             && self.settings.in_order()
             && others_wait(self.channel, self.settings.queue(), holding).await;
     }
 
-    /// Returns one delivery to the queue unstored (it counts a delivery attempt).
+    /// Returns one delivery to the queue unstored (it counts a delivery attempt), for the
+    /// writer RabbitMQ made active; counted as its records `handed_over`.
     async fn give_back(&mut self, delivery: Delivery) -> Result<(), String> {
+        let records = crate::message::lines(&delivery.properties, &delivery.data);
+        metrics::counter!(m::WRITER_RECORDS, "writer" => self.settings.writer, "outcome" => "handed_over")
+            .increment(records as u64);
         bounded(
             "nack (requeue) after a cancel",
             delivery.acker.nack(lapin::options::BasicNackOptions {
@@ -693,11 +725,45 @@ impl<S: RecordStore> Session<'_, S> {
             {
                 Ok(()) => {
                     self.cancelled = true;
+                    self.take_delivered();
                     tracing::info!(writer = self.settings.writer, "{why}");
                 }
                 Err(err) => tracing::warn!(error = %err, "could not cancel the consumer"),
             }
         }
+    }
+
+    /// Takes into [`Self::pending`] what the cancelled consumer was handed: RabbitMQ sends
+    /// nothing after its cancel-ok, and every delivery it sent before has arrived by then (one
+    /// channel keeps its order), so what the stream holds now is all this session holds unacked
+    /// beside its batch — which decides whether its cancelled consumer still counts.
+    fn take_delivered(&mut self) {
+        let Some(consumer) = self.consumer.as_mut() else {
+            return;
+        };
+        loop {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(delivery))) => self.pending.push_back(delivery),
+                Some(Some(Err(err))) => {
+                    self.broken = Some(err.to_string());
+                    return;
+                }
+                // The stream's end: the consumer is closed, as `next` finds it.
+                Some(None) => {
+                    self.closed();
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// The cancelled consumer's stream has ended: the next consumer opens with the window
+    /// wanted then.
+    fn closed(&mut self) {
+        self.consumer = None;
+        self.window.closed();
+        self.set_consuming(false);
     }
 
     /// Decodes, stores and settles one batch. Ok(false) when shutdown interrupted storing.
@@ -717,12 +783,27 @@ impl<S: RecordStore> Session<'_, S> {
             return Ok(true);
         }
         metrics::gauge!(m::WRITER_HELD, "writer" => self.settings.writer).set(batch.len() as f64);
-        let Some(split) = self.store_splitting(&decoded.records, shutdown).await else {
+        let mut spans = traced::process_spans(
+            self.tracer,
+            &self.settings.queue(),
+            &decoded.records,
+            |index| traced::header_traceparent(&batch[decoded.origin[index]].properties),
+        );
+        let contexts: Vec<SpanContext> = spans.iter().filter_map(RecordSpan::context).collect();
+        let Some(split) = self
+            .store_splitting(&decoded.records, &contexts, shutdown)
+            .await
+        else {
             return Ok(false);
         };
         let settled = self
             .dead_letter_refused(&batch, &decoded, &split.refused)
             .await?;
+        for (at, reason) in &split.refused {
+            if let Some(span) = spans.get_mut(*at) {
+                std::mem::take(span).fail(&format!("dead-lettered: {reason}"));
+            }
+        }
         for (index, bad) in &decoded.bad_lines {
             self.dead_letter_bad_lines(&batch[*index], bad).await?;
         }
@@ -740,6 +821,7 @@ impl<S: RecordStore> Session<'_, S> {
             )
             .await?;
         }
+        spans.into_iter().for_each(RecordSpan::ok);
         Ok(true)
     }
 
@@ -880,13 +962,18 @@ impl<S: RecordStore> Session<'_, S> {
     async fn store_splitting(
         &mut self,
         records: &[Record],
+        contexts: &[SpanContext],
         shutdown: &CancellationToken,
     ) -> Option<Split> {
         let mut split = Split::default();
         // Ranges still to store, the next one last.
         let mut ranges = vec![(0, records.len())];
         while let Some((from, to)) = ranges.pop() {
-            match self.store_until_done(&records[from..to], shutdown).await? {
+            let linked = contexts.get(from..to).unwrap_or_default();
+            match self
+                .store_until_done(&records[from..to], linked, shutdown)
+                .await?
+            {
                 Stored::Done(report) => {
                     split.report.stored += report.stored;
                     split.report.duplicates += report.duplicates;
@@ -941,12 +1028,41 @@ impl<S: RecordStore> Session<'_, S> {
         metrics::counter!(m::WRITER_STORE_FAILURES, "writer" => writer).increment(1);
     }
 
+    /// One store call of `records`, bounded by the store's deadline, in a span linked to
+    /// `linked` (the records' `process` spans).
+    async fn call_store(
+        &mut self,
+        records: &[Record],
+        linked: &[SpanContext],
+    ) -> anyhow::Result<StoreReport> {
+        let deadline = self.settings.store_timeout;
+        let store = &self.store;
+        let span = traced::store_span(self.tracer, || store.target(), linked, records.len());
+        let stored = match tokio::time::timeout(deadline, self.store.store(records)).await {
+            Ok(stored) => stored,
+            // A database that took the call and stopped answering (a frozen host, a lock
+            // that is never released): the call is given up, the batch stays in hand.
+            Err(_) => Err(anyhow::anyhow!(
+                "the store call did not finish within {} ms (its deadline)",
+                deadline.as_millis()
+            )),
+        };
+        span.finish(
+            stored
+                .as_ref()
+                .map(|_| ())
+                .map_err(|err| format!("{err:#}")),
+        );
+        stored
+    }
+
     /// Stores a batch, retrying with backoff through the breaker until it succeeds or the
     /// store refuses it for good. `None` if shutdown came first. The first failure pauses the
     /// consumer (not in order: see below).
     async fn store_until_done(
         &mut self,
         records: &[Record],
+        linked: &[SpanContext],
         shutdown: &CancellationToken,
     ) -> Option<Stored> {
         let writer = self.settings.writer;
@@ -965,16 +1081,7 @@ impl<S: RecordStore> Session<'_, S> {
                 }
             }
             let started = Instant::now();
-            let deadline = self.settings.store_timeout;
-            let stored = match tokio::time::timeout(deadline, self.store.store(records)).await {
-                Ok(stored) => stored,
-                // A database that took the call and stopped answering (a frozen host, a lock
-                // that is never released): the call is given up, the batch stays in hand.
-                Err(_) => Err(anyhow::anyhow!(
-                    "the store call did not finish within {} ms (its deadline)",
-                    deadline.as_millis()
-                )),
-            };
+            let stored = self.call_store(records, linked).await;
             match stored {
                 Ok(report) => {
                     self.breaker.record(true);

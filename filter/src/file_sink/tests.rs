@@ -55,6 +55,7 @@ async fn write_under(
         lines,
         keys,
         version: version.map(str::to_owned),
+        spans: Vec::new(),
         completion: Completion::Records {
             seqs,
             replier: Replier::new(tx),

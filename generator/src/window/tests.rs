@@ -16,7 +16,7 @@ fn seqs(batch: &Batch) -> Vec<u64> {
 async fn records_are_sent_in_order_and_forgotten_only_when_acked() {
     let window = Window::new(10);
     for seq in 1..=3 {
-        window.push(&record(seq)).await;
+        window.push(&record(seq), Default::default()).await;
     }
     assert_eq!(seqs(&window.take_batch(10, 1 << 20)), vec![1, 2, 3]);
     assert!(
@@ -38,7 +38,7 @@ async fn records_are_sent_in_order_and_forgotten_only_when_acked() {
 async fn a_reconnect_requeues_every_unacked_record_once() {
     let window = Window::new(10);
     for seq in 1..=4 {
-        window.push(&record(seq)).await;
+        window.push(&record(seq), Default::default()).await;
     }
     let _ = window.take_batch(2, 1 << 20);
     window.ack(&[2]);
@@ -50,7 +50,7 @@ async fn a_reconnect_requeues_every_unacked_record_once() {
 #[tokio::test]
 async fn a_nacked_record_comes_back_after_its_retry_delay() {
     let window = Window::new(10);
-    window.push(&record(1)).await;
+    window.push(&record(1), Default::default()).await;
     let _ = window.take_batch(10, 1 << 20);
     let delay = Duration::from_millis(500);
     let nacked = tokio::time::Instant::now();
@@ -63,7 +63,7 @@ async fn a_nacked_record_comes_back_after_its_retry_delay() {
 #[tokio::test]
 async fn a_rejected_record_is_forgotten_and_counted() {
     let window = Window::new(10);
-    window.push(&record(1)).await;
+    window.push(&record(1), Default::default()).await;
     window.reject(1);
     assert_eq!(
         window.counts(),
@@ -78,11 +78,11 @@ async fn a_rejected_record_is_forgotten_and_counted() {
 #[tokio::test]
 async fn a_full_window_pauses_push_until_an_ack_frees_room() {
     let window = std::sync::Arc::new(Window::new(2));
-    window.push(&record(1)).await;
-    window.push(&record(2)).await;
+    window.push(&record(1), Default::default()).await;
+    window.push(&record(2), Default::default()).await;
     let pusher = {
         let window = window.clone();
-        tokio::spawn(async move { window.push(&record(3)).await })
+        tokio::spawn(async move { window.push(&record(3), Default::default()).await })
     };
     tokio::task::yield_now().await;
     assert!(!pusher.is_finished());
@@ -99,7 +99,7 @@ async fn a_full_window_pauses_push_until_an_ack_frees_room() {
 async fn batches_respect_the_byte_limit_but_always_carry_one_record() {
     let window = Window::new(10);
     for seq in 1..=3 {
-        window.push(&record(seq)).await;
+        window.push(&record(seq), Default::default()).await;
     }
     let batch = window.take_batch(10, 10);
     assert_eq!(seqs(&batch), vec![1]);
