@@ -15,10 +15,10 @@
 # second-worst of 150); BENCH_SUSTAIN_RATES ["10000 20000 40000"],
 # BENCH_SUSTAIN_SECONDS per rate [60] (empty rates skip the sustained run), BENCH_SUSTAIN_PACK the
 # filter's FILTER_PUBLISH_PACK during it [1]; BENCH_PARTS, the parts to run, in this order
-# ["ceilings latency hops drains writers mesh filters sustained"], e.g. "mesh" alone (the drains
+# ["ceilings latency hops drains writers mesh filters traces sustained"], e.g. "mesh" alone (the drains
 # drain what the hops queued, so "drains" runs the hops too; "writers" drains BENCH_COUNT records
 # with 1, 2 and 3 pg-writers on one queue; "filters" runs the whole mesh with four generators
-# into one filter, then into two).
+# into one filter, then into two). BENCH_PERF=DIR samples every whole-mesh run with perf into DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -32,7 +32,7 @@ LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-60}
 SUSTAIN_RATES=${BENCH_SUSTAIN_RATES-10000 20000 40000}
 SUSTAIN_SECONDS=${BENCH_SUSTAIN_SECONDS:-60}
 SUSTAIN_PACK=${BENCH_SUSTAIN_PACK:-1}
-PARTS=" ${BENCH_PARTS:-ceilings latency hops drains writers mesh filters sustained} "
+PARTS=" ${BENCH_PARTS:-ceilings latency hops drains writers mesh filters traces sustained} "
 want() { [[ "$PARTS" == *" $1 "* ]]; }
 want drains && PARTS+="hops "
 
@@ -280,8 +280,31 @@ declare -A CPU0
 for name in filter pg-writer mongo-writer; do CPU0[$name]=$(ticks "${PID[$name]}"); done
 CPU0[rabbitmq]=$(ticks_tree "$RABBITMQ_PID"); CPU0[postgresql]=$(ticks_tree "$POSTGRES_PID")
 T0=$(now)
+# BENCH_PERF=DIR: each whole-mesh run is sampled system-wide by perf (cpu-clock, call graphs unwound by DWARF)
+# into DIR/<label>.data, to read with `perf report -i FILE --sort comm,dso,sym`.
+local perf_pid=""
+if [ -n "${BENCH_PERF:-}" ]; then
+  mkdir -p "$BENCH_PERF"
+  perf record -a --call-graph dwarf,16384 -e cpu-clock -F 299 -o "$BENCH_PERF/${label//[^a-zA-Z0-9]/-}.data" >/dev/null 2>&1 &
+  perf_pid=$!
+fi
 TIMEFORMAT='%U %S'
-GEN_CPU=$( { time generate "$MESH_COUNT" max 0-100 "mesh-${label%% *}" >/dev/null; } 2>&1 )
+# A source of its own per label: a source's spool carries its count over to the next run.
+local source="mesh-${label//[^a-zA-Z0-9]/-}"
+# When the filter acked the run's last record, apart from the generator's exit (which may wait
+# on the generator's own shutdown, e.g. its last spans' flush).
+local acked0 acked_at="$WORK/acked-at"
+acked0=$(metric "$FILTER_HTTP_ADDR" flowmesh_filter_records_acked_total 'destination=')
+rm -f "$acked_at"
+( for _ in $(seq 12000); do
+    [ "$(metric "$FILTER_HTTP_ADDR" flowmesh_filter_records_acked_total 'destination=')" -ge $((acked0 + MESH_COUNT)) ] \
+      && { now >"$acked_at"; break; }
+    sleep 0.05
+  done ) &
+local acked_poll=$!
+GEN_CPU=$( { time generate "$MESH_COUNT" "${MESH_GEN_RATE:-max}" 0-100 "${source:0:60}" >/dev/null; } 2>&1 )
+wait "$acked_poll" 2>/dev/null || true
+ACKED_AFTER=$( [ -s "$acked_at" ] && calc "round($(cat "$acked_at") - $T0, 1)" || echo "?")
 GEN_DONE=$(now)
 for _ in $(seq 6000); do
   target=$(( $(broker_acked) - B0 ))
@@ -289,14 +312,19 @@ for _ in $(seq 6000); do
   sleep 0.05
 done
 T1=$(now)
+if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
 HZ=$(getconf CLK_TCK)
 CPU="generator $(awk 'END { printf "%.1f", $1 + $2 }' <<<"$GEN_CPU")"
+# The mesh's own CPU seconds (generator, filter, writers), for the traces part's comparison.
+MESH_CPU=$(awk 'END { printf "%.2f", $1 + $2 }' <<<"$GEN_CPU")
+for name in filter pg-writer mongo-writer; do MESH_CPU=$(calc "$MESH_CPU + ($(ticks "${PID[$name]}") - ${CPU0[$name]}) / $HZ"); done
 for name in filter pg-writer mongo-writer; do CPU+=", $name $(calc "round(($(ticks "${PID[$name]}") - ${CPU0[$name]}) / $HZ, 1)")"; done
 CPU+=", RabbitMQ $(calc "round(($(ticks_tree "$RABBITMQ_PID") - ${CPU0[rabbitmq]}) / $HZ, 1)")"
 CPU+=", PostgreSQL $(calc "round(($(ticks_tree "$POSTGRES_PID") - ${CPU0[postgresql]}) / $HZ, 1)")"
 CPU+=" of $(calc "round($(nproc) * ($T1 - $T0), 1)") available ($(nproc) cores)"
-row "whole mesh, $label, generated until all stored" "$(calc "round($MESH_COUNT / ($T1 - $T0))")" "" "" \
-  "generator done after $(calc "round($GEN_DONE - $T0, 1)") s, everything stored after $(calc "round($T1 - $T0, 1)") s; mongo-writer in memory"
+MESH_RATE=$(calc "round($MESH_COUNT / ($T1 - $T0))")
+row "whole mesh, $label, generated until all stored" "$MESH_RATE" "" "" \
+  "last record acked after $ACKED_AFTER s, generator done after $(calc "round($GEN_DONE - $T0, 1)") s, everything stored after $(calc "round($T1 - $T0, 1)") s; mongo-writer in memory"
 row "CPU seconds spent on that run" "" "" "" "$CPU"
 }
 if want mesh; then
@@ -364,6 +392,104 @@ if want filters; then
   row "whole mesh, 4 generators, one filter" "$ONE_RATE" "" "" "everything stored after $ONE_TOOK s; mongo-writer in memory"
   row "whole mesh, 4 generators, two filters" "$TWO_RATE" "the same run into one filter" "$ONE_RATE" \
     "two sources at home on each; everything stored after $TWO_TOOK s"
+fi
+
+# ---- traces: the whole mesh with every service exporting spans, and to a dead collector -----
+# After a warm-up run (not counted: the first run after the services start is the slowest),
+# BENCH_TRACES_ROUNDS rounds [3] of BENCH_TRACES_COUNT records [200000] a run: export off; on at
+# the default settings (batching, and the default sampler: 100 traces a second started on the
+# generator, every later hop following its decision) to a receiver that decodes every request;
+# the same with every record sampled (OTEL_TRACES_SAMPLER=parentbased_always_on); with
+# BENCH_TRACES_RATIO [0.01] of them sampled (parentbased_traceidratio; empty: not run); then
+# the default and every record to a receiver that answers BENCH_TRACES_SLOW_MS [2000] late, and
+# to a port nobody listens on; export off again. Each row's ceiling is the mean of its round's
+# two runs with export off (which open and close it, so that neither end of a round is
+# favoured); the last rows give each setting's median ratio.
+traces_run() { # LABEL ENDPOINT (empty: export off) [SAMPLER [ARG]: on the generator]
+  local label=$1 endpoint=$2 sampler=${3:-} arg=${4:-} name receiver0
+  for name in filter pg-writer mongo-writer; do stop "$name"; done
+  ensure filter "$FILTER_HTTP_ADDR" OTEL_EXPORTER_OTLP_ENDPOINT="$endpoint"
+  ensure pg-writer "$PG_WRITER_HTTP_ADDR" OTEL_EXPORTER_OTLP_ENDPOINT="$endpoint"
+  ensure mongo-writer "$MONGO_WRITER_HTTP_ADDR" MONGO_WRITER_STORE=memory OTEL_EXPORTER_OTLP_ENDPOINT="$endpoint"
+  receiver0=$(ticks "$RECEIVER_PID")
+  # The sampler matters on the generator only: every later hop follows its decision (empty:
+  # the default).
+  OTEL_TRACES_SAMPLER=$sampler OTEL_TRACES_SAMPLER_ARG=$arg MESH_COUNT=$TRACES_COUNT \
+    OTEL_EXPORTER_OTLP_ENDPOINT=$endpoint mesh_run "$label"
+  local exported=0 full=0 failed=0 addr
+  for addr in "$FILTER_HTTP_ADDR" "$PG_WRITER_HTTP_ADDR" "$MONGO_WRITER_HTTP_ADDR"; do
+    exported=$((exported + $(curl -fsS "http://$addr/metrics" | awk '/^flowmesh_trace_spans_exported_total/ { v += $NF } END { printf "%d", v }')))
+    full=$((full + $(metric "$addr" flowmesh_trace_spans_dropped_total 'reason="queue_full"')))
+    failed=$((failed + $(metric "$addr" flowmesh_trace_spans_dropped_total 'reason="export_failed"')))
+  done
+  TRACES_NOTE="filter, writers: $exported spans exported, $full dropped (queue full), $failed dropped (export failed); filter RSS $(( $(ps -o rss= -p "${PID[filter]}") / 1024 )) MiB; the receiver's CPU $(calc "round(($(ticks "$RECEIVER_PID") - $receiver0) / $(getconf CLK_TCK), 2)") s"
+}
+declare -A TRACES_RATIOS=()
+ROUND_ROWS=()
+traces_row() { # HOP LABEL ENDPOINT [SAMPLER [ARG]]: one run, kept for its round's rows
+  local hop=$1 label=$2 endpoint=$3 received=""
+  traces_run "$label (round $round)" "$endpoint" "${4:-}" "${5:-}"
+  [ "$endpoint" = "$RECEIVER" ] && received="; received $(tail -1 "$WORK/receiver.out")"
+  ROUND_ROWS+=("$hop"$'\t'"$MESH_RATE"$'\t'"$TRACES_NOTE$received; the mesh's CPU $(calc "round($MESH_CPU, 2)") s")
+}
+round_rows() { # the round's rows, each beside the mean of the round's two runs with export off
+  local off_rate off_cpu line hop rate note
+  off_rate=$(calc "round(($OFF_RATE + $MESH_RATE) / 2)")
+  off_cpu=$(calc "round(($OFF_CPU + $MESH_CPU) / 2, 2)")
+  row "traces off, round $round (first and last run)" "$off_rate" "" "" "$OFF_RATE and $MESH_RATE records/s; the mesh's CPU $(calc "round($OFF_CPU, 2)") s and $(calc "round($MESH_CPU, 2)") s"
+  for line in "${ROUND_ROWS[@]}"; do
+    IFS=$'\t' read -r hop rate note <<<"$line"
+    row "$hop" "$rate" "round $round, traces off" "$off_rate" "$note, off $off_cpu s"
+    TRACES_RATIOS[$hop]+=" $(calc "round($rate / $off_rate, 3)")"
+  done
+  ROUND_ROWS=()
+}
+if want traces; then
+  TRACES_COUNT=${BENCH_TRACES_COUNT:-200000} TRACES_RATIO=${BENCH_TRACES_RATIO-0.01}
+  # BENCH_TRACES_RATE: generate at that many records/s instead of flat out; the throughput is
+  # then the rate, and the mesh's CPU seconds beside each row tell the cost.
+  export MESH_GEN_RATE=${BENCH_TRACES_RATE:-max}
+  ensure pg-writer "$PG_WRITER_HTTP_ADDR"
+  "$BIN/bench" receiver >"$WORK/receiver.out" 2>&1 &
+  RECEIVER_PID=$!
+  for _ in $(seq 100); do [ -s "$WORK/receiver.out" ] && break; sleep 0.1; done
+  RECEIVER=$(head -1 "$WORK/receiver.out")
+  SLOW_MS=${BENCH_TRACES_SLOW_MS:-2000}
+  "$BIN/bench" receiver --delay-ms "$SLOW_MS" >"$WORK/slow-receiver.out" 2>&1 &
+  SLOW_PID=$!
+  for _ in $(seq 100); do [ -s "$WORK/slow-receiver.out" ] && break; sleep 0.1; done
+  SLOW=$(head -1 "$WORK/slow-receiver.out")
+  DEAD="http://127.0.0.1:$((NEXT_PORT + 30))"
+  traces_run "traces off, warm-up (not counted)" ""
+  for round in $(seq "${BENCH_TRACES_ROUNDS:-3}"); do
+    traces_run "traces off (round $round)" ""
+    OFF_RATE=$MESH_RATE OFF_CPU=$MESH_CPU
+    traces_row "traces exported, default settings" "traces exported, default" "$RECEIVER"
+    traces_row "traces exported, every record sampled" "traces exported, all sampled" "$RECEIVER" parentbased_always_on
+    if [ -n "$TRACES_RATIO" ]; then
+      traces_row "traces exported, $TRACES_RATIO of the records sampled" "traces exported, $TRACES_RATIO sampled" \
+        "$RECEIVER" parentbased_traceidratio "$TRACES_RATIO"
+    fi
+    traces_row "traces to a slow collector, default settings" "traces to a slow collector, default" "$SLOW"
+    traces_row "traces to a slow collector, every record sampled" "traces to a slow collector, all sampled" "$SLOW" parentbased_always_on
+    traces_row "traces to a dead collector, default settings" "traces to a dead collector, default" "$DEAD"
+    traces_row "traces to a dead collector, every record sampled" "traces to a dead collector, all sampled" "$DEAD" parentbased_always_on
+    traces_run "traces off, end of round $round" ""
+    round_rows
+  done
+  kill "$RECEIVER_PID" "$SLOW_PID" 2>/dev/null; wait "$RECEIVER_PID" "$SLOW_PID" 2>/dev/null || true
+  for hop in "traces exported, default settings" "traces exported, every record sampled" \
+    ${TRACES_RATIO:+"traces exported, $TRACES_RATIO of the records sampled"} \
+    "traces to a slow collector, default settings" "traces to a slow collector, every record sampled" \
+    "traces to a dead collector, default settings" "traces to a dead collector, every record sampled"; do
+    row "$hop: median of the rounds" "" "" "" \
+      "ratio $(tr ' ' '\n' <<<"${TRACES_RATIOS[$hop]}" | sed '/^$/d' | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }') (each round:${TRACES_RATIOS[$hop]})"
+  done
+  # The services as the later parts expect them: export off.
+  for name in filter pg-writer mongo-writer; do stop "$name"; done
+  ensure filter "$FILTER_HTTP_ADDR"; ensure pg-writer "$PG_WRITER_HTTP_ADDR"
+  ensure mongo-writer "$MONGO_WRITER_HTTP_ADDR" MONGO_WRITER_STORE=memory
+  unset MESH_GEN_RATE
 fi
 
 # ---- sustained -------------------------------------------------------------------------------

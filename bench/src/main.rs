@@ -38,6 +38,17 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Hop {
+    /// Not a hop: an OTLP/HTTP trace receiver (decoding every request) for the bench's traces
+    /// part and the chaos suite's traced fault; prints its endpoint, then its span count every
+    /// second, until stopped.
+    Receiver {
+        /// Appends every span received to this file, one JSON object a line, every second.
+        #[arg(long)]
+        spans: Option<std::path::PathBuf>,
+        /// Answers every request this many milliseconds late (a slow collector).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
     /// WebSocket loopback: a client sends frames of `batch` records (JSON arrays) as fast as
     /// TCP takes them, a server parses each into records (serde, no validation) and answers one
     /// ack frame listing the seqs; done when every record is acked.
@@ -198,6 +209,46 @@ async fn main() -> anyhow::Result<()> {
             prefix,
             rate,
         } => latency(&amqp_url, &database_url, &prefix, count, rate).await,
+        Hop::Receiver { spans, delay_ms } => receiver(spans, delay_ms).await,
+    }
+}
+
+/// Runs an OTLP/HTTP receiver until stopped, answering each request `delay_ms` late: prints its
+/// endpoint, then every second the spans it took so far, as `{"spans", "requests"}` lines,
+/// appending the new ones to `file`.
+async fn receiver(file: Option<std::path::PathBuf>, delay_ms: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let receiver = flowmesh_common::testkit::otlp::Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(delay_ms));
+    let mut out = match &file {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        )),
+        None => None,
+    };
+    println!("{}", receiver.endpoint());
+    let mut received = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Only the new spans: copying every span kept so far each second cost this receiver
+        // more CPU than decoding them, taken from the mesh it measures.
+        let spans = receiver.take_spans();
+        if let Some(out) = out.as_mut() {
+            for span in &spans {
+                serde_json::to_writer(&mut *out, span)?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+        }
+        received += spans.len();
+        println!(
+            "{}",
+            serde_json::json!({"spans": received, "requests": receiver.requests()})
+        );
     }
 }
 
