@@ -4,7 +4,8 @@
 # Stage 1 keeps of the workspace only what building the dependencies needs: every manifest, the
 # lock file, the migrations, and each target as an empty stub. Its result changes only when a
 # manifest does, so stage 2's dependency layer is reused until then; stage 2 then builds the
-# real sources on top. Nothing here names a crate: a new one is built and shipped as it is.
+# real sources on top. Nothing here names a crate but the bench (not shipped): a new one is
+# built and shipped as it is.
 FROM rust:1.95-slim-bookworm AS manifests
 WORKDIR /src
 COPY . .
@@ -21,13 +22,14 @@ RUN find . -name '*.rs' | while read -r file; do \
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY --from=manifests /src ./
-RUN cargo build --release --locked --workspace --bins
+RUN cargo build --release --locked --workspace --bins --exclude flowmesh-bench
 COPY . .
-# Make cargo see the real sources as newer than the stubs; then every binary but the bench.
+# Make cargo see the real sources as newer than the stubs; then every binary but the bench's (a
+# tool for a developer's machine, not shipped; it alone needs the OTLP receiver's protobuf).
 RUN find . -name '*.rs' -not -path './target/*' -exec touch {} + \
- && cargo build --release --locked --workspace --bins \
+ && cargo build --release --locked --workspace --bins --exclude flowmesh-bench \
  && mkdir /out \
- && find target/release -maxdepth 1 -type f -perm -u+x ! -name bench -exec cp {} /out/ \;
+ && find target/release -maxdepth 1 -type f -perm -u+x -exec cp {} /out/ \;
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
