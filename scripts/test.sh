@@ -70,11 +70,13 @@ fi
 IMAGES_PID=""
 if { [ "${COMPOSE:-1}" != 0 ] || [ "${CLUSTER:-1}" != 0 ]; } && docker info >/dev/null 2>&1; then
   mkdir -p var
-  ( timeout 30 docker pull -q debian:bookworm-slim >/dev/null 2>&1 || bash docker/standins/build.sh ) \
+  ( trap - EXIT; timeout 30 docker pull -q debian:bookworm-slim >/dev/null 2>&1 || bash docker/standins/build.sh ) \
     >var/standins.log 2>&1 &
   IMAGES_PID=$!
-  trap 'kill "$IMAGES_PID" 2>/dev/null; step_table' EXIT
+  trap 'stop_images; step_table' EXIT
 fi
+# A build still running when the suite ends (a step failed) is stopped.
+stop_images() { [ -z "$IMAGES_PID" ] || kill "$IMAGES_PID" 2>/dev/null || true; }
 images_ready() {
   [ -n "$IMAGES_PID" ] || return 0
   local status=0

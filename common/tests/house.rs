@@ -2,6 +2,8 @@
 //! no function outside tests over 80 lines, and no import circle between the files of a crate
 //! (a file's children may use it; two files that use each other, directly or round a longer
 //! loop, may not).
+// It reads the services' modules.
+#![cfg(feature = "service")]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
