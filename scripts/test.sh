@@ -63,29 +63,6 @@ if [ -z "${MONGODB_URL:-}" ]; then
   echo "[test] note: the real-MongoDB tests were SKIPPED (MONGODB_URL empty)" >&2
 fi
 
-# The images the compose and cluster checks run: where no registry answers, the local stand-ins
-# (docker/standins/, about eight minutes of debootstrap and apt, mostly waiting on the network
-# and the disk), built in the background from here on, during the release build and the checks
-# below, and waited for before the compose check.
-IMAGES_PID=""
-if { [ "${COMPOSE:-1}" != 0 ] || [ "${CLUSTER:-1}" != 0 ]; } && docker info >/dev/null 2>&1; then
-  mkdir -p var
-  ( trap - EXIT; timeout 30 docker pull -q debian:bookworm-slim >/dev/null 2>&1 || bash docker/standins/build.sh ) \
-    >var/standins.log 2>&1 &
-  IMAGES_PID=$!
-  trap 'stop_images; step_table' EXIT
-fi
-# A build still running when the suite ends (a step failed) is stopped.
-stop_images() { [ -z "$IMAGES_PID" ] || kill "$IMAGES_PID" 2>/dev/null || true; }
-images_ready() {
-  [ -n "$IMAGES_PID" ] || return 0
-  local status=0
-  wait "$IMAGES_PID" || status=$?
-  IMAGES_PID=""
-  cat var/standins.log >&2
-  return "$status"
-}
-
 step "protocol check" bash scripts/protocol-check.sh
 
 step "observability check" bash scripts/observability-check.sh
@@ -105,7 +82,6 @@ fi
 
 # The project's own Dockerfile and docker-compose.yml, run for real, when a Docker engine answers
 # (it says plainly when it skipped). COMPOSE=0 skips it.
-step "images (the rest of their background build)" images_ready
 if [ "${COMPOSE:-1}" != 0 ]; then
   step "compose check" bash scripts/compose-check.sh
 else
